@@ -1,0 +1,60 @@
+"""Every Redis key the control plane uses. Nothing else spells a key name.
+
+All keys share one prefix so a shared Redis can host other data, and so that a
+``FLUSHALL`` drill can be told apart from another application's keys.
+"""
+
+from __future__ import annotations
+
+PREFIX = "sagellm:"
+
+
+# Ledger ---------------------------------------------------------------------------
+# hash uuid -> JSON {"index", "total_mib", "outside_mib"}: what the host's worker last
+# measured. Reservations are checked against it atomically.
+def gpu_capacity(host: str) -> str:
+    return f"{PREFIX}ledger:gpus:{host}"
+
+
+# hash engine_id -> MiB reserved on that GPU
+def gpu_reservations(host: str, uuid: str) -> str:
+    return f"{PREFIX}ledger:gpu:{host}:{uuid}"
+
+
+# hash port -> engine_id
+def port_reservations(host: str) -> str:
+    return f"{PREFIX}ledger:ports:{host}"
+
+
+# hash {host, port, gpus(JSON [[uuid, mib], ...])}: what to release, exactly once
+def engine_reservation(engine_id: str) -> str:
+    return f"{PREFIX}ledger:engine:{engine_id}"
+
+
+# set of engine ids holding a reservation
+RESERVED_ENGINES = f"{PREFIX}ledger:engines"
+
+# Lua builds the per-GPU and port keys from these (it must, to release what a record
+# names); kept here so the names have one owner.
+GPU_RESERVATIONS_PREFIX = f"{PREFIX}ledger:gpu:"
+PORT_RESERVATIONS_PREFIX = f"{PREFIX}ledger:ports:"
+
+# Registry -------------------------------------------------------------------------
+ENGINES = f"{PREFIX}engines"  # set of engine ids
+
+
+def engine(engine_id: str) -> str:
+    return f"{PREFIX}engine:{engine_id}"
+
+
+HOSTS = f"{PREFIX}hosts"  # set of host names ever seen
+
+
+def host(name: str) -> str:
+    """Heartbeat record of a host, with a TTL: absent means DOWN."""
+    return f"{PREFIX}host:{name}"
+
+
+def host_last_seen(name: str) -> str:
+    """Last heartbeat record of a host, without TTL: what a DOWN host looked like."""
+    return f"{PREFIX}host-last:{name}"

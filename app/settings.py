@@ -1,0 +1,177 @@
+"""The one settings object, read from ``SAGELLM_*`` environment variables.
+
+Every variable is listed in ``SETTINGS_DOC`` (name, default, meaning); the README's
+configuration table is checked against it by a test. Invalid values raise
+``ConfigError`` naming the variable, so a process fails at start-up, not later.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from app.core.errors import ConfigError
+
+# name -> (default, description). The default is the raw string as it would appear in
+# the environment; "" means unset.
+SETTINGS_DOC: dict[str, tuple[str, str]] = {
+    "SAGELLM_REDIS_URL": (
+        "redis://127.0.0.1:6379/0",
+        "Redis for cluster state, the ledger, and Celery's broker and results.",
+    ),
+    "SAGELLM_HOST_NAME": ("<hostname>", "Name of this GPU host; its worker consumes host.<name>."),
+    "SAGELLM_HOST_ADDRESS": (
+        "127.0.0.1",
+        "Address other machines use to reach engines on this host.",
+    ),
+    "SAGELLM_PORT_RANGE": ("8100-8199", "Ports handed to engines on this host (inclusive)."),
+    "SAGELLM_MOCK_GPUS": (
+        "",
+        'Mock GPU inventory instead of NVML: "2x80", "80,24" (GB) or JSON '
+        '[{"total_gb":80,"outside_gb":10}]; "none" = no GPUs.',
+    ),
+    "SAGELLM_DISABLE_NVML": ("0", "1 = never use NVML (a host with no mock GPUs has none)."),
+    "SAGELLM_GPU_SAFETY_MARGIN_GB": (
+        "1.0",
+        "Memory per GPU never reserved, on top of what outside processes hold.",
+    ),
+    "SAGELLM_PLACEMENT_POLICY": ("binpack", "Default placement policy: binpack or spread."),
+    "SAGELLM_DEFAULT_MAX_MODEL_LEN": (
+        "32768",
+        "Context length reserved for when a request names none and the model allows more.",
+    ),
+    "SAGELLM_DATA_DIR": ("~/.sagellm", "Logs, embedded Redis data, pid files."),
+    "SAGELLM_API_URL": ("http://127.0.0.1:8000", "Where the CLI finds the API."),
+}
+
+
+def _get(env: Mapping[str, str], name: str) -> str:
+    value = env.get(name)
+    if value is None or value.strip() == "":
+        default = SETTINGS_DOC[name][0]
+        return "" if default.startswith("<") else default
+    return value.strip()
+
+
+def parse_port_range(raw: str, name: str = "SAGELLM_PORT_RANGE") -> tuple[int, int]:
+    """Parse ``"8100-8199"`` into an inclusive (low, high) pair."""
+    lo_s, sep, hi_s = raw.partition("-")
+    try:
+        lo, hi = int(lo_s), int(hi_s if sep else lo_s)
+    except ValueError:
+        raise ConfigError(
+            f"{name}={raw!r}: expected LOW-HIGH, e.g. 8100-8199", field=name
+        ) from None
+    if not (1024 <= lo <= hi <= 65535):
+        raise ConfigError(f"{name}={raw!r}: need 1024 <= LOW <= HIGH <= 65535", field=name)
+    return lo, hi
+
+
+def _float(env: Mapping[str, str], name: str, minimum: float = 0.0) -> float:
+    raw = _get(env, name)
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r}: not a number", field=name) from None
+    if value < minimum:
+        raise ConfigError(f"{name}={raw!r}: must be >= {minimum}", field=name)
+    return value
+
+
+def _int(env: Mapping[str, str], name: str, minimum: int = 0) -> int:
+    raw = _get(env, name)
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r}: not an integer", field=name) from None
+    if value < minimum:
+        raise ConfigError(f"{name}={raw!r}: must be >= {minimum}", field=name)
+    return value
+
+
+def _bool(env: Mapping[str, str], name: str) -> bool:
+    raw = _get(env, name).lower()
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name}={raw!r}: expected 1/0, true/false", field=name)
+
+
+@dataclass(frozen=True)
+class Settings:
+    redis_url: str
+    host_name: str
+    host_address: str
+    port_range: tuple[int, int]
+    mock_gpus: str
+    disable_nvml: bool
+    gpu_safety_margin_gb: float
+    placement_policy: str
+    default_max_model_len: int
+    data_dir: Path
+    api_url: str
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def gpu_safety_margin_mib(self) -> int:
+        return round(self.gpu_safety_margin_gb * 1024)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Read and validate every setting; raise ``ConfigError`` naming a bad one."""
+        env = os.environ if env is None else env
+        unknown = sorted(k for k in env if k.startswith("SAGELLM_") and k not in SETTINGS_DOC)
+        # Engines we spawn carry SAGELLM_ENGINE_ID; that is a tag, not a setting.
+        unknown = [k for k in unknown if k not in _NON_SETTINGS]
+        if unknown:
+            raise ConfigError(
+                f"unknown setting {unknown[0]}; known: {', '.join(sorted(SETTINGS_DOC))}",
+                field=unknown[0],
+            )
+        redis_url = _get(env, "SAGELLM_REDIS_URL")
+        if not redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigError(
+                f"SAGELLM_REDIS_URL={redis_url!r}: must start with redis://, rediss:// or unix://",
+                field="SAGELLM_REDIS_URL",
+            )
+        host_name = _get(env, "SAGELLM_HOST_NAME") or socket.gethostname()
+        if not all(c.isalnum() or c in "-_." for c in host_name):
+            raise ConfigError(
+                f"SAGELLM_HOST_NAME={host_name!r}: use letters, digits, '-', '_' and '.'",
+                field="SAGELLM_HOST_NAME",
+            )
+        mock = _get(env, "SAGELLM_MOCK_GPUS")
+        if mock:
+            # Parse now so a malformed spec fails at start-up with the variable's name.
+            from app.core.inventory_spec import parse_mock_gpus
+
+            parse_mock_gpus(mock, host_name)
+        policy = _get(env, "SAGELLM_PLACEMENT_POLICY")
+        from app.core.placement import POLICIES
+
+        if policy not in POLICIES:
+            raise ConfigError(
+                f"SAGELLM_PLACEMENT_POLICY={policy!r}: unknown policy; known: "
+                + ", ".join(sorted(POLICIES)),
+                field="SAGELLM_PLACEMENT_POLICY",
+            )
+        return cls(
+            redis_url=redis_url,
+            host_name=host_name,
+            host_address=_get(env, "SAGELLM_HOST_ADDRESS"),
+            port_range=parse_port_range(_get(env, "SAGELLM_PORT_RANGE")),
+            mock_gpus=mock,
+            disable_nvml=_bool(env, "SAGELLM_DISABLE_NVML"),
+            gpu_safety_margin_gb=_float(env, "SAGELLM_GPU_SAFETY_MARGIN_GB"),
+            placement_policy=policy,
+            default_max_model_len=_int(env, "SAGELLM_DEFAULT_MAX_MODEL_LEN", minimum=16),
+            data_dir=Path(_get(env, "SAGELLM_DATA_DIR")).expanduser(),
+            api_url=_get(env, "SAGELLM_API_URL").rstrip("/"),
+        )
+
+
+_NON_SETTINGS = {"SAGELLM_ENGINE_ID"}
