@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from app.core.errors import ConfigError
@@ -43,7 +43,20 @@ SETTINGS_DOC: dict[str, tuple[str, str]] = {
         "32768",
         "Context length reserved for when a request names none and the model allows more.",
     ),
-    "SAGELLM_DATA_DIR": ("~/.sagellm", "Logs, embedded Redis data, pid files."),
+    "SAGELLM_DATA_DIR": ("~/.sagellm", "Engine logs and manifests, embedded Redis data."),
+    "SAGELLM_HEARTBEAT_INTERVAL_S": ("5", "How often a worker publishes its host record."),
+    "SAGELLM_HEARTBEAT_TTL_S": ("20", "A host whose heartbeat is older than this is DOWN."),
+    "SAGELLM_HEALTH_INTERVAL_S": ("10", "How often beat has every engine health-checked."),
+    "SAGELLM_HEALTH_TIMEOUT_S": ("5", "Timeout of one engine /health probe."),
+    "SAGELLM_UNHEALTHY_AFTER": ("3", "Failed health checks in a row before UNHEALTHY."),
+    "SAGELLM_MAX_RESTARTS": ("3", "Automatic restarts before an engine is left FAILED."),
+    "SAGELLM_RESTART_BACKOFF_S": ("2", "First restart delay; doubles each time."),
+    "SAGELLM_RESTART_BACKOFF_MAX_S": ("60", "Cap of the restart delay."),
+    "SAGELLM_START_TIMEOUT_S": ("900", "An engine not ready this long after spawn FAILs."),
+    "SAGELLM_STOP_GRACE_S": ("20", "SIGTERM to SIGKILL grace when stopping an engine."),
+    "SAGELLM_REDISCOVERY_INTERVAL_S": ("30", "How often workers re-adopt/reconcile processes."),
+    "SAGELLM_PRUNE_AFTER_S": ("86400", "STOPPED/FAILED records older than this are pruned."),
+    "SAGELLM_WORKER_CONCURRENCY": ("8", "Threads of a host worker."),
     "SAGELLM_API_URL": ("http://127.0.0.1:8000", "Where the CLI finds the API."),
 }
 
@@ -114,7 +127,19 @@ class Settings:
     default_max_model_len: int
     data_dir: Path
     api_url: str
-    extra: dict[str, str] = field(default_factory=dict)
+    heartbeat_interval_s: float = 5.0
+    heartbeat_ttl_s: float = 20.0
+    health_interval_s: float = 10.0
+    health_timeout_s: float = 5.0
+    unhealthy_after: int = 3
+    max_restarts: int = 3
+    restart_backoff_s: float = 2.0
+    restart_backoff_max_s: float = 60.0
+    start_timeout_s: float = 900.0
+    stop_grace_s: float = 20.0
+    rediscovery_interval_s: float = 30.0
+    prune_after_s: float = 86400.0
+    worker_concurrency: int = 8
 
     @property
     def gpu_safety_margin_mib(self) -> int:
@@ -159,7 +184,7 @@ class Settings:
                 + ", ".join(sorted(POLICIES)),
                 field="SAGELLM_PLACEMENT_POLICY",
             )
-        return cls(
+        settings = cls(
             redis_url=redis_url,
             host_name=host_name,
             host_address=_get(env, "SAGELLM_HOST_ADDRESS"),
@@ -171,7 +196,27 @@ class Settings:
             default_max_model_len=_int(env, "SAGELLM_DEFAULT_MAX_MODEL_LEN", minimum=16),
             data_dir=Path(_get(env, "SAGELLM_DATA_DIR")).expanduser(),
             api_url=_get(env, "SAGELLM_API_URL").rstrip("/"),
+            heartbeat_interval_s=_float(env, "SAGELLM_HEARTBEAT_INTERVAL_S", 0.1),
+            heartbeat_ttl_s=_float(env, "SAGELLM_HEARTBEAT_TTL_S", 0.5),
+            health_interval_s=_float(env, "SAGELLM_HEALTH_INTERVAL_S", 0.1),
+            health_timeout_s=_float(env, "SAGELLM_HEALTH_TIMEOUT_S", 0.1),
+            unhealthy_after=_int(env, "SAGELLM_UNHEALTHY_AFTER", 1),
+            max_restarts=_int(env, "SAGELLM_MAX_RESTARTS", 0),
+            restart_backoff_s=_float(env, "SAGELLM_RESTART_BACKOFF_S", 0.0),
+            restart_backoff_max_s=_float(env, "SAGELLM_RESTART_BACKOFF_MAX_S", 0.0),
+            start_timeout_s=_float(env, "SAGELLM_START_TIMEOUT_S", 1.0),
+            stop_grace_s=_float(env, "SAGELLM_STOP_GRACE_S", 0.0),
+            rediscovery_interval_s=_float(env, "SAGELLM_REDISCOVERY_INTERVAL_S", 0.5),
+            prune_after_s=_float(env, "SAGELLM_PRUNE_AFTER_S", 0.0),
+            worker_concurrency=_int(env, "SAGELLM_WORKER_CONCURRENCY", 1),
         )
+        if settings.heartbeat_ttl_s <= settings.heartbeat_interval_s:
+            raise ConfigError(
+                f"SAGELLM_HEARTBEAT_TTL_S={settings.heartbeat_ttl_s:g} must exceed "
+                f"SAGELLM_HEARTBEAT_INTERVAL_S={settings.heartbeat_interval_s:g}",
+                field="SAGELLM_HEARTBEAT_TTL_S",
+            )
+        return settings
 
 
 _NON_SETTINGS = {"SAGELLM_ENGINE_ID"}

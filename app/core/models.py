@@ -330,6 +330,12 @@ class EngineRecord:
     restart_count: int = 0
     last_error: str | None = None
     task_id: str | None = None
+    exit_code: int | None = None
+    log_path: str | None = None
+    start_deadline: float | None = None  # STARTING: fail if not ready by then
+    next_restart_at: float | None = None  # set while a restart is pending (backoff)
+    health_failures: int = 0  # failed health checks in a row
+    last_health_at: float | None = None
 
     @property
     def base_url(self) -> str | None:
