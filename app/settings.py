@@ -219,4 +219,4 @@ class Settings:
         return settings
 
 
-_NON_SETTINGS = {"SAGELLM_ENGINE_ID"}
+_NON_SETTINGS = {"SAGELLM_ENGINE_ID", "SAGELLM_ENGINE_HOST"}

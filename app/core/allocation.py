@@ -139,7 +139,7 @@ def placement_hosts(registry: Registry, ledger: Ledger) -> list[PlacementHost]:
                 address=h.address,
                 gpus=tuple(ledger.capacity(h.name)),
                 port_range=h.port_range,
-                ports_taken=frozenset(ledger.ports(h.name)),
+                ports_taken=frozenset(ledger.ports(h.name)) | frozenset(h.busy_ports),
                 engine_count=engines_per_host.get(h.name, 0),
                 up=h.up,
             )
@@ -180,6 +180,8 @@ def allocate(
                 margin_mib=margin_mib,
                 port=spec.port,
                 port_probe=port_probe,
+                # Ports placement saw busy: the heartbeat's outside listeners, not ledger.
+                avoid_ports=host.ports_taken,
             )
         except ReservationConflict as exc:
             last = exc  # someone else took the room: place again on fresh state

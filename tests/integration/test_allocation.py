@@ -137,3 +137,14 @@ def test_concurrent_allocations_never_overcommit(cluster: tuple[Registry, Ledger
     caps = led.capacity("a")
     assert all(g.reserved_mib == 60 * GB for g in caps)
     assert all("GB free, 30.0 GB needed" in r for r in refused)
+
+
+def test_ports_other_programs_listen_on_are_not_handed_out(real_redis: redis.Redis) -> None:
+    reg, led = Registry(real_redis), Ledger(real_redis)
+    gpus = parse_mock_gpus("1x80", "a")
+    led.publish_capacity("a", gpu_capacities(Inventory(tuple(gpus), "mock"), "a", set()))
+    reg.put_host(HostRecord("a", "127.0.0.1", (8100, 8103), gpus=gpus, busy_ports=[8100, 8101]),
+                 ttl_s=60)  # fmt: skip
+    alloc = allocate("e1", EngineSpec(model="m", required_memory_gb=1), reg, led,
+                     policy="binpack", margin_mib=0)  # fmt: skip
+    assert alloc.placement.port == 8102

@@ -178,3 +178,9 @@ def test_publish_capacity_keeps_reservations(any_redis: redis.Redis) -> None:
     gpu0 = led.capacity("a")[0]
     assert (gpu0.outside_mib, gpu0.reserved_mib) == (20 * GB, 10 * GB)
     assert gpu0.available_mib(GB) == 80 * GB - 20 * GB - 10 * GB - GB
+
+
+def test_avoid_ports_are_never_picked_automatically(any_redis: redis.Redis) -> None:
+    led = _ledger(any_redis)
+    res = led.reserve("e1", "a", [], port_range=RANGE, margin_mib=0, avoid_ports={8100, 8101})
+    assert res.port == 8102

@@ -3,19 +3,37 @@
 One module per runtime (``vllm``, ``embedding``, ``transformers``) implements
 ``Runtime``; ``workers.runtimes.get_runtime(name)`` returns it. Argv is always a list
 (never a shell string); the environment always pins GPUs with ``CUDA_VISIBLE_DEVICES``
-and tags the process with ``SAGELLM_ENGINE_ID``.
+and tags the process with ``SAGELLM_ENGINE_ID`` (see ``engine_env``).
+
+Engines bind to ``record.address`` (the worker's ``SAGELLM_HOST_ADDRESS``): the API
+host's gateway reaches them there from other machines, and an engine is never exposed
+on interfaces the operator did not name. That address must belong to a local interface.
 """
 
 from __future__ import annotations
 
+import os
+import sys
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 
-from app.core.models import EngineRecord
+from app.core.errors import SagellmError, ValidationError
+from app.core.models import EngineRecord, EngineSpec
 
 ENGINE_ID_ENV = "SAGELLM_ENGINE_ID"
+
+
+class RuntimeUnavailable(SagellmError):
+    """The runtime cannot start on this host (e.g. its executable is not installed).
+
+    Raised by ``Runtime.build`` and by process spawning; the caller records it as the
+    engine's start failure.
+    """
+
+    status_code = 503
 
 
 @dataclass(frozen=True)
@@ -34,16 +52,204 @@ class Readiness:
     extra: dict[str, object] = field(default_factory=dict)
 
 
+def engine_env(record: EngineRecord) -> dict[str, str]:
+    """Environment added on top of the worker's own for ``record``'s process.
+
+    The worker's environment passes through untouched (``HF_HOME``, ``HF_HUB_OFFLINE``,
+    proxies...); then the user's ``spec.env``; then the keys that pin and tag the
+    process, which the user cannot override (``EngineSpec.validate`` already refuses
+    ``SAGELLM_ENGINE_ID`` and ``CUDA_VISIBLE_DEVICES``; ``CUDA_DEVICE_ORDER`` is part of
+    pinning, so it is forced too).
+
+    ``CUDA_VISIBLE_DEVICES`` lists GPU UUIDs exactly as NVML reports them
+    (``GPU-xxxxxxxx-...``) because NVML's index order is not CUDA's. An engine without
+    GPUs gets ``""``, which hides every GPU: it must not touch memory it did not
+    reserve.
+    """
+    env: dict[str, str] = {"PYTHONUNBUFFERED": "1"}  # log lines reach the log file now
+    env.update(record.spec.env)
+    env.update(
+        {
+            ENGINE_ID_ENV: record.id,
+            "CUDA_VISIBLE_DEVICES": ",".join(g.uuid for g in record.gpus),
+            "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
+        }
+    )
+    return env
+
+
+def bind_address(record: EngineRecord) -> str:
+    """The address ``record``'s engine listens on: ``record.address``."""
+    if not record.address:
+        raise ValidationError(f"engine {record.id} has no address: not placed", field="address")
+    return record.address
+
+
+def bind_port(record: EngineRecord) -> int:
+    """The port reserved for ``record``'s engine."""
+    if record.port is None:
+        raise ValidationError(f"engine {record.id} has no port: not placed", field="port")
+    return record.port
+
+
+def flag_name(arg: str, *, underscores_are_dashes: bool = False) -> str | None:
+    """``"--max-model-len"`` for ``"--max-model-len"`` or ``"--max-model-len=8"``; None
+    for a value or positional argument."""
+    if not arg.startswith("-") or arg == "-" or arg == "--":
+        return None
+    name = arg.split("=", 1)[0]
+    if underscores_are_dashes and name.startswith("--"):
+        name = "--" + name[2:].replace("_", "-")
+    return name
+
+
+def user_flags(extra_args: Iterable[str], *, underscores_are_dashes: bool = False) -> set[str]:
+    """The flag names present in ``extra_args``."""
+    out = set()
+    for arg in extra_args:
+        name = flag_name(arg, underscores_are_dashes=underscores_are_dashes)
+        if name is not None:
+            out.add(name)
+    return out
+
+
+def refuse_owned_flags(
+    extra_args: Iterable[str],
+    owned: Mapping[str, str],
+    *,
+    underscores_are_dashes: bool = False,
+) -> None:
+    """Raise ``ValidationError`` if ``extra_args`` sets a flag that placement owns.
+
+    ``owned`` maps a flag to the spec field to use instead. A user ``--port`` would
+    listen on a port the ledger never reserved and readiness would probe the wrong one;
+    ``--tensor-parallel-size`` would use GPUs never reserved.
+    """
+    given = user_flags(extra_args, underscores_are_dashes=underscores_are_dashes)
+    clash = sorted(given & set(owned))
+    if clash:
+        flag = clash[0]
+        raise ValidationError(
+            f"extra_args: {flag} is set by sagellm; use {owned[flag]} instead",
+            field="extra_args",
+        )
+
+
+def probe_openai(
+    record: EngineRecord, client: httpx.Client, timeout_s: float, *, check_models: bool = True
+) -> Readiness:
+    """Ready when ``GET /health`` is 200 and (``check_models``) ``GET /v1/models`` lists
+    the served name. Never raises for an engine that is not ready; says why instead."""
+    base = record.base_url
+    if base is None:
+        return Readiness(False, "engine has no address or port yet")
+    try:
+        health = client.get(f"{base}/health", timeout=timeout_s)
+    except httpx.ConnectError:
+        return Readiness(False, "not listening yet")
+    except httpx.TimeoutException:
+        return Readiness(False, f"/health did not answer within {timeout_s:g} s")
+    except httpx.HTTPError as exc:
+        return Readiness(False, f"/health: {type(exc).__name__}: {exc}")
+    if health.status_code != 200:
+        return Readiness(False, f"/health answered {health.status_code}")
+    if not check_models:
+        return Readiness(True)
+    served = record.spec.name
+    try:
+        resp = client.get(f"{base}/v1/models", timeout=timeout_s)
+    except httpx.TimeoutException:
+        return Readiness(False, f"/v1/models did not answer within {timeout_s:g} s")
+    except httpx.HTTPError as exc:
+        return Readiness(False, f"/v1/models: {type(exc).__name__}: {exc}")
+    if resp.status_code != 200:
+        return Readiness(False, f"/v1/models answered {resp.status_code}")
+    try:
+        body = resp.json()
+        ids = [str(m.get("id")) for m in body.get("data", []) if isinstance(m, dict)]
+    except (ValueError, AttributeError):
+        return Readiness(False, "/v1/models did not answer an OpenAI model list")
+    if served not in ids:
+        return Readiness(False, f"/v1/models does not list {served!r} (lists {ids})")
+    return Readiness(True, extra={"models": ids})
+
+
 class Runtime:
-    """Base class; subclasses set ``name`` and implement ``argv``."""
+    """Base class; subclasses set ``name`` and implement ``argv``.
+
+    ``build`` = ``argv`` + ``engine_env``; ``probe`` = ``probe_openai``. A subclass
+    overrides ``validate`` to refuse specs it cannot run (called by ``build``, and
+    callable at the API edge so a bad spec fails before anything is reserved).
+    """
 
     name = ""
 
+    def validate(self, spec: EngineSpec) -> None:
+        """Raise ``ValidationError`` if this runtime cannot run ``spec``."""
+
+    def argv(self, record: EngineRecord) -> list[str]:
+        """The command line for ``record`` (placed: address, port and GPUs are set)."""
+        raise NotImplementedError
+
     def build(self, record: EngineRecord) -> LaunchPlan:
         """Argv and environment for ``record`` (placed: host, port and GPUs are set)."""
-        raise NotImplementedError
+        self.validate(record.spec)
+        return LaunchPlan(argv=self.argv(record), env=engine_env(record))
 
     def probe(self, record: EngineRecord, client: httpx.Client, timeout_s: float) -> Readiness:
         """Ready means: ``GET /health`` is 200 and, for LLM runtimes, ``GET /v1/models``
         lists the served name."""
-        raise NotImplementedError
+        return probe_openai(record, client, timeout_s)
+
+
+# The directory holding the ``workers`` package, so ``python -m workers.servers.X``
+# imports this very checkout whatever the worker's cwd and whether or not it is installed.
+_PROJECT_ROOT = str(Path(__file__).resolve().parents[2])
+
+
+class ServerModuleRuntime(Runtime):
+    """One of the project's own OpenAI servers, run as ``python -m <module>`` with the
+    worker's interpreter: ``--model --host --port --served-model-name --device``, then
+    ``spec.extra_args`` verbatim. The flags we set are placement's, so ``extra_args``
+    may not repeat them."""
+
+    module = ""
+    owned_flags = {
+        "--model": "model",
+        "--host": "the worker's SAGELLM_HOST_ADDRESS",
+        "--port": "port",
+        "--served-model-name": "served_model_name",
+        "--device": "use_gpu (cuda when GPUs are reserved, else cpu)",
+    }
+
+    def validate(self, spec: EngineSpec) -> None:
+        """Refuse ``extra_args`` that set a flag placement owns."""
+        refuse_owned_flags(spec.extra_args, self.owned_flags)
+
+    def argv(self, record: EngineRecord) -> list[str]:
+        """``python -m <module> ...`` for ``record``."""
+        spec = record.spec
+        return [
+            sys.executable,
+            "-m",
+            self.module,
+            "--model",
+            spec.model,
+            "--host",
+            bind_address(record),
+            "--port",
+            str(bind_port(record)),
+            "--served-model-name",
+            spec.name,
+            # cuda only on reserved GPUs: with none, CUDA_VISIBLE_DEVICES="" hides them all
+            "--device",
+            "cuda" if record.gpus else "cpu",
+            *spec.extra_args,
+        ]
+
+    def build(self, record: EngineRecord) -> LaunchPlan:
+        """``argv`` and ``engine_env``, with this checkout first on ``PYTHONPATH``."""
+        plan = super().build(record)
+        inherited = record.spec.env.get("PYTHONPATH", os.environ.get("PYTHONPATH", ""))
+        pythonpath = os.pathsep.join(p for p in (_PROJECT_ROOT, inherited) if p)
+        return LaunchPlan(argv=plan.argv, env={**plan.env, "PYTHONPATH": pythonpath})

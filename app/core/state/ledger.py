@@ -126,6 +126,9 @@ class Reservation:
 def port_is_bindable(address: str, port: int) -> bool:
     """True if nothing on this machine listens on ``port`` at ``address``."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # Servers set SO_REUSEADDR, so a port in TIME_WAIT after an engine exited is
+        # usable for them; an active listener still makes this bind fail.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((address, port))
         except OSError:
@@ -195,6 +198,7 @@ class Ledger:
         margin_mib: int,
         port: int | None = None,
         port_probe: Callable[[int], bool] | None = None,
+        avoid_ports: Iterable[int] = (),
         max_port_tries: int = 16,
     ) -> Reservation:
         """Atomically reserve MiB on each GPU (uuid, MiB) and one port of ``host``.
@@ -202,6 +206,8 @@ class Ledger:
         ``port`` asks for a given port, else the lowest free one in ``port_range``.
         ``port_probe`` (run on the host itself) checks the port is really bindable: a
         port some other program listens on is skipped (or refused, when asked for).
+        ``avoid_ports`` are never picked automatically (e.g. ports the host's heartbeat
+        saw other programs listen on).
         Raises ``ReservationConflict`` with the reason; nothing is reserved then.
         """
         lo, hi = port_range
@@ -217,7 +223,7 @@ class Ledger:
                 )
         if len({u for u, _ in gpus}) != len(gpus):
             raise ValidationError("gpu_ids: the same GPU twice", field="gpu_ids")
-        skip: list[int] = []
+        skip: list[int] = sorted({p for p in avoid_ports if lo <= p <= hi})
         for _ in range(max_port_tries):
             res = self._reserve_once(engine_id, host, gpus, lo, hi, port, skip, margin_mib)
             if port_probe is None or port_probe(res.port):

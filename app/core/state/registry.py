@@ -36,6 +36,7 @@ class HostRecord:
     gpus: list[GpuInfo] = field(default_factory=list)
     gpu_source: str = "none"
     engines: list[str] = field(default_factory=list)
+    busy_ports: list[int] = field(default_factory=list)  # in range, held by other programs
     worker_version: str = ""
     heartbeat_at: float = field(default_factory=time.time)
     up: bool = True  # derived on read: False when the heartbeat key expired
@@ -60,6 +61,7 @@ class HostRecord:
             gpus=[GpuInfo.from_dict(g) for g in d.get("gpus", [])],
             gpu_source=d.get("gpu_source", "none"),
             engines=list(d.get("engines", [])),
+            busy_ports=[int(p) for p in d.get("busy_ports", [])],
             worker_version=d.get("worker_version", ""),
             heartbeat_at=float(d.get("heartbeat_at", 0)),
             up=up,

@@ -1,0 +1,93 @@
+"""The ``flask sagellm`` command group, also installed as the ``sagellm`` script."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+import click
+
+
+@click.group(name="sagellm", help="sagellm: control plane for LLM and embedding engines.")
+def sagellm() -> None:
+    pass
+
+
+def _settings():  # type: ignore[no-untyped-def]
+    from app.core.errors import ConfigError
+    from app.settings import Settings
+
+    try:
+        return Settings.from_env()
+    except ConfigError as exc:
+        raise click.ClickException(exc.message) from None
+
+
+@sagellm.command()
+@click.option("--loglevel", default="info", show_default=True)
+def worker(loglevel: str) -> None:
+    """Run this host's worker: queues host.<SAGELLM_HOST_NAME> and control."""
+    settings = _settings()
+    from workers.celery_app import CONTROL_QUEUE, celery_app, host_queue_name
+
+    argv = [
+        "worker",
+        "--queues", f"{host_queue_name(settings.host_name)},{CONTROL_QUEUE}",
+        "--hostname", f"sagellm@{settings.host_name}",
+        # Threads, not prefork: the worker's main process is the parent of the
+        # engines it spawns (so it can reap them) and shares the heartbeat's state.
+        "--pool", "threads",
+        "--concurrency", str(settings.worker_concurrency),
+        "--loglevel", loglevel,
+        "--without-mingle",
+        "--without-gossip",
+    ]  # fmt: skip
+    celery_app.worker_main(argv)
+
+
+BEAT_LOCK_TTL_S = 30
+
+
+@sagellm.command()
+@click.option("--loglevel", default="info", show_default=True)
+def beat(loglevel: str) -> None:
+    """Run the cluster's beat (exactly one): health checks, rediscovery, pruning."""
+    settings = _settings()
+    from app.core.state.client import connect
+    from workers.celery_app import celery_app
+
+    client = connect(settings.redis_url)
+    token = uuid.uuid4().hex
+    key = "sagellm:beat:lock"
+    if not client.set(key, token, nx=True, ex=BEAT_LOCK_TTL_S):
+        raise click.ClickException(
+            "another beat is running for this Redis (only one may run); "
+            f"if it died, wait {BEAT_LOCK_TTL_S}s for its lock to expire"
+        )
+
+    def keep_lock() -> None:
+        while True:
+            time.sleep(BEAT_LOCK_TTL_S / 3)
+            try:
+                if client.get(key) in (token.encode(), None):
+                    client.set(key, token, ex=BEAT_LOCK_TTL_S)
+            except Exception:
+                pass
+
+    threading.Thread(target=keep_lock, daemon=True, name="beat-lock").start()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    celery_app.start(
+        ["beat", "--loglevel", loglevel,
+         "--scheduler", "workers.beat_scheduler:SagellmScheduler",
+         "--schedule", str(settings.data_dir / "celerybeat-schedule")]
+    )  # fmt: skip
+
+
+def main() -> None:
+    """Entry point of the ``sagellm`` console script."""
+    sagellm(prog_name="sagellm")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,135 @@
+"""Control-plane operations on engines: start (place + reserve + enqueue), stop, wait.
+
+Called by the REST API and the tests; the host's worker does the rest.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from celery import Celery
+
+from app.core.allocation import Allocation, allocate, placement_hosts, plan
+from app.core.errors import NoWorkerError
+from app.core.models import EngineRecord, EngineSpec, EngineState
+from app.core.state.client import connect
+from app.core.state.ledger import Ledger
+from app.core.state.registry import Registry, new_engine_id
+from app.settings import Settings
+
+S = EngineState
+START_TASK_EXPIRES_S = 60.0
+
+
+@dataclass
+class Cluster:
+    settings: Settings
+    registry: Registry
+    ledger: Ledger
+    celery: Celery
+
+
+def connect_cluster(settings: Settings, celery: Celery | None = None) -> Cluster:
+    if celery is None:
+        from workers.celery_app import make_celery
+
+        celery = make_celery(settings)
+    client = connect(settings.redis_url)
+    return Cluster(settings, Registry(client), Ledger(client), celery)
+
+
+def _require_worker(cluster: Cluster) -> None:
+    if not any(h.up for h in cluster.registry.hosts()):
+        raise NoWorkerError(
+            "no host worker is alive: start one with `flask sagellm worker` "
+            "(or `make up` on a single machine)"
+        )
+
+
+def plan_engine(cluster: Cluster, spec: EngineSpec, policy: str | None = None) -> Allocation:
+    """Dry run: where ``spec`` would land now. Reserves nothing."""
+    hosts = placement_hosts(cluster.registry, cluster.ledger)
+    return plan(
+        spec,
+        hosts,
+        policy=policy or cluster.settings.placement_policy,
+        margin_mib=cluster.settings.gpu_safety_margin_mib,
+        default_max_model_len=cluster.settings.default_max_model_len,
+    )
+
+
+def start_engine(cluster: Cluster, spec: EngineSpec, policy: str | None = None) -> EngineRecord:
+    """Place and reserve ``spec``, record it PENDING, and queue its start on its host.
+
+    On any error nothing is left behind: no record, no reservation, no task.
+    """
+    spec.validate()
+    _require_worker(cluster)
+    engine_id = new_engine_id()
+    # The record exists before the reservation, so rediscovery never mistakes a
+    # reservation being made for a leaked one.
+    cluster.registry.create(EngineRecord(id=engine_id, spec=spec))
+    try:
+        alloc = allocate(
+            engine_id,
+            spec,
+            cluster.registry,
+            cluster.ledger,
+            policy=policy or cluster.settings.placement_policy,
+            margin_mib=cluster.settings.gpu_safety_margin_mib,
+            default_max_model_len=cluster.settings.default_max_model_len,
+        )
+    except Exception:
+        cluster.registry.delete(engine_id)
+        raise
+    p = alloc.placement
+
+    def placed(r: EngineRecord) -> None:
+        r.host, r.address, r.port = p.host, p.address, p.port
+        r.gpus = alloc.gpus
+        r.memory_per_gpu_mib = p.memory_mib_per_gpu
+        r.launch = dict(alloc.launch)
+
+    cluster.registry.update(engine_id, placed)
+    from workers.dispatch import send_to_host
+
+    task_id = send_to_host(cluster.celery, p.host, "sagellm.start_engine", (engine_id,),
+                           expires_s=START_TASK_EXPIRES_S)  # fmt: skip
+    return cluster.registry.update(engine_id, lambda r: setattr(r, "task_id", task_id))
+
+
+def stop_engine(cluster: Cluster, engine_id: str) -> EngineRecord:
+    """Ask the engine's host to stop it gracefully (STOPPING now, STOPPED when gone)."""
+    rec = cluster.registry.get(engine_id)
+    if rec.state in (S.STOPPED, S.STOPPING):
+        return rec
+    if rec.state is S.FAILED:
+        cluster.ledger.release(engine_id)  # a failed engine holds nothing; make sure
+        return rec
+    rec = cluster.registry.transition(engine_id, S.STOPPING)
+    if rec.host is None:
+        return rec
+    from workers.dispatch import send_to_host
+
+    send_to_host(cluster.celery, rec.host, "sagellm.stop_engine", (engine_id,),
+                 expires_s=START_TASK_EXPIRES_S)  # fmt: skip
+    return rec
+
+
+def wait_for_state(
+    cluster: Cluster,
+    engine_id: str,
+    states: Iterable[EngineState],
+    timeout_s: float,
+    poll_s: float = 0.2,
+) -> EngineRecord:
+    """Poll until the engine is in one of ``states``; returns the last record seen."""
+    wanted = set(states)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        rec = cluster.registry.get(engine_id)
+        if rec.state in wanted or time.monotonic() >= deadline:
+            return rec
+        time.sleep(poll_s)

@@ -1,0 +1,136 @@
+"""Real processes for integration tests: workers and beat as `sagellm` subprocesses."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+REPO = Path(__file__).resolve().parents[2]
+FAKES = REPO / "tests" / "fakes"
+BIN = Path(sys.executable).parent
+T = TypeVar("T")
+
+# Fast loops so faults are seen in seconds, not minutes.
+FAST = {
+    "SAGELLM_HEARTBEAT_INTERVAL_S": "0.5",
+    "SAGELLM_HEARTBEAT_TTL_S": "3",
+    "SAGELLM_HEALTH_INTERVAL_S": "1",
+    "SAGELLM_HEALTH_TIMEOUT_S": "2",
+    "SAGELLM_REDISCOVERY_INTERVAL_S": "2",
+    "SAGELLM_RESTART_BACKOFF_S": "0.5",
+    "SAGELLM_RESTART_BACKOFF_MAX_S": "2",
+    "SAGELLM_MAX_RESTARTS": "2",
+    "SAGELLM_STOP_GRACE_S": "3",
+    "SAGELLM_START_TIMEOUT_S": "180",
+    "SAGELLM_WORKER_CONCURRENCY": "4",
+}
+
+
+def base_env(redis_url: str, data_dir: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SAGELLM_")}
+    env.update(FAST)
+    env.update(
+        {
+            "SAGELLM_REDIS_URL": redis_url,
+            "SAGELLM_DATA_DIR": str(data_dir),
+            "PATH": f"{FAKES}{os.pathsep}{BIN}{os.pathsep}{env.get('PATH', '')}",
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    env.update(extra)
+    return env
+
+
+class Proc:
+    """A `sagellm <command>` subprocess with its output in a log file."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_dir: Path) -> None:
+        self.name, self.argv, self.env = name, argv, env
+        self.log = log_dir / f"{name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Proc:
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        out = self.log.open("ab")
+        self.proc = subprocess.Popen(
+            self.argv, env=self.env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO
+        )
+        out.close()
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill9(self) -> None:
+        if self.alive():
+            assert self.proc is not None
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self, timeout: float = 15) -> None:
+        if self.alive():
+            assert self.proc is not None
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill9()
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+def worker(host: str, address: str, env: dict[str, str], log_dir: Path, **extra: str) -> Proc:
+    e = dict(env, SAGELLM_HOST_NAME=host, SAGELLM_HOST_ADDRESS=address, **extra)
+    return Proc(f"worker-{host}", [str(BIN / "sagellm"), "worker", "--loglevel", "info"], e,
+                log_dir)  # fmt: skip
+
+
+def beat(env: dict[str, str], log_dir: Path) -> Proc:
+    return Proc("beat", [str(BIN / "sagellm"), "beat", "--loglevel", "info"], env, log_dir)
+
+
+def wait_until(
+    fn: Callable[[], T | None], timeout: float, interval: float = 0.2, what: str = ""
+) -> T:
+    """Poll ``fn`` until it returns something truthy; fail with ``what`` on timeout."""
+    deadline = time.monotonic() + timeout
+    last: T | None = None
+    while time.monotonic() < deadline:
+        last = fn()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what or fn}; last={last!r}")
+
+
+def kill_engines(data_dir: Path) -> int:
+    """Kill every engine process started by workers using ``data_dir`` (test cleanup)."""
+    import psutil
+
+    killed = 0
+    for proc in psutil.process_iter():
+        try:
+            env = proc.environ()
+        except (psutil.Error, OSError):
+            continue
+        if env.get("SAGELLM_ENGINE_ID") and env.get("SAGELLM_DATA_DIR") == str(data_dir):
+            try:
+                proc.kill()
+                killed += 1
+            except psutil.Error:
+                pass
+    return killed

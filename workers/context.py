@@ -1,0 +1,85 @@
+"""Everything a host worker's operations need, built once per worker process."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+from celery import Celery
+
+from app.core.health import HealthPolicy
+from app.core.state.client import connect
+from app.core.state.ledger import Ledger
+from app.core.state.registry import Registry
+from app.settings import Settings
+from workers.manifests import Manifests
+
+# Engines carry this besides SAGELLM_ENGINE_ID so that several workers on one
+# machine (simulated hosts, tests) each adopt only their own host's processes.
+ENGINE_HOST_ENV = "SAGELLM_ENGINE_HOST"
+
+
+@dataclass
+class HostContext:
+    settings: Settings
+    registry: Registry
+    ledger: Ledger
+    manifests: Manifests
+    http: httpx.Client
+    celery: Celery
+    policy: HealthPolicy
+
+    @property
+    def host(self) -> str:
+        return self.settings.host_name
+
+    @property
+    def host_dir(self) -> Path:
+        return self.settings.data_dir / "hosts" / self.settings.host_name
+
+    def log_path(self, engine_id: str) -> Path:
+        path = self.host_dir / "logs" / f"{engine_id}.log"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+
+def health_policy(settings: Settings) -> HealthPolicy:
+    return HealthPolicy(
+        unhealthy_after=settings.unhealthy_after,
+        restart_after=settings.unhealthy_after * 2,
+        max_restarts=settings.max_restarts,
+        backoff_s=settings.restart_backoff_s,
+        backoff_max_s=settings.restart_backoff_max_s,
+    )
+
+
+def build_context(settings: Settings, celery: Celery) -> HostContext:
+    client = connect(settings.redis_url)
+    host_dir = settings.data_dir / "hosts" / settings.host_name
+    return HostContext(
+        settings=settings,
+        registry=Registry(client),
+        ledger=Ledger(client),
+        manifests=Manifests(host_dir / "engines"),
+        # One pooled client per process; probes set their own short timeouts.
+        http=httpx.Client(timeout=settings.health_timeout_s, trust_env=False),
+        celery=celery,
+        policy=health_policy(settings),
+    )
+
+
+_ctx: HostContext | None = None
+_lock = threading.Lock()
+
+
+def host_context() -> HostContext:
+    """The worker process's context (created on first use)."""
+    global _ctx
+    with _lock:
+        if _ctx is None:
+            from workers.celery_app import celery_app, settings
+
+            _ctx = build_context(settings, celery_app)
+        return _ctx

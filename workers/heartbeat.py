@@ -1,0 +1,73 @@
+"""The host heartbeat: inventory, capacity and engines, published with a TTL."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import psutil
+
+from app.core.models import LIVE_STATES, EngineState
+from app.core.state.registry import HostRecord
+from workers.context import HostContext
+from workers.gpu_inventory import gpu_capacities, our_engine_pids, read_inventory
+
+log = logging.getLogger(__name__)
+WORKER_VERSION = "sagellm-worker/0.1.0"
+
+
+def busy_ports(port_range: tuple[int, int]) -> list[int]:
+    """Ports in our range that something on this machine listens on."""
+    lo, hi = port_range
+    try:
+        conns = psutil.net_connections(kind="tcp")
+    except (psutil.AccessDenied, OSError):  # pragma: no cover - platform dependent
+        return []
+    ports = set()
+    for c in conns:
+        port = getattr(c.laddr, "port", None)
+        if c.status == psutil.CONN_LISTEN and port is not None and lo <= port <= hi:
+            ports.add(int(port))
+    return sorted(ports)
+
+
+def publish_heartbeat(ctx: HostContext) -> HostRecord:
+    """Measure the host and publish its record (TTL) and GPU capacity for the ledger."""
+    s = ctx.settings
+    inventory = read_inventory(s)
+    ctx.ledger.publish_capacity(ctx.host, gpu_capacities(inventory, ctx.host, our_engine_pids()))
+    engines = ctx.registry.engines(host=ctx.host, state=LIVE_STATES | {EngineState.LOST})
+    ours = set(ctx.ledger.ports(ctx.host))
+    record = HostRecord(
+        name=ctx.host,
+        address=s.host_address,
+        port_range=s.port_range,
+        gpus=list(inventory.gpus),
+        gpu_source=inventory.source,
+        engines=[e.id for e in engines],
+        busy_ports=[p for p in busy_ports(s.port_range) if p not in ours],
+        worker_version=WORKER_VERSION,
+    )
+    ctx.registry.put_host(record, ttl_s=s.heartbeat_ttl_s)
+    return record
+
+
+class HeartbeatThread(threading.Thread):
+    """Publishes every ``SAGELLM_HEARTBEAT_INTERVAL_S`` in the worker's main process,
+    so the heartbeat keeps going while tasks run; survives Redis outages."""
+
+    def __init__(self, ctx: HostContext) -> None:
+        super().__init__(name="sagellm-heartbeat", daemon=True)
+        self.ctx = ctx
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                publish_heartbeat(self.ctx)
+            except Exception:  # Redis down, NVML hiccup: try again next beat
+                log.exception("heartbeat failed")
+            self.stopped.wait(self.ctx.settings.heartbeat_interval_s)
+
+    def stop(self) -> None:
+        self.stopped.set()

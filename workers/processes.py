@@ -1,0 +1,454 @@
+"""Engine processes on this host: spawn, check, stop, find again. No Redis, no Celery.
+
+Ownership: every engine is started with ``SAGELLM_ENGINE_ID`` in its environment (its
+children inherit it) and in a session of its own (``start_new_session``): it is the
+leader of its session and process group, so a signal to the group reaches vLLM's
+tensor-parallel workers, and Ctrl-C or SIGTERM to the worker's own group does not reach
+engines. (Under systemd, run the worker with ``KillMode=process`` so that restarting it
+does not kill the engines in its cgroup.) A pid alone is never trusted: ``is_alive`` and
+``stop`` check the process's create time (pid reuse) and ``stop`` refuses a process
+without the tag (``NotOurProcess``).
+
+Reaping: an engine is a child of the process that spawned it (the worker, or one of its
+pool processes). A child that exits stays a zombie until its parent waits for it, and
+``subprocess.Popen`` must not do that waiting behind our back: a dropped ``Popen`` whose
+child is running is put on ``subprocess._active`` and reaped by the next ``Popen()``
+anywhere in the process, losing the exit code. So ``spawn`` keeps each ``Popen`` in a
+module table until ``reap_children`` (called by the health loop, by ``stop`` and by
+``exit_code``) collects it with ``waitpid(pid, WNOHANG)``, per pid: never
+``waitpid(-1)``, which would steal the status of children that are not engines (Celery's
+pool processes, other subprocesses). Exit codes are kept by pid for ``exit_code``
+(negative = killed by that signal, as in ``subprocess``). Correctness never depends on
+reaping: ``is_alive`` counts a zombie as dead. When the spawning process exits, its
+engines are re-parented (to init or a subreaper), keep running and are reaped there;
+their exit codes are then unknown here (``exit_code`` returns None) and rediscovery
+finds the engines again with ``find_tagged_processes``. Nothing here kills children at
+exit.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import subprocess
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from app.core.errors import SagellmError
+from workers.runtimes.base import ENGINE_ID_ENV, LaunchPlan, RuntimeUnavailable
+
+# psutil derives create_time from clock ticks (1/100 s on Linux); the value is stable
+# for one process, so the tolerance only absorbs float round-trips through JSON.
+CREATE_TIME_TOLERANCE_S = 1e-2
+_POLL_S = 0.05
+_KILL_WAIT_S = 5.0  # SIGKILL is not refusable; this only bounds a process in D state
+_MAX_EXIT_CODES = 1024  # remembered exit codes, oldest forgotten first
+
+
+class NotOurProcess(SagellmError):
+    """A pid that is alive but carries no (or another) ``SAGELLM_ENGINE_ID``: never
+    signalled."""
+
+    status_code = 409
+
+
+@dataclass(frozen=True)
+class SpawnedProcess:
+    pid: int
+    create_time: float  # psutil's; with the pid, identifies the process across pid reuse
+
+
+@dataclass(frozen=True)
+class StopResult:
+    exited: bool  # the engine's leader process is gone (true for one already gone)
+    killed: bool  # SIGKILL was needed for it or for a process of its session
+    exit_code: int | None  # when it was our child and we reaped it; -N = signal N
+
+
+@dataclass(frozen=True)
+class TaggedProcess:
+    """An engine's top process as found on the host (see ``find_tagged_processes``)."""
+
+    engine_id: str
+    pid: int
+    create_time: float
+    cmdline: tuple[str, ...]
+    session_leader: bool  # pid == session id: started by spawn, not an orphaned worker
+    ports: tuple[int, ...] = ()  # TCP ports it listens on
+
+
+_lock = threading.Lock()
+_children: dict[int, subprocess.Popen[bytes]] = {}
+_exit_codes: OrderedDict[int, int] = OrderedDict()
+
+
+def _forget_children() -> None:
+    # A forked child (e.g. a Celery pool process) is not the parent of our engines:
+    # waitpid there would fail. It starts with empty tables and a fresh lock (the
+    # parent's lock may have been held by another thread at fork time).
+    global _lock
+    _lock = threading.Lock()
+    _children.clear()
+    _exit_codes.clear()
+
+
+os.register_at_fork(after_in_child=_forget_children)
+
+
+# ---------------------------------------------------------------------------- spawn
+
+
+def spawn(plan: LaunchPlan, log_path: Path) -> SpawnedProcess:
+    """Start ``plan`` in its own session, stdout and stderr appended to ``log_path``.
+
+    The environment is the worker's with ``plan.env`` on top; argv is executed directly
+    (never through a shell). ``RuntimeUnavailable`` if the executable cannot be run.
+    """
+    engine_id = plan.env.get(ENGINE_ID_ENV)
+    if not engine_id:
+        # Invariant "ours only": an untagged process could never be found or stopped.
+        raise ValueError(f"refusing to spawn without {ENGINE_ID_ENV}: {plan.argv[:3]}")
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, **plan.env}
+    with open(log_path, "ab") as log:  # append: one log across restarts of an engine
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        log.write(f"\n=== sagellm {stamp} engine {engine_id}: {shlex.join(plan.argv)}\n".encode())
+        log.flush()
+        with _lock:  # a concurrent reap must not collect the child before it is tracked
+            try:
+                popen = subprocess.Popen(
+                    plan.argv,
+                    env=env,
+                    cwd=plan.cwd,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    close_fds=True,
+                )
+            except OSError as exc:
+                log.write(f"=== sagellm: cannot start: {exc}\n".encode())
+                raise RuntimeUnavailable(
+                    f"engine {engine_id}: cannot execute {plan.argv[0]!r}: {exc.strerror or exc}"
+                ) from exc
+            _children[popen.pid] = popen
+            _exit_codes.pop(popen.pid, None)  # a code for an older process with this pid
+            # Read while unreaped: even a child that already exited is still a zombie.
+            create_time = psutil.Process(popen.pid).create_time()
+    return SpawnedProcess(pid=popen.pid, create_time=create_time)
+
+
+# ---------------------------------------------------------------------------- reaping
+
+
+def reap_children() -> dict[int, int]:
+    """Collect our engine children that have exited; return ``{pid: exit_code}`` of those
+    collected now (exit code negative = killed by that signal). Never blocks."""
+    reaped: dict[int, int] = {}
+    with _lock:
+        for pid, popen in list(_children.items()):
+            try:
+                done, status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                # Someone else waited for it (SIGCHLD ignored, a stray waitpid(-1)):
+                # gone, code unknown.
+                popen.returncode = -1
+                del _children[pid]
+                continue
+            if done == 0:
+                continue
+            code = os.waitstatus_to_exitcode(status)
+            popen.returncode = code  # so Popen.__del__ never waits on a reused pid
+            del _children[pid]
+            _exit_codes[pid] = code
+            _exit_codes.move_to_end(pid)
+            while len(_exit_codes) > _MAX_EXIT_CODES:
+                _exit_codes.popitem(last=False)
+            reaped[pid] = code
+    return reaped
+
+
+def exit_code(pid: int) -> int | None:
+    """Exit code of engine child ``pid`` once it has exited (reaping it now if needed);
+    None while it runs or when it was not our child."""
+    reap_children()
+    with _lock:
+        return _exit_codes.get(pid)
+
+
+# ---------------------------------------------------------------------------- checking
+
+
+def _same_process(proc: psutil.Process, create_time: float | None) -> bool:
+    if create_time is None:
+        return True
+    return abs(proc.create_time() - create_time) <= CREATE_TIME_TOLERANCE_S
+
+
+def _running(proc: psutil.Process) -> bool:
+    # is_running() also compares create time, so a reused pid reads as not running.
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return False
+    except psutil.AccessDenied:
+        return True
+
+
+def is_alive(pid: int, create_time: float | None) -> bool:
+    """True if ``pid`` runs, is the process started at ``create_time`` (when given), and
+    is not a zombie."""
+    if pid <= 0:
+        return False
+    try:
+        proc = psutil.Process(pid)
+        if not _same_process(proc, create_time):
+            return False
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return False
+    except psutil.AccessDenied:
+        return True  # it exists; only its owner can see more
+
+
+def _tag(proc: psutil.Process) -> str | None:
+    """The process's ``SAGELLM_ENGINE_ID``; None when absent or unreadable."""
+    try:
+        return proc.environ().get(ENGINE_ID_ENV) or None
+    except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+        return None
+
+
+def _session_members(sid: int) -> list[psutil.Process]:
+    out = []
+    for proc in psutil.process_iter():
+        try:
+            if os.getsid(proc.pid) == sid:
+                out.append(proc)
+        except OSError:
+            continue
+    return out
+
+
+# ---------------------------------------------------------------------------- signalling
+
+
+def signal_group(pid: int, sig: int) -> bool:
+    """Send ``sig`` to ``pid``'s process group when ``pid`` leads it (engines do), else
+    to ``pid`` alone: never to a group we did not start, least of all our own. False if
+    the process is gone. Callers check ownership first (``stop`` does)."""
+    try:
+        pgid = os.getpgid(pid)
+        if pgid == pid and pgid != os.getpgrp():
+            os.killpg(pgid, sig)
+        else:
+            os.kill(pid, sig)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _signal_each(procs: list[psutil.Process], sig: int) -> None:
+    for proc in procs:
+        try:
+            proc.send_signal(sig)  # psutil checks identity first: safe across pid reuse
+        except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+            continue
+
+
+def _wait_gone(procs: list[psutil.Process], timeout_s: float) -> list[psutil.Process]:
+    """Wait up to ``timeout_s`` for ``procs`` to exit (reaping ours); return the living."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        reap_children()
+        alive = [p for p in procs if _running(p)]
+        remaining = deadline - time.monotonic()
+        if not alive or remaining <= 0:
+            return alive
+        time.sleep(min(_POLL_S, remaining))
+
+
+def stop(
+    pid: int, create_time: float | None, grace_s: float, *, engine_id: str | None = None
+) -> StopResult:
+    """Stop the engine whose leader is ``pid``: SIGTERM to its process group, up to
+    ``grace_s`` for it and every process of its session to exit, then SIGKILL to what
+    is left (the group, stragglers of the session, descendants that left it).
+
+    Only a tagged process is signalled (with ``engine_id``: that tag exactly), else
+    ``NotOurProcess`` and nothing is sent. Idempotent: a leader already gone (or a pid
+    now held by another process) gives ``exited=True`` after sweeping tagged leftovers
+    of its session (e.g. vLLM workers orphaned by a crashed leader).
+    """
+    reap_children()
+    try:
+        leader = psutil.Process(pid) if pid > 0 else None
+        if leader is not None and not _same_process(leader, create_time):
+            # The pid was reused, so ours is gone, and so is its session: a pid is not
+            # handed out again while a session or group still uses it as its id.
+            return StopResult(exited=True, killed=False, exit_code=exit_code(pid))
+        gone = leader is None or leader.status() == psutil.STATUS_ZOMBIE
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        leader, gone = None, True
+    if gone or leader is None:
+        killed = _sweep_session(pid, engine_id, grace_s)
+        return StopResult(exited=True, killed=killed, exit_code=exit_code(pid))
+
+    tag = _tag(leader)
+    if tag is None or (engine_id is not None and tag != engine_id):
+        raise NotOurProcess(
+            f"pid {pid} ({_describe(leader)}) carries "
+            + (f"{ENGINE_ID_ENV}={tag}" if tag else f"no readable {ENGINE_ID_ENV}")
+            + (f", not {engine_id}" if engine_id and tag else "")
+            + ": not signalled"
+        )
+    try:
+        descendants = leader.children(recursive=True)
+    except psutil.Error:
+        descendants = []
+    session = _session_members(pid)
+    in_group = {p.pid for p in session if _pgid(p.pid) == pid}
+    members = _unique([leader, *session, *descendants])
+    signal_group(pid, signal.SIGTERM)
+    # Processes that left the group (setpgid/setsid) got nothing from killpg. Members
+    # of the group are not signalled twice: a second SIGTERM makes uvicorn skip its
+    # graceful shutdown.
+    _signal_each([p for p in members if p.pid not in in_group], signal.SIGTERM)
+    alive = _wait_gone(members, grace_s)
+    # Late forks during shutdown are found by a fresh scan; only those with our tag are
+    # trusted, since the session id may be handed out again once it is empty.
+    late = [p for p in _session_members(pid) if _tag(p) == tag and _running(p)]
+    leftovers = _unique([*alive, *late])
+    killed = bool(leftovers)
+    if killed:
+        if _running(leader):
+            signal_group(pid, signal.SIGKILL)
+        _signal_each(leftovers, signal.SIGKILL)
+        _wait_gone(leftovers, _KILL_WAIT_S)
+    return StopResult(exited=not _running(leader), killed=killed, exit_code=exit_code(pid))
+
+
+def _sweep_session(sid: int, engine_id: str | None, grace_s: float) -> bool:
+    """Terminate, then kill, tagged processes left in session ``sid`` by a leader that is
+    gone. True if SIGKILL was needed."""
+    if sid <= 0:
+        return False
+    leftovers = [
+        p
+        for p in _session_members(sid)
+        if (tag := _tag(p)) is not None and (engine_id is None or tag == engine_id)
+    ]
+    if not leftovers:
+        return False
+    _signal_each(leftovers, signal.SIGTERM)
+    alive = _wait_gone(leftovers, grace_s)
+    if alive:
+        _signal_each(alive, signal.SIGKILL)
+        _wait_gone(alive, _KILL_WAIT_S)
+    return bool(alive)
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None
+
+
+def _unique(procs: list[psutil.Process]) -> list[psutil.Process]:
+    seen: dict[int, psutil.Process] = {}
+    for p in procs:
+        seen.setdefault(p.pid, p)
+    return list(seen.values())
+
+
+def _describe(proc: psutil.Process) -> str:
+    try:
+        return shlex.join(proc.cmdline()[:4]) or proc.name()
+    except psutil.Error:
+        return "?"
+
+
+# ---------------------------------------------------------------------------- finding
+
+
+def find_tagged_processes() -> dict[str, TaggedProcess]:
+    """Engines running on this host, by engine id: for each ``SAGELLM_ENGINE_ID`` seen,
+    its top process (the session leader ``spawn`` made; else the topmost tagged
+    ancestor, e.g. a worker orphaned by its leader's crash). Processes whose environment
+    cannot be read (other users') and zombies are skipped; untagged processes are never
+    returned. One scan of the process table."""
+    tagged: dict[int, tuple[str, psutil.Process, dict[str, Any]]] = {}
+    for proc in psutil.process_iter(["pid", "ppid", "create_time", "cmdline", "status"]):
+        info = proc.info
+        if info.get("status") == psutil.STATUS_ZOMBIE or proc.pid == os.getpid():
+            continue
+        tag = _tag(proc)
+        if tag is not None:
+            tagged[proc.pid] = (tag, proc, info)
+
+    best: dict[str, tuple[tuple[bool, float], TaggedProcess, psutil.Process]] = {}
+    for pid, (tag, proc, info) in tagged.items():
+        parent = tagged.get(int(info.get("ppid") or 0))
+        if parent is not None and parent[0] == tag:
+            continue  # not the top of its engine
+        try:
+            leader = os.getsid(pid) == pid
+        except OSError:
+            continue
+        create_time = float(info.get("create_time") or 0.0)
+        found = TaggedProcess(
+            engine_id=tag,
+            pid=pid,
+            create_time=create_time,
+            cmdline=tuple(info.get("cmdline") or ()),
+            session_leader=leader,
+        )
+        rank = (not leader, create_time)  # session leader first, then the oldest
+        if tag not in best or rank < best[tag][0]:
+            best[tag] = (rank, found, proc)
+
+    out: dict[str, TaggedProcess] = {}
+    for tag, (_, found, proc) in best.items():
+        out[tag] = replace(found, ports=_listening_ports(proc))
+    return out
+
+
+def _listening_ports(proc: psutil.Process) -> tuple[int, ...]:
+    try:
+        conns = proc.net_connections(kind="inet")
+    except psutil.Error:
+        return ()
+    return tuple(sorted({c.laddr.port for c in conns if c.status == psutil.CONN_LISTEN}))
+
+
+# ---------------------------------------------------------------------------- logs
+
+
+def tail_log(path: Path, lines: int = 40, *, max_bytes: int = 1 << 20) -> str:
+    """The last ``lines`` lines of ``path`` (read backwards from the end, at most
+    ``max_bytes``); "" when the file does not exist."""
+    if lines <= 0:
+        return ""
+    try:
+        f = open(path, "rb")  # noqa: SIM115 - closed by the with below
+    except FileNotFoundError:
+        return ""
+    with f:
+        pos = f.seek(0, os.SEEK_END)
+        data = b""
+        # lines + 1 newlines guarantee `lines` complete lines before a trailing newline.
+        while pos > 0 and data.count(b"\n") <= lines and len(data) < max_bytes:
+            step = min(8192, pos)
+            pos -= step
+            f.seek(pos)
+            data = f.read(step) + data
+    text = data.decode("utf-8", errors="replace").rstrip("\n")
+    return "\n".join(text.split("\n")[-lines:])

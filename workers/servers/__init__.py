@@ -1,0 +1,1 @@
+"""The project's own OpenAI-compatible engine servers (embedding and transformers)."""
