@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from celery import Celery
 
 from app.core.allocation import Allocation, allocate, placement_hosts, plan
-from app.core.errors import NoWorkerError
+from app.core.errors import IllegalTransition, NoWorkerError
 from app.core.models import EngineRecord, EngineSpec, EngineState
 from app.core.state.client import connect
 from app.core.state.ledger import Ledger
@@ -133,3 +133,78 @@ def wait_for_state(
         if rec.state in wanted or time.monotonic() >= deadline:
             return rec
         time.sleep(poll_s)
+
+
+def restart_engine(cluster: Cluster, engine_id: str) -> EngineRecord:
+    """Restart an engine in place (same id). A FAILED engine is placed again first."""
+    from workers.dispatch import send_to_host
+
+    rec = cluster.registry.get(engine_id)
+    if rec.state in (S.STOPPING, S.STOPPED):
+        raise IllegalTransition(f"engine {engine_id} is {rec.state.value}: start a new one instead")
+    if rec.state is S.FAILED and rec.next_restart_at is None:
+        # Its reservation was released when it failed: place and reserve again.
+        _require_worker(cluster)
+        alloc = allocate(
+            engine_id,
+            rec.spec,
+            cluster.registry,
+            cluster.ledger,
+            policy=cluster.settings.placement_policy,
+            margin_mib=cluster.settings.gpu_safety_margin_mib,
+            default_max_model_len=cluster.settings.default_max_model_len,
+        )
+        p = alloc.placement
+
+        def replaced(r: EngineRecord) -> None:
+            r.host, r.address, r.port = p.host, p.address, p.port
+            r.gpus = alloc.gpus
+            r.memory_per_gpu_mib = p.memory_mib_per_gpu
+            r.launch = dict(alloc.launch)
+            r.restart_count = 0
+            r.next_restart_at = time.time()
+
+        rec = cluster.registry.update(engine_id, replaced)
+    if rec.host is None:
+        raise IllegalTransition(f"engine {engine_id} has no host yet")
+    host = cluster.registry.host(rec.host)
+    if host is None or not host.up:
+        raise NoWorkerError(f"host {rec.host} of engine {engine_id} is down")
+    task_id = send_to_host(cluster.celery, rec.host, "sagellm.restart_engine_now", (engine_id,),
+                           expires_s=START_TASK_EXPIRES_S)  # fmt: skip
+    return cluster.registry.update(engine_id, lambda r: setattr(r, "task_id", task_id))
+
+
+def engine_logs(cluster: Cluster, engine_id: str, tail: int, timeout_s: float = 15) -> list[str]:
+    """The last lines of an engine's log, read by its host's worker (logs stay on hosts)."""
+    from workers.dispatch import send_to_host
+
+    rec = cluster.registry.get(engine_id)
+    if rec.host is None:
+        return []
+    host = cluster.registry.host(rec.host)
+    if host is None or not host.up:
+        raise NoWorkerError(f"host {rec.host} is down: its logs cannot be read now")
+    task_id = send_to_host(cluster.celery, rec.host, "sagellm.read_log", (engine_id, tail),
+                           expires_s=timeout_s)  # fmt: skip
+    result = cluster.celery.AsyncResult(task_id)
+    try:
+        lines = result.get(timeout=timeout_s)
+    except Exception as exc:
+        raise NoWorkerError(f"host {rec.host} did not return the log: {exc}") from None
+    finally:
+        result.forget()
+    return [str(x) for x in lines]
+
+
+def prune_records(registry: Registry, ledger: Ledger, older_than_s: float) -> list[str]:
+    """Delete STOPPED/FAILED records older than ``older_than_s``; release what they hold."""
+    cutoff = time.time() - older_than_s
+    pruned = []
+    for rec in registry.engines(state=[S.STOPPED, S.FAILED]):
+        if rec.next_restart_at is not None or rec.state_changed_at > cutoff:
+            continue
+        ledger.release(rec.id)
+        if registry.delete(rec.id):
+            pruned.append(rec.id)
+    return pruned

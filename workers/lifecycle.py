@@ -48,7 +48,9 @@ def _alive(rec: EngineRecord) -> bool:
 # ----------------------------------------------------------------------------- spawn
 
 
-def spawn_engine(ctx: HostContext, engine_id: str) -> EngineRecord | None:
+def spawn_engine(
+    ctx: HostContext, engine_id: str, *, count_restart: bool = True
+) -> EngineRecord | None:
     """Start the engine's process (first start or a due restart) and mark it STARTING.
 
     Returns the record, or None when the engine is not (or no longer) ours to start.
@@ -92,7 +94,7 @@ def spawn_engine(ctx: HostContext, engine_id: str) -> EngineRecord | None:
             raise _Abort(r.state.value)
         is_restart = r.state is not S.PENDING
         r.transition(S.STARTING)
-        if is_restart:
+        if is_restart and count_restart:
             r.restart_count += 1
         r.pid, r.process_create_time = proc.pid, proc.create_time
         r.log_path = str(log_path)
@@ -378,3 +380,42 @@ def check_host(ctx: HostContext) -> dict[str, int]:
         except Exception:
             log.exception("health check of %s failed", rec.id)
     return counts
+
+
+def manual_restart(ctx: HostContext, engine_id: str) -> EngineRecord | None:
+    """A restart a person asked for: stop the process, start it again at once.
+
+    It does not count against ``SAGELLM_MAX_RESTARTS`` (that budget is for crashes).
+    """
+    rec = ctx.registry.find(engine_id)
+    if rec is None or rec.host != ctx.host:
+        return None
+    if rec.pid is not None:
+        processes.stop(rec.pid, rec.process_create_time, ctx.settings.stop_grace_s,
+                       engine_id=engine_id)  # fmt: skip
+
+    def pending(r: EngineRecord) -> None:
+        if r.state in (S.STOPPING, S.STOPPED):
+            raise _Abort("being stopped")
+        if r.state is not S.PENDING:
+            target = pending_restart_state(r.state)
+            if r.state is not target:
+                r.transition(target)
+        r.pid = r.process_create_time = None
+        r.next_restart_at = time.time()
+        r.last_error = "restart requested"
+
+    try:
+        ctx.registry.update(engine_id, pending)
+    except (_Abort, NotFoundError, IllegalTransition):
+        return ctx.registry.find(engine_id)
+    ensure_reserved(ctx, ctx.registry.get(engine_id))
+    return spawn_engine(ctx, engine_id, count_restart=False)
+
+
+def read_log(ctx: HostContext, engine_id: str, tail: int) -> list[str]:
+    """The last ``tail`` lines of the engine's log on this host."""
+    path = ctx.log_path(engine_id)
+    if not path.exists():
+        return []
+    return processes.tail_log(path, tail).splitlines()

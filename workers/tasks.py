@@ -67,6 +67,22 @@ def stop_engine(engine_id: str) -> dict[str, Any]:
     return {"engine_id": engine_id, "state": rec.state.value if rec else None}
 
 
+@celery_app.task(name="sagellm.restart_engine_now")
+def restart_engine_now(engine_id: str) -> dict[str, Any]:
+    """A restart a person asked for (API/CLI)."""
+    ctx = host_context()
+    rec = lifecycle.manual_restart(ctx, engine_id)
+    if rec is not None and rec.state is S.STARTING:
+        send_to_host(ctx.celery, ctx.host, "sagellm.watch_start", (engine_id,),
+                     expires_s=30, countdown_s=WATCH_INTERVAL_S)  # fmt: skip
+    return {"engine_id": engine_id, "state": rec.state.value if rec else None}
+
+
+@celery_app.task(name="sagellm.read_log")
+def read_log(engine_id: str, tail: int) -> list[str]:
+    return lifecycle.read_log(host_context(), engine_id, tail)
+
+
 @celery_app.task(name="sagellm.check_host")
 def check_host(host: str) -> dict[str, int]:
     ctx = host_context()
@@ -113,13 +129,8 @@ def tick_rediscovery() -> list[str]:
 @celery_app.task(name="sagellm.prune")
 def prune(older_than_s: float | None = None) -> list[str]:
     """Delete STOPPED/FAILED records past retention; release anything they still hold."""
+    from app.control import prune_records
+
     registry, ledger = _state()
-    cutoff = time.time() - (settings.prune_after_s if older_than_s is None else older_than_s)
-    pruned = []
-    for rec in registry.engines(state=[S.STOPPED, S.FAILED]):
-        if rec.next_restart_at is not None or rec.state_changed_at > cutoff:
-            continue
-        ledger.release(rec.id)
-        if registry.delete(rec.id):
-            pruned.append(rec.id)
-    return pruned
+    age = settings.prune_after_s if older_than_s is None else older_than_s
+    return prune_records(registry, ledger, age)

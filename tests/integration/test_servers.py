@@ -85,17 +85,22 @@ class ServerProcess:
         pytest.fail(f"server not ready after {timeout_s} s:\n{self.log_tail()}")
 
 
-def _stop_all(servers: list[ServerProcess]) -> None:
-    """SIGTERM every server at once, then SIGKILL whichever has not gone in 10 s."""
+def _stop_all(servers: list[ServerProcess]) -> list[str]:
+    """SIGTERM every server at once, SIGKILL whichever has not gone in 10 s; say which
+    did not exit 0 by themselves."""
     for server in servers:
         if server.proc.poll() is None:
             server.proc.send_signal(signal.SIGTERM)
+    unclean = []
     for server in servers:
         try:
-            server.proc.wait(timeout=10)
+            code = server.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             server.proc.kill()
-            server.proc.wait()
+            code = server.proc.wait()
+        if code != 0:
+            unclean.append(f"{server.served_name}: exit {code}\n{server.log_tail()}")
+    return unclean
 
 
 @dataclass(frozen=True)
@@ -125,7 +130,9 @@ def servers(
             )
         yield Servers(*started)
     finally:
-        _stop_all(started)
+        unclean = _stop_all(started)
+    # SIGTERM is how the control plane stops engines: each must exit 0 on it.
+    assert not unclean, "\n".join(unclean)
 
 
 @pytest.fixture

@@ -383,9 +383,7 @@ def run_server(
     started = time.monotonic()
     app, on_shutdown = build_app(args)
     log.info("model loaded in %.1f s", time.monotonic() - started)
-    try:
-        serve(app, args.host, args.port, on_shutdown)
-    except OSError as exc:  # typically: port already in use
-        log.error("cannot listen on %s:%d: %s", args.host, args.port, exc)
-        return 1
+    # A port that cannot be bound ends the process with status 1 and werkzeug's own
+    # message ("Port N is in use by another program...") on stderr.
+    serve(app, args.host, args.port, on_shutdown)
     return 0

@@ -113,7 +113,7 @@ def parse_sampling(body: Mapping[str, Any]) -> SamplingParams:
         max_tokens=max_tokens,
         temperature=optional_float(body, "temperature", 1.0, minimum=0.0, maximum=2.0),
         top_p=optional_float(body, "top_p", 1.0, minimum=0.0, maximum=1.0, minimum_exclusive=True),
-        seed=optional_int(body, "seed", None),
+        seed=optional_int(body, "seed", None, minimum=-(2**63), maximum=2**64 - 1),  # torch's range
         stop=tuple(s for s in stop if s),
     )
 

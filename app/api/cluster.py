@@ -1,0 +1,164 @@
+"""/v1/management: status, gpus, hosts, backends, tasks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import marshmallow as ma
+from flask.views import MethodView
+from flask_smorest import Blueprint
+
+from app.api.context import cluster
+from app.api.schemas import EngineSchema, TaskSchema
+from app.core import status as views
+
+blp = Blueprint("cluster", __name__, url_prefix="/v1/management",
+                description="Cluster state: hosts, GPUs, engines, routing, tasks")  # fmt: skip
+
+
+class GpuSchema(ma.Schema):
+    host = ma.fields.String()
+    host_up = ma.fields.Boolean()
+    index = ma.fields.Integer()
+    uuid = ma.fields.String()
+    name = ma.fields.String()
+    total_mib = ma.fields.Integer()
+    free_mib = ma.fields.Integer()
+    outside_mib = ma.fields.Integer()
+    reserved_mib = ma.fields.Integer()
+    available_mib = ma.fields.Integer()
+    total_gb = ma.fields.Float()
+    outside_gb = ma.fields.Float()
+    reserved_gb = ma.fields.Float()
+    available_gb = ma.fields.Float()
+    utilization_pct = ma.fields.Integer(allow_none=True)
+
+
+class HostSchema(ma.Schema):
+    name = ma.fields.String()
+    address = ma.fields.String()
+    up = ma.fields.Boolean()
+    heartbeat_age_s = ma.fields.Float()
+    gpu_count = ma.fields.Integer()
+    gpu_source = ma.fields.String()
+    engines = ma.fields.List(ma.fields.String())
+    port_range = ma.fields.List(ma.fields.Integer())
+    busy_ports = ma.fields.List(ma.fields.Integer())
+    worker_version = ma.fields.String()
+
+
+class BackendSchema(ma.Schema):
+    engine_id = ma.fields.String()
+    model = ma.fields.String()
+    served_model_name = ma.fields.String()
+    label = ma.fields.String(allow_none=True)
+    base_url = ma.fields.String()
+    host = ma.fields.String(allow_none=True)
+    healthy = ma.fields.Boolean()
+    in_flight = ma.fields.Integer()
+
+
+class BackendsSchema(ma.Schema):
+    llm_backends = ma.fields.List(ma.fields.Nested(BackendSchema))
+    embedding_backends = ma.fields.List(ma.fields.Nested(BackendSchema))
+
+
+class ReservationSchema(ma.Schema):
+    engine_id = ma.fields.String()
+    host = ma.fields.String()
+    port = ma.fields.Integer()
+    gpus = ma.fields.List(ma.fields.Dict())
+
+
+class StatusSchema(ma.Schema):
+    hosts = ma.fields.List(ma.fields.Nested(HostSchema))
+    gpus = ma.fields.List(ma.fields.Nested(GpuSchema))
+    engines = ma.fields.List(ma.fields.Nested(EngineSchema))
+    reservations = ma.fields.List(ma.fields.Nested(ReservationSchema))
+    counts = ma.fields.Dict(keys=ma.fields.String(), values=ma.fields.Integer())
+
+
+def _gpus() -> list[dict[str, Any]]:
+    c = cluster()
+    hosts = c.registry.hosts()
+    caps = {h.name: c.ledger.capacity(h.name) for h in hosts}
+    return views.gpu_rows(hosts, caps, c.settings.gpu_safety_margin_mib)
+
+
+def in_flight_counts() -> dict[str, int]:
+    from flask import current_app
+
+    counter = current_app.extensions.get("sagellm.in_flight")
+    return dict(counter()) if callable(counter) else {}
+
+
+@blp.route("/status")
+class Status(MethodView):
+    @blp.response(200, StatusSchema)
+    def get(self) -> dict[str, Any]:
+        """Hosts (up/down, heartbeat age), GPUs, engines and reservations."""
+        c = cluster()
+        engines = c.registry.engines()
+        reservations = []
+        for eid in sorted(c.ledger.reserved_engines()):
+            res = c.ledger.reservation(eid)
+            if res is not None:
+                reservations.append({
+                    "engine_id": eid, "host": res.host, "port": res.port,
+                    "gpus": [{"uuid": u, "memory_mib": m} for u, m in res.gpus],
+                })  # fmt: skip
+        counts: dict[str, int] = {}
+        for rec in engines:
+            counts[rec.state.value] = counts.get(rec.state.value, 0) + 1
+        return {
+            "hosts": views.host_rows(c.registry.hosts()),
+            "gpus": _gpus(),
+            "engines": [r.to_dict() for r in engines],
+            "reservations": reservations,
+            "counts": counts,
+        }
+
+
+@blp.route("/gpus")
+class Gpus(MethodView):
+    @blp.response(200, GpuSchema(many=True))
+    def get(self) -> list[dict[str, Any]]:
+        """Every GPU: total, held by outside processes, reserved, available."""
+        return _gpus()
+
+
+@blp.route("/hosts")
+class Hosts(MethodView):
+    @blp.response(200, HostSchema(many=True))
+    def get(self) -> list[dict[str, Any]]:
+        """Hosts known to the cluster; ``up`` is false once the heartbeat expired."""
+        return views.host_rows(cluster().registry.hosts())
+
+
+@blp.route("/backends")
+class Backends(MethodView):
+    @blp.response(200, BackendsSchema)
+    def get(self) -> dict[str, Any]:
+        """Engines the gateway can route to, by kind, with in-flight request counts."""
+        return views.backend_rows(cluster().registry.engines(), in_flight_counts())
+
+
+@blp.route("/tasks/<task_id>")
+class Task(MethodView):
+    @blp.response(200, TaskSchema)
+    def get(self, task_id: str) -> dict[str, Any]:
+        """A Celery task's state (PENDING also means unknown), result or error."""
+        result = cluster().celery.AsyncResult(task_id)
+        state = str(result.state)
+        info = result.info
+        out: dict[str, Any] = {
+            "id": task_id, "state": state, "name": getattr(result, "name", None),
+            "ready": result.ready(), "result": None, "error": None, "progress": None,
+        }  # fmt: skip
+        if state == "SUCCESS":
+            out["result"] = info
+        elif state in ("FAILURE", "REVOKED"):
+            out["error"] = repr(info)
+        elif isinstance(info, dict):
+            out["progress"] = info
+        return out

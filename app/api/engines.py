@@ -1,0 +1,129 @@
+"""/v1/management/engines: start, list, show, stop, restart, logs, prune."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask.views import MethodView
+from flask_smorest import Blueprint
+
+from app import control
+from app.api.context import cluster
+from app.api.schemas import (
+    EngineAcceptedSchema,
+    EngineCreateSchema,
+    EngineListArgsSchema,
+    EngineSchema,
+    LogArgsSchema,
+    LogsSchema,
+    PruneArgsSchema,
+    PrunedSchema,
+    WaitArgsSchema,
+)
+from app.core.errors import SagellmError
+from app.core.models import EngineSpec, EngineState
+
+blp = Blueprint("engines", __name__, url_prefix="/v1/management/engines",
+                description="Inference engines: start, inspect, stop")  # fmt: skip
+S = EngineState
+
+ERRORS = {
+    400: "Invalid input (the message names the field)",
+    404: "Unknown engine",
+    409: "Nothing fits (reasons per host and GPU), or a conflicting state",
+    503: "No worker is alive",
+}
+
+
+class EngineStartFailed(SagellmError):
+    status_code = 502
+
+
+def _doc_errors(*codes: int) -> dict[str, Any]:
+    return {"responses": {str(c): {"description": ERRORS[c]} for c in codes}}
+
+
+@blp.route("")
+class Engines(MethodView):
+    @blp.arguments(EngineListArgsSchema, location="query")
+    @blp.response(200, EngineSchema(many=True))
+    def get(self, args: dict[str, Any]) -> list[dict[str, Any]]:
+        """List engines (filter by state, host, kind, label)."""
+        recs = cluster().registry.engines(
+            state=EngineState(args["state"]) if "state" in args else None,
+            host=args.get("host"),
+            kind=args.get("kind"),
+            label=args.get("label"),
+        )
+        return [r.to_dict() for r in recs]
+
+    @blp.arguments(EngineCreateSchema)
+    @blp.arguments(WaitArgsSchema, location="query")
+    @blp.response(202, EngineAcceptedSchema, description="Accepted: the engine is PENDING")
+    @blp.alt_response(200, schema=EngineAcceptedSchema, description="wait=true: it is RUNNING")
+    @blp.doc(**_doc_errors(400, 409, 503))
+    def post(self, body: dict[str, Any], wait: dict[str, Any]) -> Any:
+        """Start an engine: place it, reserve GPU memory and a port, queue its start.
+
+        With ``wait=true`` the answer comes when it is RUNNING (200), FAILED (502 with
+        the reason), or the timeout passed (202, still starting)."""
+        c = cluster()
+        policy = body.pop("policy", None)
+        spec = EngineSpec.from_dict(body).validate()
+        rec = control.start_engine(c, spec, policy=policy)
+        if wait["wait"]:
+            rec = control.wait_for_state(c, rec.id, [S.RUNNING, S.FAILED, S.STOPPED],
+                                         wait["timeout"])  # fmt: skip
+            if rec.state is S.FAILED and rec.next_restart_at is None:
+                raise EngineStartFailed(f"engine {rec.id} FAILED: {rec.last_error}")
+            if rec.state is S.RUNNING:
+                return {"engine": rec.to_dict(), "task_id": rec.task_id}, 200
+        return {"engine": rec.to_dict(), "task_id": rec.task_id}, 202
+
+
+@blp.route("/<engine_id>")
+class Engine(MethodView):
+    @blp.response(200, EngineSchema)
+    @blp.doc(**_doc_errors(404))
+    def get(self, engine_id: str) -> dict[str, Any]:
+        """One engine's record."""
+        return cluster().registry.get(engine_id).to_dict()
+
+    @blp.response(202, EngineSchema, description="Stopping (graceful)")
+    @blp.doc(**_doc_errors(404))
+    def delete(self, engine_id: str) -> dict[str, Any]:
+        """Stop an engine gracefully: SIGTERM, grace period, SIGKILL; then release."""
+        return control.stop_engine(cluster(), engine_id).to_dict()
+
+
+@blp.route("/<engine_id>/restart")
+class EngineRestart(MethodView):
+    @blp.response(202, EngineSchema)
+    @blp.doc(**_doc_errors(404, 409, 503))
+    def post(self, engine_id: str) -> dict[str, Any]:
+        """Restart in place (same id); a FAILED engine is placed again."""
+        return control.restart_engine(cluster(), engine_id).to_dict()
+
+
+@blp.route("/<engine_id>/logs")
+class EngineLogs(MethodView):
+    @blp.arguments(LogArgsSchema, location="query")
+    @blp.response(200, LogsSchema)
+    @blp.doc(**_doc_errors(404, 503))
+    def get(self, args: dict[str, Any], engine_id: str) -> dict[str, Any]:
+        """The last lines of the engine's log (read on its host)."""
+        rec = cluster().registry.get(engine_id)
+        lines = control.engine_logs(cluster(), engine_id, args["tail"])
+        return {"engine_id": engine_id, "host": rec.host, "lines": lines}
+
+
+@blp.route("/prune")
+class EnginePrune(MethodView):
+    @blp.arguments(PruneArgsSchema, location="query")
+    @blp.response(200, PrunedSchema)
+    def post(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Delete STOPPED and FAILED records older than ``older_than_s``."""
+        c = cluster()
+        age = args.get("older_than_s")
+        age = c.settings.prune_after_s if age is None else age
+        return {"pruned": control.prune_records(c.registry, c.ledger, age)}

@@ -1,0 +1,187 @@
+"""Management API through the Flask test client, on a real redis-server.
+
+No worker runs here: a host heartbeat is written by the test, so placement, the
+ledger and the queued tasks are real while nothing consumes them. The end-to-end
+path with workers is covered by the CLI tests against the real stack."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+from flask.testing import FlaskClient
+
+from app import create_app
+from app.core.inventory_spec import parse_mock_gpus
+from app.core.models import EngineState
+from app.core.state.ledger import Ledger
+from app.core.state.registry import HostRecord, Registry
+from app.redis_server import RedisProcess
+from app.settings import Settings
+from workers.gpu_inventory import Inventory, gpu_capacities
+
+pytestmark = pytest.mark.integration
+E = "/v1/management/engines"
+
+
+def add_host(r: redis.Redis, name: str, mock: str, ttl: float = 60) -> None:
+    gpus = parse_mock_gpus(mock, name)
+    Ledger(r).publish_capacity(name, gpu_capacities(Inventory(tuple(gpus), "mock"), name, set()))
+    Registry(r).put_host(HostRecord(name, "127.0.0.1", (8100, 8199), gpus=gpus), ttl_s=ttl)
+
+
+@pytest.fixture
+def api(redis_server: RedisProcess, real_redis: redis.Redis) -> Iterator[FlaskClient]:
+    settings = Settings.from_env({"SAGELLM_REDIS_URL": redis_server.url,
+                                  "SAGELLM_HOST_NAME": "api"})  # fmt: skip
+    app = create_app(settings)
+    app.testing = True
+    yield app.test_client()
+
+
+def _ledger(api: FlaskClient) -> Ledger:
+    return api.application.extensions["sagellm"].ledger  # type: ignore[no-any-return]
+
+
+def test_start_engine_accepts_places_reserves_and_queues(
+    api: FlaskClient, real_redis: redis.Redis
+) -> None:
+    add_host(real_redis, "a", "2x80")
+    r = api.post(E, json={"model": "Qwen/Qwen2.5-7B-Instruct", "required_memory_gb": 20,
+                          "label": "chat"})  # fmt: skip
+    assert r.status_code == 202, r.json
+    body: dict[str, Any] = r.json  # type: ignore[assignment]
+    eng = body["engine"]
+    assert eng["state"] == "PENDING" and eng["host"] == "a" and eng["port"] == 8100
+    assert eng["gpus"][0]["memory_mib"] == 20 * 1024
+    assert body["task_id"]
+    # the start task sits in host a's queue, addressed by name
+    queued = [json.loads(m) for m in real_redis.lrange("host.a", 0, -1)]
+    assert [m["headers"]["task"] for m in queued] == ["sagellm.start_engine"]
+    assert _ledger(api).reservation(eng["id"]) is not None
+    got = api.get(f"{E}/{eng['id']}").json
+    assert got["id"] == eng["id"] and got["spec"]["label"] == "chat"
+    listed = api.get(E, query_string={"label": "chat"}).json
+    assert [e["id"] for e in listed] == [eng["id"]]
+    assert api.get(E, query_string={"state": "RUNNING"}).json == []
+
+
+def test_nothing_fits_is_409_with_reasons_and_reserves_nothing(
+    api: FlaskClient, real_redis: redis.Redis
+) -> None:
+    add_host(real_redis, "a", '[{"total_gb": 24, "outside_gb": 10}]')
+    r = api.post(E, json={"model": "m", "required_memory_gb": 33})
+    assert r.status_code == 409
+    assert r.json["reasons"] == ["host a, GPU 0: 13.0 GB free, 33.0 GB needed"]
+    assert "no room" in r.json["message"]
+    assert _ledger(api).is_empty()
+    assert api.get(E).json == []
+
+
+def test_no_worker_alive_is_503(api: FlaskClient) -> None:
+    r = api.post(E, json={"model": "m", "required_memory_gb": 1})
+    assert r.status_code == 503
+    assert "flask sagellm worker" in r.json["message"]
+    assert api.get(E).json == []
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "field"),
+    [
+        ({"modell": "x"}, 422, "model"),
+        ({"model": "m", "bogus": 1}, 422, "bogus"),
+        ({"model": "m", "tensor_parallel": 0}, 422, "tensor_parallel"),
+        ({"model": "m", "required_memory_gb": -1}, 422, "required_memory_gb"),
+        ({"model": "m", "required_memory_gb": 1, "port": 9999}, 400, "port"),
+        ({"model": "m; rm -rf /", "required_memory_gb": 1}, 400, "model"),
+        ({"model": "$(reboot)", "required_memory_gb": 1}, 400, "model"),
+        ({"model": "m", "required_memory_gb": 1, "tensor_parallel": 4}, 400, "tensor_parallel"),
+        ({"model": "m", "policy": "fastest"}, 422, "policy"),
+        ({"model": "m", "kind": "embedding", "runtime": "vllm"}, 400, "runtime"),
+        ({"model": "m", "required_memory_gb": 1, "env": {"CUDA_VISIBLE_DEVICES": "1"}}, 400,
+         "env"),
+        ({"model": "unknown/no-size-in-name"}, 400, "required_memory_gb"),
+    ],
+)  # fmt: skip
+def test_bad_input_is_4xx_naming_the_field_and_nothing_is_left(
+    api: FlaskClient, real_redis: redis.Redis, body: dict[str, Any], status: int, field: str
+) -> None:
+    add_host(real_redis, "a", "2x80")
+    r = api.post(E, json=body)
+    assert r.status_code == status, r.json
+    assert r.json["field"] == field
+    assert field in r.json["message"]
+    assert {"code", "status", "message"} <= set(r.json)
+    assert _ledger(api).is_empty()
+    assert api.get(E).json == []
+    assert real_redis.llen("host.a") == 0
+
+
+def test_unknown_engine_is_404_in_the_same_shape(api: FlaskClient) -> None:
+    for r in (api.get(f"{E}/eng-nope"), api.delete(f"{E}/eng-nope"),
+              api.post(f"{E}/eng-nope/restart")):  # fmt: skip
+        assert r.status_code == 404
+        assert r.json["code"] == 404 and "eng-nope" in r.json["message"]
+
+
+def test_delete_marks_stopping_and_queues_the_stop(
+    api: FlaskClient, real_redis: redis.Redis
+) -> None:
+    add_host(real_redis, "a", "2x80")
+    eid = api.post(E, json={"model": "m", "required_memory_gb": 1}).json["engine"]["id"]
+    r = api.delete(f"{E}/{eid}")
+    assert r.status_code == 202 and r.json["state"] == "STOPPING"
+    tasks = [json.loads(m)["headers"]["task"] for m in real_redis.lrange("host.a", 0, -1)]
+    assert tasks.count("sagellm.stop_engine") == 1
+    # stopping twice is harmless
+    assert api.delete(f"{E}/{eid}").status_code == 202
+
+
+def test_status_gpus_hosts_backends(api: FlaskClient, real_redis: redis.Redis) -> None:
+    add_host(real_redis, "a", '[{"total_gb": 80, "outside_gb": 10}, {"total_gb": 80}]')
+    add_host(real_redis, "b", "none", ttl=0.001)  # DOWN at once
+    eid = api.post(E, json={"model": "m", "required_memory_gb": 20}).json["engine"]["id"]
+    st = api.get("/v1/management/status").json
+    hosts = {h["name"]: h for h in st["hosts"]}
+    assert hosts["a"]["up"] is True and hosts["b"]["up"] is False
+    gpu = {(g["host"], g["index"]): g for g in st["gpus"]}
+    g0 = gpu[("a", 0)]
+    # binpack: GPU 0 (70 free) is tighter than GPU 1 (80 free)
+    assert (g0["total_gb"], g0["outside_gb"], g0["reserved_gb"]) == (80.0, 10.0, 20.0)
+    assert g0["available_gb"] == 80 - 10 - 20 - 1.0
+    assert st["reservations"][0]["engine_id"] == eid
+    assert st["counts"] == {"PENDING": 1}
+    assert api.get("/v1/management/gpus").json == st["gpus"]
+    assert [h["name"] for h in api.get("/v1/management/hosts").json] == ["a", "b"]
+    assert api.get("/v1/management/backends").json == {"llm_backends": [],
+                                                       "embedding_backends": []}  # fmt: skip
+
+
+def test_prune_deletes_old_terminal_records(api: FlaskClient, real_redis: redis.Redis) -> None:
+    add_host(real_redis, "a", "2x80")
+    eid = api.post(E, json={"model": "m", "required_memory_gb": 1}).json["engine"]["id"]
+    reg = Registry(real_redis)
+    reg.transition(eid, EngineState.FAILED)
+    r = api.post(f"{E}/prune", query_string={"older_than_s": 0})
+    assert r.status_code == 200 and r.json["pruned"] == [eid]
+    assert _ledger(api).is_empty()
+
+
+def test_task_state_is_reported(api: FlaskClient, real_redis: redis.Redis) -> None:
+    add_host(real_redis, "a", "2x80")
+    task_id = api.post(E, json={"model": "m", "required_memory_gb": 1}).json["task_id"]
+    r = api.get(f"/v1/management/tasks/{task_id}")
+    assert r.status_code == 200 and r.json["id"] == task_id and r.json["state"] == "PENDING"
+
+
+def test_openapi_and_offline_docs(api: FlaskClient) -> None:
+    spec = api.get("/openapi.json").json
+    assert spec["openapi"].startswith("3.")
+    assert "/v1/management/engines" in spec["paths"]
+    page = api.get("/docs").get_data(as_text=True)
+    assert "/docs/static/swagger-ui-bundle.js" in page
+    assert "cdn" not in page.lower() and "https://" not in page
+    assert api.get("/docs/static/swagger-ui-bundle.js").status_code == 200
