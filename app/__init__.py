@@ -24,6 +24,7 @@ def create_app(
 
     from app.api import cluster as cluster_api
     from app.api import engines as engines_api
+    from app.api import presets as presets_api
     from app.api.errors import SagellmApi, register_domain_errors
     from app.cli import sagellm
     from app.control import connect_cluster
@@ -51,6 +52,7 @@ def create_app(
     api = SagellmApi(flask_app)
     api.register_blueprint(engines_api.blp)
     api.register_blueprint(cluster_api.blp)
+    api.register_blueprint(presets_api.blp)
     register_domain_errors(flask_app)
 
     import swagger_ui_bundle

@@ -33,16 +33,21 @@ def worker(loglevel: str) -> None:
 
     argv = [
         "worker",
-        "--queues", f"{host_queue_name(settings.host_name)},{CONTROL_QUEUE}",
-        "--hostname", f"sagellm@{settings.host_name}",
+        "--queues",
+        f"{host_queue_name(settings.host_name)},{CONTROL_QUEUE}",
+        "--hostname",
+        f"sagellm@{settings.host_name}",
         # Threads, not prefork: the worker's main process is the parent of the
         # engines it spawns (so it can reap them) and shares the heartbeat's state.
-        "--pool", "threads",
-        "--concurrency", str(settings.worker_concurrency),
-        "--loglevel", loglevel,
+        "--pool",
+        "threads",
+        "--concurrency",
+        str(settings.worker_concurrency),
+        "--loglevel",
+        loglevel,
         "--without-mingle",
         "--without-gossip",
-    ]  # fmt: skip
+    ]
     celery_app.worker_main(argv)
 
 
@@ -78,10 +83,16 @@ def beat(loglevel: str) -> None:
     threading.Thread(target=keep_lock, daemon=True, name="beat-lock").start()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     celery_app.start(
-        ["beat", "--loglevel", loglevel,
-         "--scheduler", "workers.beat_scheduler:SagellmScheduler",
-         "--schedule", str(settings.data_dir / "celerybeat-schedule")]
-    )  # fmt: skip
+        [
+            "beat",
+            "--loglevel",
+            loglevel,
+            "--scheduler",
+            "workers.beat_scheduler:SagellmScheduler",
+            "--schedule",
+            str(settings.data_dir / "celerybeat-schedule"),
+        ]
+    )
 
 
 def main() -> None:

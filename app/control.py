@@ -60,10 +60,10 @@ def plan_engine(cluster: Cluster, spec: EngineSpec, policy: str | None = None) -
     )
 
 
-def start_engine(cluster: Cluster, spec: EngineSpec, policy: str | None = None) -> EngineRecord:
-    """Place and reserve ``spec``, record it PENDING, and queue its start on its host.
+def reserve_engine(cluster: Cluster, spec: EngineSpec, policy: str | None = None) -> EngineRecord:
+    """Place and reserve ``spec``; record it PENDING with its placement. Starts nothing.
 
-    On any error nothing is left behind: no record, no reservation, no task.
+    On any error nothing is left behind: no record, no reservation.
     """
     spec.validate()
     _require_worker(cluster)
@@ -92,12 +92,33 @@ def start_engine(cluster: Cluster, spec: EngineSpec, policy: str | None = None) 
         r.memory_per_gpu_mib = p.memory_mib_per_gpu
         r.launch = dict(alloc.launch)
 
-    cluster.registry.update(engine_id, placed)
+    return cluster.registry.update(engine_id, placed)
+
+
+def launch_engine(cluster: Cluster, rec: EngineRecord) -> EngineRecord:
+    """Queue the start of a reserved (PENDING) engine on its host."""
     from workers.dispatch import send_to_host
 
-    task_id = send_to_host(cluster.celery, p.host, "sagellm.start_engine", (engine_id,),
-                           expires_s=START_TASK_EXPIRES_S)  # fmt: skip
-    return cluster.registry.update(engine_id, lambda r: setattr(r, "task_id", task_id))
+    assert rec.host is not None
+    task_id = send_to_host(
+        cluster.celery,
+        rec.host,
+        "sagellm.start_engine",
+        (rec.id,),
+        expires_s=START_TASK_EXPIRES_S,
+    )
+    return cluster.registry.update(rec.id, lambda r: setattr(r, "task_id", task_id))
+
+
+def discard_engine(cluster: Cluster, engine_id: str) -> None:
+    """Undo ``reserve_engine`` for an engine that was never launched."""
+    cluster.ledger.release(engine_id)
+    cluster.registry.delete(engine_id)
+
+
+def start_engine(cluster: Cluster, spec: EngineSpec, policy: str | None = None) -> EngineRecord:
+    """Place and reserve ``spec``, record it PENDING, and queue its start on its host."""
+    return launch_engine(cluster, reserve_engine(cluster, spec, policy))
 
 
 def stop_engine(cluster: Cluster, engine_id: str) -> EngineRecord:
@@ -113,8 +134,13 @@ def stop_engine(cluster: Cluster, engine_id: str) -> EngineRecord:
         return rec
     from workers.dispatch import send_to_host
 
-    send_to_host(cluster.celery, rec.host, "sagellm.stop_engine", (engine_id,),
-                 expires_s=START_TASK_EXPIRES_S)  # fmt: skip
+    send_to_host(
+        cluster.celery,
+        rec.host,
+        "sagellm.stop_engine",
+        (engine_id,),
+        expires_s=START_TASK_EXPIRES_S,
+    )
     return rec
 
 
@@ -131,6 +157,25 @@ def wait_for_state(
     while True:
         rec = cluster.registry.get(engine_id)
         if rec.state in wanted or time.monotonic() >= deadline:
+            return rec
+        time.sleep(poll_s)
+
+
+def settled(rec: EngineRecord) -> bool:
+    """RUNNING, STOPPED, or FAILED with no restart pending: a start has an outcome."""
+    return rec.state in (S.RUNNING, S.STOPPED) or (
+        rec.state is S.FAILED and rec.next_restart_at is None
+    )
+
+
+def wait_until_settled(
+    cluster: Cluster, engine_id: str, timeout_s: float, poll_s: float = 0.2
+) -> EngineRecord:
+    """Poll until the engine's start has an outcome (see ``settled``) or time runs out."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        rec = cluster.registry.get(engine_id)
+        if settled(rec) or time.monotonic() >= deadline:
             return rec
         time.sleep(poll_s)
 
@@ -170,8 +215,13 @@ def restart_engine(cluster: Cluster, engine_id: str) -> EngineRecord:
     host = cluster.registry.host(rec.host)
     if host is None or not host.up:
         raise NoWorkerError(f"host {rec.host} of engine {engine_id} is down")
-    task_id = send_to_host(cluster.celery, rec.host, "sagellm.restart_engine_now", (engine_id,),
-                           expires_s=START_TASK_EXPIRES_S)  # fmt: skip
+    task_id = send_to_host(
+        cluster.celery,
+        rec.host,
+        "sagellm.restart_engine_now",
+        (engine_id,),
+        expires_s=START_TASK_EXPIRES_S,
+    )
     return cluster.registry.update(engine_id, lambda r: setattr(r, "task_id", task_id))
 
 
@@ -185,8 +235,9 @@ def engine_logs(cluster: Cluster, engine_id: str, tail: int, timeout_s: float = 
     host = cluster.registry.host(rec.host)
     if host is None or not host.up:
         raise NoWorkerError(f"host {rec.host} is down: its logs cannot be read now")
-    task_id = send_to_host(cluster.celery, rec.host, "sagellm.read_log", (engine_id, tail),
-                           expires_s=timeout_s)  # fmt: skip
+    task_id = send_to_host(
+        cluster.celery, rec.host, "sagellm.read_log", (engine_id, tail), expires_s=timeout_s
+    )
     result = cluster.celery.AsyncResult(task_id)
     try:
         lines = result.get(timeout=timeout_s)

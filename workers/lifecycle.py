@@ -41,6 +41,18 @@ def _tail(rec: EngineRecord, lines: int = 20) -> str:
         return ""
 
 
+def kill_process(
+    ctx: HostContext, pid: int, create_time: float | None, engine_id: str
+) -> processes.StopResult | None:
+    """Stop an engine's process group (SIGTERM, grace, SIGKILL). A pid that turns out
+    not to carry this engine's tag is never signalled: logged and left alone."""
+    try:
+        return processes.stop(pid, create_time, ctx.settings.stop_grace_s, engine_id=engine_id)
+    except processes.NotOurProcess as exc:
+        log.error("engine %s: not stopping pid %s: %s", engine_id, pid, exc)
+        return None
+
+
 def _alive(rec: EngineRecord) -> bool:
     return rec.pid is not None and processes.is_alive(rec.pid, rec.process_create_time)
 
@@ -78,10 +90,7 @@ def spawn_engine(
         fail_final(ctx, engine_id, f"cannot start runtime {rec.spec.effective_runtime}: {exc}")
         return None
     plan = LaunchPlan(plan.argv, {**plan.env, ENGINE_HOST_ENV: ctx.host}, plan.cwd)
-    log_path = ctx.log_path(engine_id)
-    with log_path.open("a") as f:
-        f.write(f"\n--- sagellm: starting {engine_id} (restarts so far: {rec.restart_count})\n")
-        f.write(f"--- argv: {plan.argv}\n")
+    log_path = ctx.log_path(engine_id)  # spawn() writes a header with time and argv
     try:
         proc = processes.spawn(plan, log_path)
     except (OSError, SagellmError) as exc:
@@ -107,7 +116,7 @@ def spawn_engine(
         rec = ctx.registry.update(engine_id, mark_starting)
     except (_Abort, NotFoundError):
         # Stopped (or forgotten) while we were spawning: the process must not live on.
-        processes.stop(proc.pid, proc.create_time, ctx.settings.stop_grace_s, engine_id=engine_id)
+        kill_process(ctx, proc.pid, proc.create_time, engine_id)
         return None
     ctx.manifests.write(rec)
     log.info("engine %s spawned: pid %s, port %s", engine_id, proc.pid, rec.port)
@@ -151,8 +160,7 @@ def check_start(ctx: HostContext, engine_id: str) -> str:
         return "running"
     if rec.start_deadline is not None and time.time() > rec.start_deadline:
         assert rec.pid is not None
-        processes.stop(rec.pid, rec.process_create_time, ctx.settings.stop_grace_s,
-                       engine_id=engine_id)  # fmt: skip
+        kill_process(ctx, rec.pid, rec.process_create_time, engine_id)
         handle_dead(
             ctx,
             rec,
@@ -196,8 +204,14 @@ def handle_dead(ctx: HostContext, rec: EngineRecord, reason: str) -> EngineRecor
     log.warning("engine %s died (%s); restart in %.1fs", rec.id, reason, delay)
     from workers.dispatch import send_to_host
 
-    send_to_host(ctx.celery, ctx.host, "sagellm.restart_engine", (rec.id,),
-                 expires_s=60 + delay, countdown_s=delay)  # fmt: skip
+    send_to_host(
+        ctx.celery,
+        ctx.host,
+        "sagellm.restart_engine",
+        (rec.id,),
+        expires_s=60 + delay,
+        countdown_s=delay,
+    )
     return updated
 
 
@@ -244,8 +258,7 @@ def stop_engine(ctx: HostContext, engine_id: str) -> EngineRecord | None:
         except IllegalTransition:
             rec = ctx.registry.get(engine_id)
     if rec.pid is not None:
-        processes.stop(rec.pid, rec.process_create_time, ctx.settings.stop_grace_s,
-                       engine_id=engine_id)  # fmt: skip
+        kill_process(ctx, rec.pid, rec.process_create_time, engine_id)
     return finalize_stop(ctx, engine_id)
 
 
@@ -296,8 +309,7 @@ def check_engine(ctx: HostContext, rec: EngineRecord, now: float) -> None:
         verdict, failures = ctx.policy.judge(s, ok, rec.health_failures)
         if verdict is Verdict.RESTART:
             assert rec.pid is not None
-            processes.stop(rec.pid, rec.process_create_time, ctx.settings.stop_grace_s,
-                           engine_id=rec.id)  # fmt: skip
+            kill_process(ctx, rec.pid, rec.process_create_time, rec.id)
             handle_dead(ctx, rec, f"unhealthy for {failures} checks in a row ({detail})")
             return
         _record_health(ctx, rec, verdict, failures, detail)
@@ -391,8 +403,7 @@ def manual_restart(ctx: HostContext, engine_id: str) -> EngineRecord | None:
     if rec is None or rec.host != ctx.host:
         return None
     if rec.pid is not None:
-        processes.stop(rec.pid, rec.process_create_time, ctx.settings.stop_grace_s,
-                       engine_id=engine_id)  # fmt: skip
+        kill_process(ctx, rec.pid, rec.process_create_time, engine_id)
 
     def pending(r: EngineRecord) -> None:
         if r.state in (S.STOPPING, S.STOPPED):

@@ -98,7 +98,7 @@ def rediscover(ctx: HostContext) -> RediscoveryReport:
         if rec.host != ctx.host:
             continue
         if _final(rec.state, rec.next_restart_at):
-            processes.stop(proc.pid, proc.create_time, ctx.settings.stop_grace_s, engine_id=eid)
+            lifecycle.kill_process(ctx, proc.pid, proc.create_time, eid)
             ctx.ledger.release(eid)
             ctx.manifests.remove(eid)
             report.stopped_orphans.append(eid)

@@ -31,8 +31,14 @@ def start_engine(engine_id: str) -> dict[str, Any]:
     ctx = host_context()
     rec = lifecycle.spawn_engine(ctx, engine_id)
     if rec is not None and rec.state is S.STARTING:
-        send_to_host(ctx.celery, ctx.host, "sagellm.watch_start", (engine_id,),
-                     expires_s=30, countdown_s=WATCH_INTERVAL_S)  # fmt: skip
+        send_to_host(
+            ctx.celery,
+            ctx.host,
+            "sagellm.watch_start",
+            (engine_id,),
+            expires_s=30,
+            countdown_s=WATCH_INTERVAL_S,
+        )
     return {"engine_id": engine_id, "state": rec.state.value if rec else None}
 
 
@@ -42,8 +48,14 @@ def watch_start(engine_id: str) -> str:
     ctx = host_context()
     status = lifecycle.check_start(ctx, engine_id)
     if status == "waiting":
-        send_to_host(ctx.celery, ctx.host, "sagellm.watch_start", (engine_id,),
-                     expires_s=30, countdown_s=WATCH_INTERVAL_S)  # fmt: skip
+        send_to_host(
+            ctx.celery,
+            ctx.host,
+            "sagellm.watch_start",
+            (engine_id,),
+            expires_s=30,
+            countdown_s=WATCH_INTERVAL_S,
+        )
     return status
 
 
@@ -56,8 +68,14 @@ def restart_engine(engine_id: str) -> dict[str, Any]:
         return {"engine_id": engine_id, "restarted": False}
     rec = lifecycle.spawn_engine(ctx, engine_id)
     if rec is not None and rec.state is S.STARTING:
-        send_to_host(ctx.celery, ctx.host, "sagellm.watch_start", (engine_id,),
-                     expires_s=30, countdown_s=WATCH_INTERVAL_S)  # fmt: skip
+        send_to_host(
+            ctx.celery,
+            ctx.host,
+            "sagellm.watch_start",
+            (engine_id,),
+            expires_s=30,
+            countdown_s=WATCH_INTERVAL_S,
+        )
     return {"engine_id": engine_id, "restarted": rec is not None}
 
 
@@ -73,8 +91,14 @@ def restart_engine_now(engine_id: str) -> dict[str, Any]:
     ctx = host_context()
     rec = lifecycle.manual_restart(ctx, engine_id)
     if rec is not None and rec.state is S.STARTING:
-        send_to_host(ctx.celery, ctx.host, "sagellm.watch_start", (engine_id,),
-                     expires_s=30, countdown_s=WATCH_INTERVAL_S)  # fmt: skip
+        send_to_host(
+            ctx.celery,
+            ctx.host,
+            "sagellm.watch_start",
+            (engine_id,),
+            expires_s=30,
+            countdown_s=WATCH_INTERVAL_S,
+        )
     return {"engine_id": engine_id, "state": rec.state.value if rec else None}
 
 
@@ -111,8 +135,9 @@ def tick_health() -> list[str]:
     registry, _ = _state()
     hosts = [h.name for h in registry.hosts() if h.up]
     for name in hosts:
-        send_to_host(celery_app, name, "sagellm.check_host", (name,),
-                     expires_s=settings.health_interval_s)  # fmt: skip
+        send_to_host(
+            celery_app, name, "sagellm.check_host", (name,), expires_s=settings.health_interval_s
+        )
     return hosts
 
 
@@ -121,8 +146,13 @@ def tick_rediscovery() -> list[str]:
     registry, _ = _state()
     hosts = [h.name for h in registry.hosts() if h.up]
     for name in hosts:
-        send_to_host(celery_app, name, "sagellm.rediscover", (name,),
-                     expires_s=settings.rediscovery_interval_s)  # fmt: skip
+        send_to_host(
+            celery_app,
+            name,
+            "sagellm.rediscover",
+            (name,),
+            expires_s=settings.rediscovery_interval_s,
+        )
     return hosts
 
 

@@ -12,8 +12,12 @@ from app.api.context import cluster
 from app.api.schemas import EngineSchema, TaskSchema
 from app.core import status as views
 
-blp = Blueprint("cluster", __name__, url_prefix="/v1/management",
-                description="Cluster state: hosts, GPUs, engines, routing, tasks")  # fmt: skip
+blp = Blueprint(
+    "cluster",
+    __name__,
+    url_prefix="/v1/management",
+    description="Cluster state: hosts, GPUs, engines, routing, tasks",
+)
 
 
 class GpuSchema(ma.Schema):
@@ -103,10 +107,14 @@ class Status(MethodView):
         for eid in sorted(c.ledger.reserved_engines()):
             res = c.ledger.reservation(eid)
             if res is not None:
-                reservations.append({
-                    "engine_id": eid, "host": res.host, "port": res.port,
-                    "gpus": [{"uuid": u, "memory_mib": m} for u, m in res.gpus],
-                })  # fmt: skip
+                reservations.append(
+                    {
+                        "engine_id": eid,
+                        "host": res.host,
+                        "port": res.port,
+                        "gpus": [{"uuid": u, "memory_mib": m} for u, m in res.gpus],
+                    }
+                )
         counts: dict[str, int] = {}
         for rec in engines:
             counts[rec.state.value] = counts.get(rec.state.value, 0) + 1
@@ -152,9 +160,14 @@ class Task(MethodView):
         state = str(result.state)
         info = result.info
         out: dict[str, Any] = {
-            "id": task_id, "state": state, "name": getattr(result, "name", None),
-            "ready": result.ready(), "result": None, "error": None, "progress": None,
-        }  # fmt: skip
+            "id": task_id,
+            "state": state,
+            "name": getattr(result, "name", None),
+            "ready": result.ready(),
+            "result": None,
+            "error": None,
+            "progress": None,
+        }
         if state == "SUCCESS":
             out["result"] = info
         elif state in ("FAILURE", "REVOKED"):

@@ -23,8 +23,12 @@ from app.api.schemas import (
 from app.core.errors import SagellmError
 from app.core.models import EngineSpec, EngineState
 
-blp = Blueprint("engines", __name__, url_prefix="/v1/management/engines",
-                description="Inference engines: start, inspect, stop")  # fmt: skip
+blp = Blueprint(
+    "engines",
+    __name__,
+    url_prefix="/v1/management/engines",
+    description="Inference engines: start, inspect, stop",
+)
 S = EngineState
 
 ERRORS = {
@@ -72,9 +76,8 @@ class Engines(MethodView):
         spec = EngineSpec.from_dict(body).validate()
         rec = control.start_engine(c, spec, policy=policy)
         if wait["wait"]:
-            rec = control.wait_for_state(c, rec.id, [S.RUNNING, S.FAILED, S.STOPPED],
-                                         wait["timeout"])  # fmt: skip
-            if rec.state is S.FAILED and rec.next_restart_at is None:
+            rec = control.wait_until_settled(c, rec.id, wait["timeout"])
+            if rec.state is S.FAILED:
                 raise EngineStartFailed(f"engine {rec.id} FAILED: {rec.last_error}")
             if rec.state is S.RUNNING:
                 return {"engine": rec.to_dict(), "task_id": rec.task_id}, 200

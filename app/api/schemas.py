@@ -23,21 +23,25 @@ class EngineSpecSchema(ma.Schema):
     )
     kind = fields.String(load_default="llm", validate=validate.OneOf(["llm", "embedding"]))
     runtime = fields.String(
-        allow_none=True, load_default=None,
+        allow_none=True,
+        load_default=None,
         validate=validate.OneOf(["vllm", "transformers", "embedding"]),
         metadata={"description": "Default: vllm for llm, embedding for embedding"},
-    )  # fmt: skip
+    )
     tensor_parallel = fields.Integer(load_default=1, validate=validate.Range(1, 64))
     pipeline_parallel = fields.Integer(load_default=1, validate=validate.Range(1, 64))
-    use_gpu = fields.Boolean(allow_none=True, load_default=None,
-                             metadata={"description": "null: LLM yes, embedding no"})  # fmt: skip
+    use_gpu = fields.Boolean(
+        allow_none=True, load_default=None, metadata={"description": "null: LLM yes, embedding no"}
+    )
     required_memory_gb = fields.Float(
-        allow_none=True, load_default=None,
+        allow_none=True,
+        load_default=None,
         validate=validate.Range(min=0, min_inclusive=False, max=4096),
         metadata={"description": "Overrides the memory estimate (GB per GPU)"},
-    )  # fmt: skip
-    max_model_len = fields.Integer(allow_none=True, load_default=None,
-                                   validate=validate.Range(16, 10_000_000))  # fmt: skip
+    )
+    max_model_len = fields.Integer(
+        allow_none=True, load_default=None, validate=validate.Range(16, 10_000_000)
+    )
     dtype = fields.String(
         load_default="auto",
         validate=validate.OneOf(["auto", "bfloat16", "float16", "float32", "half", "bf16", "fp16"]),
@@ -49,25 +53,29 @@ class EngineSpecSchema(ma.Schema):
     )
     port = fields.Integer(allow_none=True, load_default=None, validate=validate.Range(1, 65535))
     host = fields.String(allow_none=True, load_default=None, validate=_NAME)
-    gpu_ids = fields.List(fields.Integer(validate=validate.Range(0, 1023)), allow_none=True,
-                          load_default=None)  # fmt: skip
+    gpu_ids = fields.List(
+        fields.Integer(validate=validate.Range(0, 1023)), allow_none=True, load_default=None
+    )
     label = fields.String(allow_none=True, load_default=None, validate=_NAME)
     served_model_name = fields.String(allow_none=True, load_default=None, validate=_NAME)
-    extra_args = fields.List(fields.String(validate=validate.Length(max=4096)),
-                             load_default=list)  # fmt: skip
-    env = fields.Dict(keys=fields.String(validate=validate.Length(1, 256)),
-                      values=fields.String(validate=validate.Length(max=8192)),
-                      load_default=dict)  # fmt: skip
+    extra_args = fields.List(fields.String(validate=validate.Length(max=4096)), load_default=list)
+    env = fields.Dict(
+        keys=fields.String(validate=validate.Length(1, 256)),
+        values=fields.String(validate=validate.Length(max=8192)),
+        load_default=dict,
+    )
 
 
 class EngineCreateSchema(EngineSpecSchema):
-    policy = fields.String(allow_none=True, load_default=None,
-                           validate=validate.OneOf(sorted(POLICIES)))  # fmt: skip
+    policy = fields.String(
+        allow_none=True, load_default=None, validate=validate.OneOf(sorted(POLICIES))
+    )
 
 
 class WaitArgsSchema(ma.Schema):
-    wait = fields.Boolean(load_default=False,
-                          metadata={"description": "Answer when RUNNING or FAILED"})  # fmt: skip
+    wait = fields.Boolean(
+        load_default=False, metadata={"description": "Answer when RUNNING or FAILED"}
+    )
     timeout = fields.Float(load_default=600.0, validate=validate.Range(0, 3600))
 
 
@@ -84,9 +92,11 @@ class LogArgsSchema(ma.Schema):
 
 class PruneArgsSchema(ma.Schema):
     older_than_s = fields.Float(
-        load_default=None, allow_none=True, validate=validate.Range(0, 10 * 365 * 86400),
+        load_default=None,
+        allow_none=True,
+        validate=validate.Range(0, 10 * 365 * 86400),
         metadata={"description": "Default: SAGELLM_PRUNE_AFTER_S"},
-    )  # fmt: skip
+    )
 
 
 class GpuAssignmentSchema(ma.Schema):

@@ -8,8 +8,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
+
+from app.control import Cluster, connect_cluster
+from app.core.models import EngineRecord
+from app.redis_server import RedisProcess
+from app.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
 FAKES = REPO / "tests" / "fakes"
@@ -95,8 +101,9 @@ class Proc:
 
 def worker(host: str, address: str, env: dict[str, str], log_dir: Path, **extra: str) -> Proc:
     e = dict(env, SAGELLM_HOST_NAME=host, SAGELLM_HOST_ADDRESS=address, **extra)
-    return Proc(f"worker-{host}", [str(BIN / "sagellm"), "worker", "--loglevel", "info"], e,
-                log_dir)  # fmt: skip
+    return Proc(
+        f"worker-{host}", [str(BIN / "sagellm"), "worker", "--loglevel", "info"], e, log_dir
+    )
 
 
 def beat(env: dict[str, str], log_dir: Path) -> Proc:
@@ -134,3 +141,50 @@ def kill_engines(data_dir: Path) -> int:
             except psutil.Error:
                 pass
     return killed
+
+
+@dataclass
+class ClusterEnv:
+    redis: RedisProcess
+    env: dict[str, str]
+    tmp: Path
+    cluster: Cluster
+    procs: dict[str, Proc] = field(default_factory=dict)
+
+    def start_worker(self, host: str = "a", address: str = "127.0.0.1", **extra: str) -> Proc:
+        p = worker(host, address, self.env, self.tmp / "logs", **extra).start()
+        self.procs[f"worker-{host}"] = p
+        wait_until(
+            lambda: any(h.name == host and h.up for h in self.cluster.registry.hosts()),
+            30,
+            what=f"heartbeat of {host}",
+        )
+        return p
+
+    def start_beat(self) -> Proc:
+        p = beat(self.env, self.tmp / "logs").start()
+        self.procs["beat"] = p
+        return p
+
+    def get(self, engine_id: str) -> EngineRecord:
+        return self.cluster.registry.get(engine_id)
+
+    @classmethod
+    def create(cls, tmp: Path, **extra: str) -> ClusterEnv:
+        server = RedisProcess(tmp / "redis", persist=False).start()
+        e = base_env(
+            server.url,
+            tmp / "data",
+            **{"SAGELLM_MOCK_GPUS": "2x80", "SAGELLM_PORT_RANGE": "18100-18149", **extra},
+        )
+        settings = Settings.from_env({k: v for k, v in e.items() if k.startswith("SAGELLM_")})
+        return cls(server, e, tmp, connect_cluster(settings))
+
+    def close(self) -> None:
+        for p in self.procs.values():
+            p.stop(5)
+        kill_engines(self.tmp / "data")
+        for name, p in self.procs.items():
+            if "Traceback" in p.output():
+                print(f"--- {name} log ---\n{p.output()[-4000:]}")
+        self.redis.stop()

@@ -55,8 +55,9 @@ def test_allocate_reserves_the_estimate_and_derives_vllm_flags(
 def test_plan_reserves_nothing(cluster: tuple[Registry, Ledger]) -> None:
     reg, led = cluster
     hosts = placement_hosts(reg, led)
-    p = plan(EngineSpec(model="x/Some-7B", required_memory_gb=20), hosts, policy="spread",
-             margin_mib=GB)  # fmt: skip
+    p = plan(
+        EngineSpec(model="x/Some-7B", required_memory_gb=20), hosts, policy="spread", margin_mib=GB
+    )
     assert p.reservation is None and p.placement.host == "a"
     assert led.is_empty()
 
@@ -66,8 +67,14 @@ def test_nothing_fits_explains_each_host_and_reserves_nothing(
 ) -> None:
     reg, led = cluster
     with pytest.raises(PlacementError) as err:
-        allocate("e1", EngineSpec(model="m", required_memory_gb=90), reg, led,
-                 policy="binpack", margin_mib=GB)  # fmt: skip
+        allocate(
+            "e1",
+            EngineSpec(model="m", required_memory_gb=90),
+            reg,
+            led,
+            policy="binpack",
+            margin_mib=GB,
+        )
     assert "host a, GPU 0: 79.0 GB free, 90.0 GB needed" in err.value.reasons
     assert "host b, GPU 0: 13.0 GB free, 90.0 GB needed" in err.value.reasons
     assert led.is_empty()
@@ -77,18 +84,38 @@ def test_nothing_fits_explains_each_host_and_reserves_nothing(
     ("spec", "policy", "error", "field"),
     [
         (EngineSpec(model="m", required_memory_gb=1), "fastest", UnknownPolicyError, "policy"),
-        (EngineSpec(model="m", required_memory_gb=-2), "binpack", ValidationError,
-         "required_memory_gb"),
-        (EngineSpec(model="m", required_memory_gb=1, tensor_parallel=4), "binpack",
-         ValidationError, "tensor_parallel"),
-        (EngineSpec(model="m", required_memory_gb=1, port=9999), "binpack", ValidationError,
-         "port"),
-        (EngineSpec(model="m; rm -rf ~", required_memory_gb=1), "binpack", ValidationError,
-         "model"),
-        (EngineSpec(model="unknown/mystery-model"), "binpack", ValidationError,
-         "required_memory_gb"),
+        (
+            EngineSpec(model="m", required_memory_gb=-2),
+            "binpack",
+            ValidationError,
+            "required_memory_gb",
+        ),
+        (
+            EngineSpec(model="m", required_memory_gb=1, tensor_parallel=4),
+            "binpack",
+            ValidationError,
+            "tensor_parallel",
+        ),
+        (
+            EngineSpec(model="m", required_memory_gb=1, port=9999),
+            "binpack",
+            ValidationError,
+            "port",
+        ),
+        (
+            EngineSpec(model="m; rm -rf ~", required_memory_gb=1),
+            "binpack",
+            ValidationError,
+            "model",
+        ),
+        (
+            EngineSpec(model="unknown/mystery-model"),
+            "binpack",
+            ValidationError,
+            "required_memory_gb",
+        ),
     ],
-)  # fmt: skip
+)
 def test_bad_input_is_refused_and_reserves_nothing(
     cluster: tuple[Registry, Ledger],
     spec: EngineSpec,
@@ -105,8 +132,14 @@ def test_bad_input_is_refused_and_reserves_nothing(
 
 def test_cpu_embedding_gets_a_port_and_no_gpu(cluster: tuple[Registry, Ledger]) -> None:
     reg, led = cluster
-    alloc = allocate("e1", EngineSpec(model="m", kind=EngineKind.EMBEDDING), reg, led,
-                     policy="binpack", margin_mib=GB)  # fmt: skip
+    alloc = allocate(
+        "e1",
+        EngineSpec(model="m", kind=EngineKind.EMBEDDING),
+        reg,
+        led,
+        policy="binpack",
+        margin_mib=GB,
+    )
     assert alloc.placement.gpus == () and alloc.reservation is not None
     assert led.ports(alloc.placement.host) == {alloc.placement.port: "e1"}
 
@@ -120,8 +153,14 @@ def test_concurrent_allocations_never_overcommit(cluster: tuple[Registry, Ledger
     def go(i: int) -> None:
         mine = Ledger(led.r)
         try:
-            allocate(f"e{i}", EngineSpec(model="m", required_memory_gb=30), reg, mine,
-                     policy="spread", margin_mib=GB)  # fmt: skip
+            allocate(
+                f"e{i}",
+                EngineSpec(model="m", required_memory_gb=30),
+                reg,
+                mine,
+                policy="spread",
+                margin_mib=GB,
+            )
             ok.append(f"e{i}")
         except PlacementError as exc:
             refused.append(exc.message)
@@ -143,8 +182,10 @@ def test_ports_other_programs_listen_on_are_not_handed_out(real_redis: redis.Red
     reg, led = Registry(real_redis), Ledger(real_redis)
     gpus = parse_mock_gpus("1x80", "a")
     led.publish_capacity("a", gpu_capacities(Inventory(tuple(gpus), "mock"), "a", set()))
-    reg.put_host(HostRecord("a", "127.0.0.1", (8100, 8103), gpus=gpus, busy_ports=[8100, 8101]),
-                 ttl_s=60)  # fmt: skip
-    alloc = allocate("e1", EngineSpec(model="m", required_memory_gb=1), reg, led,
-                     policy="binpack", margin_mib=0)  # fmt: skip
+    reg.put_host(
+        HostRecord("a", "127.0.0.1", (8100, 8103), gpus=gpus, busy_ports=[8100, 8101]), ttl_s=60
+    )
+    alloc = allocate(
+        "e1", EngineSpec(model="m", required_memory_gb=1), reg, led, policy="binpack", margin_mib=0
+    )
     assert alloc.placement.port == 8102

@@ -35,8 +35,9 @@ def add_host(r: redis.Redis, name: str, mock: str, ttl: float = 60) -> None:
 
 @pytest.fixture
 def api(redis_server: RedisProcess, real_redis: redis.Redis) -> Iterator[FlaskClient]:
-    settings = Settings.from_env({"SAGELLM_REDIS_URL": redis_server.url,
-                                  "SAGELLM_HOST_NAME": "api"})  # fmt: skip
+    settings = Settings.from_env(
+        {"SAGELLM_REDIS_URL": redis_server.url, "SAGELLM_HOST_NAME": "api"}
+    )
     app = create_app(settings)
     app.testing = True
     yield app.test_client()
@@ -50,8 +51,9 @@ def test_start_engine_accepts_places_reserves_and_queues(
     api: FlaskClient, real_redis: redis.Redis
 ) -> None:
     add_host(real_redis, "a", "2x80")
-    r = api.post(E, json={"model": "Qwen/Qwen2.5-7B-Instruct", "required_memory_gb": 20,
-                          "label": "chat"})  # fmt: skip
+    r = api.post(
+        E, json={"model": "Qwen/Qwen2.5-7B-Instruct", "required_memory_gb": 20, "label": "chat"}
+    )
     assert r.status_code == 202, r.json
     body: dict[str, Any] = r.json  # type: ignore[assignment]
     eng = body["engine"]
@@ -101,11 +103,10 @@ def test_no_worker_alive_is_503(api: FlaskClient) -> None:
         ({"model": "m", "required_memory_gb": 1, "tensor_parallel": 4}, 400, "tensor_parallel"),
         ({"model": "m", "policy": "fastest"}, 422, "policy"),
         ({"model": "m", "kind": "embedding", "runtime": "vllm"}, 400, "runtime"),
-        ({"model": "m", "required_memory_gb": 1, "env": {"CUDA_VISIBLE_DEVICES": "1"}}, 400,
-         "env"),
+        ({"model": "m", "required_memory_gb": 1, "env": {"CUDA_VISIBLE_DEVICES": "1"}}, 400, "env"),
         ({"model": "unknown/no-size-in-name"}, 400, "required_memory_gb"),
     ],
-)  # fmt: skip
+)
 def test_bad_input_is_4xx_naming_the_field_and_nothing_is_left(
     api: FlaskClient, real_redis: redis.Redis, body: dict[str, Any], status: int, field: str
 ) -> None:
@@ -121,8 +122,11 @@ def test_bad_input_is_4xx_naming_the_field_and_nothing_is_left(
 
 
 def test_unknown_engine_is_404_in_the_same_shape(api: FlaskClient) -> None:
-    for r in (api.get(f"{E}/eng-nope"), api.delete(f"{E}/eng-nope"),
-              api.post(f"{E}/eng-nope/restart")):  # fmt: skip
+    for r in (
+        api.get(f"{E}/eng-nope"),
+        api.delete(f"{E}/eng-nope"),
+        api.post(f"{E}/eng-nope/restart"),
+    ):
         assert r.status_code == 404
         assert r.json["code"] == 404 and "eng-nope" in r.json["message"]
 
@@ -156,8 +160,7 @@ def test_status_gpus_hosts_backends(api: FlaskClient, real_redis: redis.Redis) -
     assert st["counts"] == {"PENDING": 1}
     assert api.get("/v1/management/gpus").json == st["gpus"]
     assert [h["name"] for h in api.get("/v1/management/hosts").json] == ["a", "b"]
-    assert api.get("/v1/management/backends").json == {"llm_backends": [],
-                                                       "embedding_backends": []}  # fmt: skip
+    assert api.get("/v1/management/backends").json == {"llm_backends": [], "embedding_backends": []}
 
 
 def test_prune_deletes_old_terminal_records(api: FlaskClient, real_redis: redis.Redis) -> None:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +20,7 @@ import pytest
 
 from app.core.inventory_spec import mock_uuid
 from app.core.models import EngineRecord, EngineSpec, GpuAssignment
+from app.core.state.ledger import port_is_bindable
 from workers import processes
 from workers.processes import NotOurProcess, SpawnedProcess
 from workers.runtimes import get_runtime
@@ -32,9 +33,15 @@ VENV_BIN = Path(sys.executable).parent
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A bindable port below the ephemeral range: a port the kernel handed out with
+    bind(0) could be taken as the source port of some connection before the engine binds.
+    Random, so that concurrent test runs rarely meet."""
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20000, 30000)
+        if port_is_bindable("127.0.0.1", port):
+            return port
+    raise AssertionError("no free port in 20000-30000")
 
 
 def wait_until(check: Callable[[], bool], timeout_s: float, what: str) -> None:
@@ -91,12 +98,14 @@ def start(rec: EngineRecord, log: Path, cleanup: Cleanup) -> SpawnedProcess:
     return proc
 
 
-def wait_ready(rec: EngineRecord, timeout_s: float = 20.0) -> None:
+def wait_ready(rec: EngineRecord, proc: SpawnedProcess, log: Path, timeout_s: float = 20) -> None:
     runtime = get_runtime("vllm")
     details: list[str] = []
     with httpx.Client() as client:
 
         def ready() -> bool:
+            if not processes.is_alive(proc.pid, proc.create_time):
+                raise AssertionError(f"engine exited; log:\n{processes.tail_log(log)}")
             r = runtime.probe(rec, client, timeout_s=1.0)
             details.append(r.detail)
             return r.ready
@@ -118,7 +127,7 @@ def test_fake_vllm_starts_pinned_and_tagged_and_answers_readiness(
     proc = start(rec, tmp_path / "eng.log", cleanup)
     assert processes.is_alive(proc.pid, proc.create_time)
 
-    wait_ready(rec)
+    wait_ready(rec, proc, tmp_path / "eng.log")
 
     (started,) = [json.loads(line) for line in fake_vllm_env.read_text().splitlines()]
     assert started["pid"] == proc.pid  # executed directly: no shell process in between
@@ -142,11 +151,11 @@ def test_probe_says_not_listening_before_the_engine_binds(
 ) -> None:
     monkeypatch.setenv("FAKE_VLLM_STARTUP_DELAY", "1.5")
     rec = engine("eng-slow")
-    start(rec, tmp_path / "eng.log", cleanup)
+    proc = start(rec, tmp_path / "eng.log", cleanup)
     with httpx.Client() as client:
         first = get_runtime("vllm").probe(rec, client, timeout_s=1.0)
     assert (first.ready, first.detail) == (False, "not listening yet")
-    wait_ready(rec)
+    wait_ready(rec, proc, tmp_path / "eng.log")
 
 
 def test_find_tagged_processes_finds_engine_leaders_only(
@@ -157,7 +166,7 @@ def test_find_tagged_processes_finds_engine_leaders_only(
     proc = start(rec, tmp_path / "eng.log", cleanup)
     sleeper = spawn_untagged_sleeper()
     cleanup.append((sleeper.pid, psutil.Process(sleeper.pid).create_time()))
-    wait_ready(rec)
+    wait_ready(rec, proc, tmp_path / "eng.log")
     wait_until(lambda: len(psutil.Process(proc.pid).children()) == 2, 10, "2 workers")
 
     found = processes.find_tagged_processes()
@@ -178,7 +187,7 @@ def test_stop_terminates_the_whole_group_and_is_idempotent(
     monkeypatch.setenv("FAKE_VLLM_WORKERS", "2")
     rec = engine("eng-stop")
     proc = start(rec, tmp_path / "eng.log", cleanup)
-    wait_ready(rec)
+    wait_ready(rec, proc, tmp_path / "eng.log")
     wait_until(lambda: len(psutil.Process(proc.pid).children()) == 2, 10, "2 workers")
     workers = psutil.Process(proc.pid).children()
 

@@ -7,68 +7,23 @@ import itertools
 import json
 import os
 import signal
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import psutil
 import pytest
 
-from app.control import Cluster, connect_cluster, start_engine, stop_engine, wait_for_state
-from app.core.models import EngineRecord, EngineSpec, EngineState
+from app.control import start_engine, stop_engine, wait_for_state
+from app.core.models import EngineSpec, EngineState
 from app.core.state.ledger import port_is_bindable
-from app.redis_server import RedisProcess
-from app.settings import Settings
-from tests.integration.harness import Proc, base_env, beat, kill_engines, wait_until, worker
+from tests.integration.harness import ClusterEnv as Env
+from tests.integration.harness import wait_until
 
 pytestmark = pytest.mark.integration
 S = EngineState
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "models"
 QWEN = str(FIXTURES / "Qwen2.5-1.5B-Instruct")
 LLAMA = str(FIXTURES / "Llama-3.1-8B-Instruct")
-
-
-@dataclass
-class Env:
-    redis: RedisProcess
-    env: dict[str, str]
-    tmp: Path
-    cluster: Cluster
-    procs: dict[str, Proc] = field(default_factory=dict)
-
-    def start_worker(self, host: str = "a", address: str = "127.0.0.1", **extra: str) -> Proc:
-        p = worker(host, address, self.env, self.tmp / "logs", **extra).start()
-        self.procs[f"worker-{host}"] = p
-        wait_until(lambda: any(h.name == host and h.up for h in self.cluster.registry.hosts()),
-                   30, what=f"heartbeat of {host}")  # fmt: skip
-        return p
-
-    def start_beat(self) -> Proc:
-        p = beat(self.env, self.tmp / "logs").start()
-        self.procs["beat"] = p
-        return p
-
-    def get(self, engine_id: str) -> EngineRecord:
-        return self.cluster.registry.get(engine_id)
-
-
-@pytest.fixture
-def env(tmp_path: Path) -> Iterator[Env]:
-    server = RedisProcess(tmp_path / "redis", persist=False).start()
-    e = base_env(server.url, tmp_path / "data", SAGELLM_MOCK_GPUS="2x80",
-                 SAGELLM_PORT_RANGE="18100-18149")  # fmt: skip
-    settings = Settings.from_env({k: v for k, v in e.items() if k.startswith("SAGELLM_")})
-    cluster = connect_cluster(settings)
-    harness = Env(server, e, tmp_path, cluster)
-    yield harness
-    for p in harness.procs.values():
-        p.stop(5)
-    kill_engines(tmp_path / "data")
-    for name, p in harness.procs.items():
-        if "Traceback" in p.output():
-            print(f"--- {name} log ---\n{p.output()[-4000:]}")
-    server.stop()
 
 
 def _fake_vllm_spec(tmp: Path, model: str = QWEN, **env: str) -> EngineSpec:
@@ -131,8 +86,12 @@ def test_killed_engine_is_detected_and_restarted(env: Env) -> None:
     assert old_pid is not None
     os.kill(old_pid, signal.SIGKILL)
     # detected within two health intervals (1 s each) -> UNHEALTHY, restart pending
-    wait_until(lambda: env.get(rec.id).restart_count == 1 or env.get(rec.id).next_restart_at,
-               4, interval=0.1, what="crash detection")  # fmt: skip
+    wait_until(
+        lambda: env.get(rec.id).restart_count == 1 or env.get(rec.id).next_restart_at,
+        4,
+        interval=0.1,
+        what="crash detection",
+    )
     back = wait_until(
         lambda: (r := env.get(rec.id)).state is S.RUNNING and r.pid != old_pid and r,
         30,
@@ -150,8 +109,9 @@ def test_engine_that_crashes_at_once_ends_failed_with_nothing_reserved(env: Env)
     rec = start_engine(env.cluster, _fake_vllm_spec(env.tmp, FAKE_VLLM_EXIT_AT_START="3"))
     rec = wait_until(
         lambda: (r := env.get(rec.id)).state is S.FAILED and r.next_restart_at is None and r,
-        60, what="final FAILED",
-    )  # fmt: skip
+        60,
+        what="final FAILED",
+    )
     assert rec.restart_count == 2  # SAGELLM_MAX_RESTARTS in the harness
     assert "exit code 3" in (rec.last_error or "")
     assert "gave up after 2 restart(s)" in (rec.last_error or "")
@@ -172,9 +132,14 @@ def test_killed_worker_leaves_engines_running_and_a_new_worker_readopts_them(env
     env.start_worker("a")
     env.start_beat()
     # a few rediscovery and health cycles later: same engine, same process, same ledger
-    wait_until(lambda: env.get(rec.id).last_health_at and
-               env.get(rec.id).last_health_at > rec.last_health_at + 2,  # type: ignore[operator]
-               20, what="health checks by the new worker")  # fmt: skip
+    wait_until(
+        lambda: (
+            env.get(rec.id).last_health_at
+            and env.get(rec.id).last_health_at > rec.last_health_at + 2
+        ),  # type: ignore[operator]
+        20,
+        what="health checks by the new worker",
+    )
     after = env.get(rec.id)
     assert (after.state, after.pid, after.restart_count) == (S.RUNNING, rec.pid, 0)
     assert [r.id for r in env.cluster.registry.engines()] == [rec.id]
@@ -192,8 +157,9 @@ def test_flushall_is_repaired_within_one_rediscovery_cycle(env: Env) -> None:
     env.cluster.registry.r.flushall()
     assert env.cluster.registry.find(rec.id) is None
     # rediscovery every 2 s; allow one cycle plus a heartbeat
-    back = wait_until(lambda: env.cluster.registry.find(rec.id), 5, interval=0.1,
-                      what="record rebuilt")  # fmt: skip
+    back = wait_until(
+        lambda: env.cluster.registry.find(rec.id), 5, interval=0.1, what="record rebuilt"
+    )
     assert back.state is S.RUNNING and back.pid == rec.pid and back.port == rec.port
     assert back.spec == rec.spec and back.gpus == rec.gpus
     assert env.cluster.ledger.reservation(rec.id) == before

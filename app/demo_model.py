@@ -1,4 +1,5 @@
-"""A tiny, randomly initialised causal LM built on the spot, for tests that need a real model.
+"""A tiny, randomly initialised causal LM built on the spot: for tests and the cpu-demo
+preset, which must run real engines on a machine with no GPU and no network.
 
 Nothing is downloaded: the tokenizer is trained here with the ``tokenizers`` library on a
 small in-memory corpus and the weights come from ``torch.manual_seed``. The result is a
@@ -87,3 +88,11 @@ def build_tiny_llm(path: Path) -> Path:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def ensure_demo_llm(path: Path) -> Path:
+    """Build the tiny model at ``path`` unless a complete one is already there."""
+    if (path / "config.json").exists() and (path / "tokenizer_config.json").exists():
+        return path
+    path.mkdir(parents=True, exist_ok=True)
+    return build_tiny_llm(path)

@@ -1,0 +1,156 @@
+"""Apply a preset: all or nothing.
+
+1. Plan every engine with the same placement code as a single start (a dry run stops
+   here and reserves nothing).
+2. Reserve all: if any engine cannot be placed, release those reserved so far and
+   fail with its reasons; nothing was started.
+3. Start all, then wait until each is RUNNING. If one fails (or time runs out), stop
+   every engine this apply started (unless rollback is off) and fail with its reason.
+
+Engines of the preset that already run (matched by preset and engine name) are left
+alone, so applying again starts nothing new.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from app import control
+from app.control import Cluster
+from app.core.allocation import placement_hosts
+from app.core.errors import SagellmError
+from app.core.models import EngineRecord, EngineState
+from app.core.presets import ACTIVE_STATES, Preset, PresetPlan, plan_preset
+
+S = EngineState
+
+
+class PresetApplyError(SagellmError):
+    """An apply that failed; carries the plan and what was rolled back."""
+
+    def __init__(
+        self, message: str, *, status_code: int, details: dict[str, Any], reasons: list[str]
+    ) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.details = details
+        self.reasons = reasons
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        out["reasons"] = self.reasons
+        out.update(self.details)
+        return out
+
+
+@dataclass
+class ApplyResult:
+    preset: str
+    dry_run: bool
+    plan: PresetPlan
+    engines: list[EngineRecord] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "preset": self.preset,
+            "dry_run": self.dry_run,
+            "ok": self.plan.ok,
+            "plan": self.plan.to_dict()["engines"],
+            "engines": [r.to_dict() for r in self.engines],
+            "skipped": self.skipped,
+            "rolled_back": [],
+        }
+
+
+def _plan(cluster: Cluster, preset: Preset, policy: str | None) -> PresetPlan:
+    return plan_preset(
+        preset,
+        placement_hosts(cluster.registry, cluster.ledger),
+        policy=policy or cluster.settings.placement_policy,
+        margin_mib=cluster.settings.gpu_safety_margin_mib,
+        default_max_model_len=cluster.settings.default_max_model_len,
+        running=cluster.registry.engines(state=ACTIVE_STATES),
+    )
+
+
+def apply_preset(
+    cluster: Cluster,
+    preset: Preset,
+    *,
+    dry_run: bool = False,
+    rollback: bool = True,
+    timeout_s: float = 900.0,
+    policy: str | None = None,
+    on_progress: Callable[[str, EngineRecord], None] | None = None,
+) -> ApplyResult:
+    """Plan, reserve all, start all, wait for RUNNING; roll back on failure."""
+    plan = _plan(cluster, preset, policy)
+    result = ApplyResult(
+        preset.name, dry_run, plan, skipped=[e.name for e in plan.engines if e.action == "skip"]
+    )
+    if dry_run:
+        return result
+    if not plan.ok:
+        bad = next(e for e in plan.engines if e.action == "error")
+        raise PresetApplyError(
+            f"preset {preset.name}: engine {bad.name!r} cannot be placed: {bad.error}; "
+            "nothing was started",
+            status_code=409,
+            details={"plan": plan.to_dict()["engines"], "rolled_back": []},
+            reasons=list(bad.reasons),
+        )
+    reserved: list[tuple[str, EngineRecord]] = []
+    try:
+        for pe in plan.engines:
+            if pe.action == "start":
+                reserved.append((pe.name, control.reserve_engine(cluster, pe.spec, policy)))
+    except SagellmError as exc:
+        # Someone took the room between plan and reserve: undo, start nothing.
+        for _, rec in reserved:
+            control.discard_engine(cluster, rec.id)
+        raise PresetApplyError(
+            f"preset {preset.name}: placement failed: {exc.message}; nothing was started",
+            status_code=409,
+            details={"plan": plan.to_dict()["engines"], "rolled_back": [r.id for _, r in reserved]},
+            reasons=list(getattr(exc, "reasons", [])),
+        ) from None
+    started = [(name, control.launch_engine(cluster, rec)) for name, rec in reserved]
+    deadline = time.monotonic() + timeout_s
+    failure: tuple[str, EngineRecord] | None = None
+    final: list[EngineRecord] = []
+    for name, rec in started:
+        rec = control.wait_until_settled(cluster, rec.id, max(0.0, deadline - time.monotonic()))
+        if on_progress:
+            on_progress(name, rec)
+        final.append(rec)
+        if rec.state is not S.RUNNING:
+            failure = (name, rec)
+            break
+    if failure is None:
+        result.engines = final
+        return result
+    name, rec = failure
+    why = (
+        f"{rec.state.value}: {rec.last_error}"
+        if rec.state is not S.STARTING
+        else f"not RUNNING within {timeout_s:g}s"
+    )
+    rolled_back = []
+    if rollback:
+        for _, other in started:
+            try:
+                control.stop_engine(cluster, other.id)
+                rolled_back.append(other.id)
+            except SagellmError:
+                pass
+    raise PresetApplyError(
+        f"preset {preset.name}: engine {name!r} ({rec.id}) did not start: {why}"
+        + ("; rolled back the engines it started" if rollback else "; left running (no rollback)"),
+        status_code=502,
+        details={"plan": plan.to_dict()["engines"], "rolled_back": rolled_back},
+        reasons=[],
+    )
