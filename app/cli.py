@@ -95,10 +95,41 @@ def beat(loglevel: str) -> None:
     )
 
 
+@sagellm.command()
+@click.option(
+    "--keep-engines",
+    is_flag=True,
+    help="On exit leave engines running (a later `up` re-adopts them).",
+)
+def up(keep_engines: bool) -> None:
+    """The whole stack on this machine: Redis, worker, beat, API on 127.0.0.1:8000."""
+    _settings()
+    from app.stack import run_up
+
+    try:
+        run_up(keep_engines=keep_engines)
+    except RuntimeError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@sagellm.command()
+def down() -> None:
+    """Stop the stack started by `up` (its engines first)."""
+    _settings()
+    from app.stack import run_down
+
+    if run_down():
+        click.echo("sagellm stack stopped")
+    else:
+        click.echo("no sagellm stack is running")
+
+
 def main() -> None:
     """Entry point of the ``sagellm`` console script."""
     sagellm(prog_name="sagellm")
 
+
+from app import cli_commands as _cli_commands  # noqa: E402,F401  (registers the REST commands)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -1,0 +1,59 @@
+"""Schemathesis against /openapi.json: no 5xx, every response matches the schema.
+
+Runs the real app (real Redis, a live host heartbeat) through WSGI. Two query
+parameters are pinned so a generated request cannot block on engines that no worker
+here will start: ``wait=false`` on engine creation and ``dry_run=true`` on preset
+apply. Real starts and applies are covered by the end-to-end tests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import redis
+import schemathesis
+from schemathesis import checks
+from hypothesis import HealthCheck, given, settings
+
+from app import create_app
+from app.redis_server import RedisProcess
+from app.settings import Settings
+from tests.integration.test_api import add_host
+
+pytestmark = pytest.mark.integration
+
+
+def _pin(case: Any) -> None:
+    if case.operation.path.endswith("/apply"):
+        case.query = {**(case.query or {}), "dry_run": "true"}
+    if case.operation.path == "/v1/management/engines" and case.method == "POST":
+        case.query = {**(case.query or {}), "wait": "false"}
+
+
+def test_api_conforms_to_its_schema(redis_server: RedisProcess, real_redis: redis.Redis) -> None:
+    """Every operation, 25 generated cases each. (Schemathesis' pytest plugin does not
+    support pytest 9 yet, so Hypothesis drives each operation's strategy directly.)"""
+    add_host(real_redis, "a", "2x80", ttl=3600)
+    app = create_app(
+        Settings.from_env({"SAGELLM_REDIS_URL": redis_server.url, "SAGELLM_HOST_NAME": "api"})
+    )
+    schema = schemathesis.openapi.from_wsgi("/openapi.json", app)
+    operations = [r.ok() for r in schema.get_all_operations()]
+    assert len(operations) >= 14
+    for operation in operations:
+
+        @given(case=operation.as_strategy())
+        @settings(
+            max_examples=25,
+            deadline=None,
+            database=None,
+            suppress_health_check=list(HealthCheck),
+        )
+        def run(case: Any) -> None:
+            _pin(case)
+            # Schema-valid bodies may still break a semantic rule (a model whose size is
+            # unknown, shell metacharacters in a model id): a 400 there is right, so the
+            # "positive data accepted" check is left out. All others apply.
+            case.call_and_validate(excluded_checks=[checks.positive_data_acceptance])
+
+        run()
