@@ -102,7 +102,8 @@ def beat(loglevel: str) -> None:
     help="On exit leave engines running (a later `up` re-adopts them).",
 )
 def up(keep_engines: bool) -> None:
-    """The whole stack on this machine: Redis, worker, beat, API on 127.0.0.1:8000."""
+    """The whole stack on this machine: Redis, worker, beat, and the API at
+    SAGELLM_API_URL (default http://127.0.0.1:8000)."""
     _settings()
     from app.stack import run_up
 

@@ -229,11 +229,20 @@ def _redis_port() -> int:
     return 6379 if port_is_bindable("127.0.0.1", 6379) else free_port()
 
 
+def api_bind(api_url: str) -> str:
+    """host:port for the API server, from ``SAGELLM_API_URL`` (default 127.0.0.1:8000)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(api_url)
+    return f"{parts.hostname or '127.0.0.1'}:{parts.port or 8000}"
+
+
 def run_up(keep_engines: bool = False) -> None:
     settings = Settings.from_env()
     stack = Stack(
         settings,
         redis_url_given=bool(os.environ.get("SAGELLM_REDIS_URL")),
+        api_bind=api_bind(settings.api_url),
         keep_engines=keep_engines,
     )
 
