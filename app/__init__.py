@@ -67,4 +67,72 @@ def create_app(
     def health() -> Any:
         return {"status": "ok"}
 
+    _install_gateway(flask_app, settings)
+    _install_auth(flask_app, settings)
+
     return flask_app
+
+
+def _install_gateway(flask_app: Flask, settings: Settings) -> None:
+    from app.core.models import EngineState
+    from app.gateway.inflight import cluster_in_flight
+    from app.gateway.routes import bp, make_gateway
+
+    cluster = flask_app.extensions["sagellm"]
+    gateway = make_gateway(
+        lambda: cluster.registry.engines(state=EngineState.RUNNING),
+        settings.gateway_policy,
+        settings.gateway_read_timeout_s,
+        settings.gateway_refresh_s,
+    )
+    flask_app.extensions["sagellm.gateway"] = gateway
+    gateway.in_flight.start_publishing(cluster.registry.r)
+    flask_app.extensions["sagellm.in_flight"] = lambda: cluster_in_flight(
+        cluster.registry.r, gateway.in_flight
+    )
+    flask_app.register_blueprint(bp)
+
+
+def _install_auth(flask_app: Flask, settings: Settings) -> None:
+    """Optional bearer tokens: API keys for the gateway, an admin token for management."""
+    import hmac
+
+    from flask import request
+
+    from app.gateway.routes import openai_error
+
+    admin = settings.admin_token
+    keys = settings.api_keys
+
+    def _bearer() -> str:
+        auth = request.headers.get("Authorization", "")
+        return auth[7:].strip() if auth.lower().startswith("bearer ") else ""
+
+    def _matches(token: str, allowed: tuple[str, ...]) -> bool:
+        return any(hmac.compare_digest(token, a) for a in allowed)
+
+    @flask_app.before_request
+    def _check() -> Any:
+        path = request.path
+        if path.startswith("/v1/management"):
+            if admin and not _matches(_bearer(), (admin,)):
+                return (
+                    {
+                        "code": 401,
+                        "status": "Unauthorized",
+                        "field": "Authorization",
+                        "message": "this API needs SAGELLM_ADMIN_TOKEN as "
+                        "'Authorization: Bearer <token>'",
+                    },
+                    401,
+                    {"WWW-Authenticate": "Bearer"},
+                )
+        elif path.startswith("/v1/") and keys and not _matches(_bearer(), (*keys, admin)):
+            return openai_error(
+                401,
+                "missing or invalid API key: send 'Authorization: Bearer <key>'",
+                kind="authentication_error",
+                code="invalid_api_key",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        return None

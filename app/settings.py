@@ -57,6 +57,13 @@ SETTINGS_DOC: dict[str, tuple[str, str]] = {
     "SAGELLM_REDISCOVERY_INTERVAL_S": ("30", "How often workers re-adopt/reconcile processes."),
     "SAGELLM_PRUNE_AFTER_S": ("86400", "STOPPED/FAILED records older than this are pruned."),
     "SAGELLM_WORKER_CONCURRENCY": ("8", "Threads of a host worker."),
+    "SAGELLM_GATEWAY_POLICY": ("least_outstanding", "least_outstanding or round_robin."),
+    "SAGELLM_GATEWAY_READ_TIMEOUT_S": ("600", "Gateway read timeout (slow first tokens)."),
+    "SAGELLM_GATEWAY_REFRESH_S": ("1.0", "How often the gateway re-reads the registry."),
+    "SAGELLM_API_KEYS": ("", "Comma-separated keys the gateway (/v1/*) accepts."),
+    "SAGELLM_ADMIN_TOKEN": ("", "Token /v1/management requires (Bearer)."),
+    "SAGELLM_API_WORKERS": ("2", "gunicorn worker processes of the API."),
+    "SAGELLM_API_THREADS": ("64", "Threads per gunicorn worker (gthread)."),
     "SAGELLM_API_URL": ("http://127.0.0.1:8000", "Where the CLI finds the API."),
 }
 
@@ -140,6 +147,13 @@ class Settings:
     rediscovery_interval_s: float = 30.0
     prune_after_s: float = 86400.0
     worker_concurrency: int = 8
+    gateway_policy: str = "least_outstanding"
+    gateway_read_timeout_s: float = 600.0
+    gateway_refresh_s: float = 1.0
+    api_keys: tuple[str, ...] = ()
+    admin_token: str = ""
+    api_workers: int = 2
+    api_threads: int = 64
 
     @property
     def gpu_safety_margin_mib(self) -> int:
@@ -209,7 +223,24 @@ class Settings:
             rediscovery_interval_s=_float(env, "SAGELLM_REDISCOVERY_INTERVAL_S", 0.5),
             prune_after_s=_float(env, "SAGELLM_PRUNE_AFTER_S", 0.0),
             worker_concurrency=_int(env, "SAGELLM_WORKER_CONCURRENCY", 1),
+            gateway_policy=_get(env, "SAGELLM_GATEWAY_POLICY"),
+            gateway_read_timeout_s=_float(env, "SAGELLM_GATEWAY_READ_TIMEOUT_S", 1.0),
+            gateway_refresh_s=_float(env, "SAGELLM_GATEWAY_REFRESH_S", 0.0),
+            api_keys=tuple(
+                k.strip() for k in _get(env, "SAGELLM_API_KEYS").split(",") if k.strip()
+            ),
+            admin_token=_get(env, "SAGELLM_ADMIN_TOKEN"),
+            api_workers=_int(env, "SAGELLM_API_WORKERS", 1),
+            api_threads=_int(env, "SAGELLM_API_THREADS", 1),
         )
+        from app.gateway.balancing import BALANCERS
+
+        if settings.gateway_policy not in BALANCERS:
+            raise ConfigError(
+                f"SAGELLM_GATEWAY_POLICY={settings.gateway_policy!r}: unknown; known: "
+                + ", ".join(sorted(BALANCERS)),
+                field="SAGELLM_GATEWAY_POLICY",
+            )
         if settings.heartbeat_ttl_s <= settings.heartbeat_interval_s:
             raise ConfigError(
                 f"SAGELLM_HEARTBEAT_TTL_S={settings.heartbeat_ttl_s:g} must exceed "

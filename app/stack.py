@@ -31,7 +31,7 @@ def _script(name: str) -> list[str]:
     return [str(exe)] if exe.exists() else [sys.executable, "-m", name]
 
 
-def gunicorn_argv(bind: str = API_BIND, workers: int = 2, threads: int = 32) -> list[str]:
+def gunicorn_argv(bind: str = API_BIND, workers: int = 2, threads: int = 64) -> list[str]:
     """The API server command (also used in docker-compose)."""
     return [
         *_script("gunicorn"),
@@ -121,7 +121,11 @@ class Stack:
         self.children = [
             Child("worker", [*_script("sagellm"), "worker"], logs / "worker.log"),
             Child("beat", [*_script("sagellm"), "beat"], logs / "beat.log"),
-            Child("api", gunicorn_argv(self.api_bind), logs / "api.log"),
+            Child(
+                "api",
+                gunicorn_argv(self.api_bind, self.settings.api_workers, self.settings.api_threads),
+                logs / "api.log",
+            ),
         ]
         for child in self.children:
             child.start(env)

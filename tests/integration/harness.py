@@ -188,3 +188,20 @@ class ClusterEnv:
             if "Traceback" in p.output():
                 print(f"--- {name} log ---\n{p.output()[-4000:]}")
         self.redis.stop()
+
+
+class AppServer:
+    """A Flask app served over real HTTP (threaded werkzeug) in this process."""
+
+    def __init__(self, app: object) -> None:
+        import threading
+
+        from werkzeug.serving import make_server
+
+        self.server = make_server("127.0.0.1", 0, app, threaded=True)  # type: ignore[arg-type]
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()

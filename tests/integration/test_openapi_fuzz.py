@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 import redis
 import schemathesis
-from schemathesis import checks
 from hypothesis import HealthCheck, given, settings
+from schemathesis import checks
 
 from app import create_app
 from app.redis_server import RedisProcess

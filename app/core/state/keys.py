@@ -58,3 +58,9 @@ def host(name: str) -> str:
 def host_last_seen(name: str) -> str:
     """Last heartbeat record of a host, without TTL: what a DOWN host looked like."""
     return f"{PREFIX}host-last:{name}"
+
+
+# Gateway ---------------------------------------------------------------------------
+def gateway_in_flight(process_id: str) -> str:
+    """JSON {engine_id: requests in flight} of one gateway process, with a TTL."""
+    return f"{PREFIX}gateway:inflight:{process_id}"

@@ -1,0 +1,226 @@
+"""The OpenAI-compatible gateway over real HTTP: real engines started by a real
+worker, the official openai SDK as the client."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+import signal
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from app import create_app
+from app.control import start_engine, wait_for_state
+from app.core.models import EngineKind, EngineSpec, EngineState
+from app.settings import Settings
+from tests.integration.harness import AppServer, ClusterEnv, wait_until
+
+pytestmark = pytest.mark.integration
+S = EngineState
+
+
+def _gateway(env: ClusterEnv, **extra: str) -> AppServer:
+    values = {k: v for k, v in env.env.items() if k.startswith("SAGELLM_")}
+    values.update({"SAGELLM_GATEWAY_REFRESH_S": "0.2", **extra})
+    return AppServer(create_app(Settings.from_env(values)))
+
+
+@pytest.fixture
+def gw(env: ClusterEnv) -> Iterator[AppServer]:
+    server = _gateway(env)
+    yield server
+    server.close()
+
+
+def _replica(env: ClusterEnv, name: str = "rep", delay: str = "0") -> str:
+    spec = EngineSpec(
+        model="org/Rep-1B",
+        served_model_name=name,
+        required_memory_gb=8,
+        env={"FAKE_VLLM_REPLY_DELAY_S": delay},
+    )
+    rec = wait_for_state(env.cluster, start_engine(env.cluster, spec).id, [S.RUNNING], 60)
+    assert rec.state is S.RUNNING, rec.last_error
+    return rec.id
+
+
+def test_openai_sdk_chat_stream_embeddings_and_models(
+    env: ClusterEnv, gw: AppServer, tiny_llm_path: Path, minilm_path: Path
+) -> None:
+    env.start_worker("a")
+    chat = start_engine(
+        env.cluster,
+        EngineSpec(
+            model=str(tiny_llm_path),
+            runtime="transformers",
+            use_gpu=False,
+            served_model_name="tiny-chat",
+        ),
+    )
+    emb = start_engine(
+        env.cluster,
+        EngineSpec(
+            model=str(minilm_path),
+            label="minilm",
+            kind=EngineKind.EMBEDDING,
+            served_model_name="all-minilm-l6-v2",
+        ),
+    )
+    for rec in (chat, emb):
+        assert wait_for_state(env.cluster, rec.id, [S.RUNNING, S.FAILED], 180).state is S.RUNNING
+    client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="unused", max_retries=0)
+    wait_until(lambda: len(client.models.list().data) == 2, 10, what="models listed")
+    assert sorted(m.id for m in client.models.list().data) == ["all-minilm-l6-v2", "tiny-chat"]
+
+    out = client.chat.completions.create(
+        model="tiny-chat",
+        messages=[{"role": "user", "content": "hello"}],
+        max_tokens=6,
+        temperature=0,
+    )
+    assert out.choices[0].message.content and out.usage and out.usage.completion_tokens > 0
+
+    stream = client.chat.completions.create(
+        model="tiny-chat",
+        messages=[{"role": "user", "content": "hello"}],
+        max_tokens=6,
+        temperature=0,
+        stream=True,
+    )
+    pieces = [c.choices[0].delta.content or "" for c in stream if c.choices]
+    assert len(pieces) > 1 and "".join(pieces) == out.choices[0].message.content
+
+    # the model omitted: exactly one LLM model runs, so it is used
+    r = httpx.post(f"{gw.url}/v1/completions", json={"prompt": "the", "max_tokens": 3})
+    assert r.status_code == 200 and r.json()["object"] == "text_completion"
+
+    # by label, with the engine's served name substituted for the engine
+    e = client.embeddings.create(model="minilm", input=["a cat", "a dog"])
+    assert [len(d.embedding) for d in e.data] == [384, 384]
+
+    # wrong kind: 400 that says so
+    with pytest.raises(openai.BadRequestError, match="is an embedding engine"):
+        client.chat.completions.create(
+            model="all-minilm-l6-v2", messages=[{"role": "user", "content": "x"}]
+        )
+    with pytest.raises(openai.BadRequestError, match="is an llm engine"):
+        client.embeddings.create(model="tiny-chat", input="x")
+
+
+def test_no_backend_is_503_with_retry_after_and_how_to_start_one(gw: AppServer) -> None:
+    r = httpx.post(
+        f"{gw.url}/v1/chat/completions", json={"model": "Qwen/Qwen2.5-7B-Instruct", "messages": []}
+    )
+    assert r.status_code == 503
+    assert r.headers["Retry-After"] == "10"
+    assert "flask sagellm engine start Qwen/Qwen2.5-7B-Instruct" in r.json()["error"]["message"]
+    r = httpx.post(f"{gw.url}/v1/embeddings", json={"input": "x"})
+    assert r.status_code == 503 and "--kind embedding" in r.json()["error"]["message"]
+
+
+def test_replicas_share_by_outstanding_requests_and_survive_a_kill(
+    env: ClusterEnv, gw: AppServer
+) -> None:
+    env.start_worker("a")
+    env.start_beat()
+    a, b = _replica(env, delay="1.0"), _replica(env, delay="1.0")
+    body = {"model": "rep", "messages": [{"role": "user", "content": "hi"}]}
+    wait_until(
+        lambda: httpx.post(f"{gw.url}/v1/chat/completions", json=body).status_code == 200,
+        10,
+        what="gateway sees the replicas",
+    )
+    seen: Counter[str] = Counter()
+    peak = 0
+
+    def call() -> str:
+        r = httpx.post(f"{gw.url}/v1/chat/completions", json=body, timeout=30)
+        assert r.status_code == 200
+        return r.headers["X-Sagellm-Engine"]
+
+    with cf.ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(call) for _ in range(8)]
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline and not all(f.done() for f in futures):
+            inflight = httpx.get(f"{gw.url}/v1/management/backends").json()["llm_backends"]
+            peak = max(peak, sum(x["in_flight"] for x in inflight))
+            time.sleep(0.1)
+        seen.update(f.result() for f in futures)
+    # 8 concurrent requests over 2 replicas of equal speed: least outstanding gives 4 + 4
+    assert seen == Counter({a: 4, b: 4})
+    assert peak >= 4  # in-flight counts were visible in /v1/management/backends
+
+    rec = env.get(a)
+    assert rec.pid is not None
+    os.kill(rec.pid, signal.SIGKILL)
+    served = []
+    for _ in range(8):
+        r = httpx.post(f"{gw.url}/v1/chat/completions", json=body, timeout=30)
+        assert r.status_code == 200, r.text  # a connect error fails over to the other
+        served.append(r.headers["X-Sagellm-Engine"])
+    assert served[:2] == [b, b]  # the dead one is out of rotation at once
+    # the worker restarts the killed replica; once a health check passes it is back
+    back = wait_for_state(env.cluster, a, [S.RUNNING], 20)
+    assert back.state is S.RUNNING and back.restart_count == 1
+    wait_until(
+        lambda: any(
+            httpx.post(f"{gw.url}/v1/chat/completions", json=body, timeout=30).headers[
+                "X-Sagellm-Engine"
+            ]
+            == a
+            for _ in range(4)
+        ),
+        20,
+        what="restarted replica back in rotation",
+    )
+
+
+def test_streams_pass_through_and_a_client_disconnect_closes_the_upstream(
+    env: ClusterEnv, gw: AppServer
+) -> None:
+    env.start_worker("a")
+    eid = _replica(env, name="slow", delay="5")
+    base = env.get(eid).base_url
+    body = {"model": "slow", "stream": True, "messages": [{"role": "user", "content": "x"}]}
+    wait_until(lambda: httpx.get(f"{gw.url}/v1/models").json()["data"], 10, what="listed")
+    t0 = time.monotonic()
+    with httpx.stream("POST", f"{gw.url}/v1/chat/completions", json=body, timeout=30) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        first = next(r.iter_raw())
+        # the first chunk arrives after ~1 s (5 s / 5 chunks), not after the whole 5 s
+        assert b"tok0" in first and time.monotonic() - t0 < 3
+    # we went away after one chunk: the gateway must close its upstream request
+    stats = wait_until(
+        lambda: (s := httpx.get(f"{base}/stats").json())["disconnects"] and s,
+        8,
+        what="upstream closed",
+    )
+    assert stats["open_streams"] == 0
+
+
+def test_api_keys_and_admin_token(env: ClusterEnv) -> None:
+    server = _gateway(env, SAGELLM_API_KEYS="k1,k2", SAGELLM_ADMIN_TOKEN="adm")
+    try:
+        r = httpx.get(f"{server.url}/v1/models")
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert (
+            httpx.get(f"{server.url}/v1/models", headers={"Authorization": "Bearer k2"}).status_code
+            == 200
+        )
+        r = httpx.get(f"{server.url}/v1/management/hosts", headers={"Authorization": "Bearer k1"})
+        assert r.status_code == 401 and "SAGELLM_ADMIN_TOKEN" in r.json()["message"]
+        assert (
+            httpx.get(
+                f"{server.url}/v1/management/hosts", headers={"Authorization": "Bearer adm"}
+            ).status_code
+            == 200
+        )
+        assert httpx.get(f"{server.url}/health").status_code == 200
+    finally:
+        server.close()
