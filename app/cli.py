@@ -96,6 +96,25 @@ def beat(loglevel: str) -> None:
 
 
 @sagellm.command()
+@click.option("--port", default=5555, show_default=True, type=int)
+@click.option("--address", default="0.0.0.0", show_default=True)
+def flower(port: int, address: str) -> None:
+    """Flower (Celery task monitor) on the project's Celery app: every host's worker."""
+    import os
+
+    settings = _settings()
+    from workers.celery_app import celery_app
+
+    argv = ["flower", f"--port={port}", f"--address={address}"]
+    if settings.flower_basic_auth:
+        argv.append(f"--basic-auth={settings.flower_basic_auth}")
+    else:
+        # Flower 2 refuses API calls without auth unless told; the UI is open anyway.
+        os.environ.setdefault("FLOWER_UNAUTHENTICATED_API", "true")
+    celery_app.start(argv)
+
+
+@sagellm.command()
 @click.option(
     "--keep-engines",
     is_flag=True,
@@ -132,5 +151,7 @@ def main() -> None:
 
 from app import cli_commands as _cli_commands  # noqa: E402,F401  (registers the REST commands)
 
-if __name__ == "__main__":  # pragma: no cover
-    main()
+if __name__ == "__main__":  # pragma: no cover - `python -m app.cli`
+    from app.cli import main as _main  # the module the REST commands registered on
+
+    _main()

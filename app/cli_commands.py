@@ -61,18 +61,27 @@ TERMINAL = ("STOPPED", "FAILED")
 
 
 class CliError(click.ClickException):
-    """A failure shown as ``Error: message`` plus indented reasons, with an exit code."""
+    """A failure shown as ``Error: message`` plus indented reasons; exit code 1."""
 
-    def __init__(
-        self, message: str, *, reasons: Sequence[str] = (), exit_code: int = EXIT_FAILED
-    ) -> None:
+    exit_code = EXIT_FAILED
+
+    def __init__(self, message: str, *, reasons: Sequence[str] = ()) -> None:
         super().__init__(message)
-        self.exit_code = exit_code
         # A placement error's message already lists its reasons: do not repeat them.
         self.reasons = [r for r in reasons if r not in message]
 
     def format_message(self) -> str:
         return "\n".join([self.message, *(f"  {r}" for r in self.reasons)])
+
+
+class InvalidInput(CliError):
+    """Input refused before anything was done: exit code 2."""
+
+    exit_code = EXIT_INVALID
+
+
+class Interrupted(CliError):
+    exit_code = 130  # as a shell reports SIGINT
 
 
 class ApiError(CliError):
@@ -82,14 +91,21 @@ class ApiError(CliError):
         message = str(body.get("message") or body.get("status") or f"HTTP {status_code}")
         if status_code == 401:
             message += f" (set {TOKEN_VAR} to the API's admin token)"
-        invalid = status_code in (400, 422)
-        super().__init__(
-            message,
-            reasons=[str(r) for r in body.get("reasons") or []],
-            exit_code=EXIT_INVALID if invalid else EXIT_FAILED,
-        )
+        super().__init__(message, reasons=[str(r) for r in body.get("reasons") or []])
         self.status_code = status_code
         self.body = body
+
+
+class ApiInvalidInput(ApiError):
+    """400/422: the API rejected the request as invalid; nothing was reserved."""
+
+    exit_code = EXIT_INVALID
+
+
+def api_error(status_code: int, body: dict[str, Any]) -> ApiError:
+    """The ``ApiError`` for an error answer, by the exit-code convention above."""
+    cls = ApiInvalidInput if status_code in (400, 422) else ApiError
+    return cls(status_code, body)
 
 
 # ---------------------------------------------------------------------------- HTTP
@@ -155,7 +171,7 @@ class ApiClient:
             # Not our error shape: a proxy or something else answers at that address.
             text = resp.text.strip().replace("\n", " ")[:200]
             body = {"message": f"HTTP {resp.status_code} from {self.base_url}{path}: {text}"}
-        raise ApiError(resp.status_code, body)
+        raise api_error(resp.status_code, body)
 
     def get(self, path: str, **params: Any) -> Any:
         return self.request("GET", path, params=params)
@@ -642,7 +658,9 @@ def preset_show(name: str) -> None:
         eng["spec"] = {
             k: v for k, v in spec.items() if v is not None and k not in ("preset", "preset_engine")
         }
-    click.echo(_yaml(data))
+    # The API sorts keys; a reader wants the preset's identity before its engines.
+    order = ("name", "description", "version", "source", "engines")
+    click.echo(_yaml({k: data[k] for k in order if k in data}))
 
 
 def plan_table(plan: list[dict[str, Any]]) -> str:
@@ -682,11 +700,11 @@ def _local_preset_name(path: str) -> tuple[str, str]:
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except OSError as exc:
-        raise CliError(f"{path}: cannot read: {exc.strerror}", exit_code=EXIT_INVALID) from None
+        raise InvalidInput(f"{path}: cannot read: {exc.strerror}") from None
     try:
         return text, parse_preset(text, path).name
     except ValidationError as exc:
-        raise CliError(exc.message, exit_code=EXIT_INVALID) from None
+        raise InvalidInput(exc.message) from None
 
 
 def _preset_engines(api: ApiClient, name: str) -> dict[str, dict[str, Any]]:
@@ -805,20 +823,20 @@ def _apply_with_progress(
     engines: dict[str, dict[str, Any]] = {}
     try:
         while True:
-            call.join(PRESET_POLL_S)
+            finished = not call.is_alive()  # read before the poll: its last view is final
             engines = _preset_engines(api, preset_name)
             for eid, e in engines.items():
                 if seen.get(eid) != _progress_key(e):
                     seen[eid] = _progress_key(e)
                     who = e["spec"].get("preset_engine") or _served_name(e)
                     click.echo(f"{_elapsed(t0)} {who} ({eid}): {describe(e)}")
-            if not call.is_alive():
+            if finished:
                 break
+            call.join(PRESET_POLL_S)
     except KeyboardInterrupt:
-        raise CliError(
+        raise Interrupted(
             f"interrupted: the apply of {preset_name} goes on in the API; follow it with "
-            "`sagellm engine list`",
-            exit_code=130,
+            "`sagellm engine list`"
         ) from None
     if call.error is not None:
         if isinstance(call.error, ApiError):

@@ -136,8 +136,8 @@ def apply_preset(
     name, rec = failure
     why = (
         f"{rec.state.value}: {rec.last_error}"
-        if rec.state is not S.STARTING
-        else f"not RUNNING within {timeout_s:g}s"
+        if control.settled(rec)
+        else f"not RUNNING within {timeout_s:g}s (still {rec.state.value})"
     )
     rolled_back = []
     if rollback:

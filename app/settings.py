@@ -64,6 +64,7 @@ SETTINGS_DOC: dict[str, tuple[str, str]] = {
     "SAGELLM_ADMIN_TOKEN": ("", "Token /v1/management requires (Bearer)."),
     "SAGELLM_API_WORKERS": ("2", "gunicorn worker processes of the API."),
     "SAGELLM_API_THREADS": ("64", "Threads per gunicorn worker (gthread)."),
+    "SAGELLM_FLOWER_BASIC_AUTH": ("", "user:password for Flower's UI and API."),
     "SAGELLM_API_URL": ("http://127.0.0.1:8000", "Where the CLI finds the API."),
 }
 
@@ -154,6 +155,7 @@ class Settings:
     admin_token: str = ""
     api_workers: int = 2
     api_threads: int = 64
+    flower_basic_auth: str = ""
 
     @property
     def gpu_safety_margin_mib(self) -> int:
@@ -232,7 +234,13 @@ class Settings:
             admin_token=_get(env, "SAGELLM_ADMIN_TOKEN"),
             api_workers=_int(env, "SAGELLM_API_WORKERS", 1),
             api_threads=_int(env, "SAGELLM_API_THREADS", 1),
+            flower_basic_auth=_get(env, "SAGELLM_FLOWER_BASIC_AUTH"),
         )
+        if settings.flower_basic_auth and ":" not in settings.flower_basic_auth:
+            raise ConfigError(
+                "SAGELLM_FLOWER_BASIC_AUTH: expected user:password",
+                field="SAGELLM_FLOWER_BASIC_AUTH",
+            )
         from app.gateway.balancing import BALANCERS
 
         if settings.gateway_policy not in BALANCERS:
