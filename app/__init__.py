@@ -67,6 +67,15 @@ def create_app(
     def health() -> Any:
         return {"status": "ok"}
 
+    @flask_app.get("/metrics")
+    def metrics() -> Any:
+        from flask import Response
+
+        from app.metrics import render
+
+        body = render(flask_app.extensions["sagellm"])
+        return Response(body, mimetype="text/plain; version=0.0.4; charset=utf-8")
+
     _install_gateway(flask_app, settings)
     _install_auth(flask_app, settings)
 

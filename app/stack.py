@@ -96,6 +96,8 @@ class Stack:
     def _env(self, redis_url: str) -> dict[str, str]:
         env = dict(os.environ)
         env["SAGELLM_REDIS_URL"] = redis_url
+        # gunicorn runs several API processes: /metrics sums them through this folder.
+        env["PROMETHEUS_MULTIPROC_DIR"] = str(self.settings.data_dir / "prometheus")
         env.setdefault("SAGELLM_API_URL", f"http://{self.api_bind}")
         return env
 
@@ -117,6 +119,10 @@ class Stack:
             self._say(f"Redis {redis_url} (SAGELLM_REDIS_URL)")
         self._build_demo_model()
         env = self._env(redis_url)
+        import shutil
+
+        shutil.rmtree(env["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)  # stale counts
+        Path(env["PROMETHEUS_MULTIPROC_DIR"]).mkdir(parents=True)
         logs = data / "logs"
         self.children = [
             Child("worker", [*_script("sagellm"), "worker"], logs / "worker.log"),

@@ -16,8 +16,13 @@ log = logging.getLogger(__name__)
 WORKER_VERSION = "sagellm-worker/0.1.0"
 
 
-def busy_ports(port_range: tuple[int, int]) -> list[int]:
-    """Ports in our range that something on this machine listens on."""
+_WILDCARDS = {"0.0.0.0", "::", ""}
+
+
+def busy_ports(port_range: tuple[int, int], address: str | None = None) -> list[int]:
+    """Ports in our range that something listens on at ``address`` (or on every
+    address). Listeners on other addresses do not block ours: engines bind to the
+    host's address."""
     lo, hi = port_range
     try:
         conns = psutil.net_connections(kind="tcp")
@@ -26,6 +31,9 @@ def busy_ports(port_range: tuple[int, int]) -> list[int]:
     ports = set()
     for c in conns:
         port = getattr(c.laddr, "port", None)
+        ip = getattr(c.laddr, "ip", "")
+        if address is not None and ip not in _WILDCARDS and ip != address:
+            continue
         if c.status == psutil.CONN_LISTEN and port is not None and lo <= port <= hi:
             ports.add(int(port))
     return sorted(ports)
@@ -45,7 +53,7 @@ def publish_heartbeat(ctx: HostContext) -> HostRecord:
         gpus=list(inventory.gpus),
         gpu_source=inventory.source,
         engines=[e.id for e in engines],
-        busy_ports=[p for p in busy_ports(s.port_range) if p not in ours],
+        busy_ports=[p for p in busy_ports(s.port_range, s.host_address) if p not in ours],
         worker_version=WORKER_VERSION,
     )
     ctx.registry.put_host(record, ttl_s=s.heartbeat_ttl_s)

@@ -21,6 +21,7 @@ from app.gateway.balancing import BalancingPolicy
 from app.gateway.discovery import Backend, BackendDirectory, NoBackend
 from app.gateway.inflight import InFlight
 from app.gateway.transport import Transport, Upstream
+from app.metrics import GATEWAY_ERRORS, GATEWAY_LATENCY, GATEWAY_REQUESTS
 
 bp = Blueprint("gateway", __name__)
 RETRY_AFTER_S = 10
@@ -111,6 +112,7 @@ def embeddings() -> Response:
 
 
 def _proxy(path: str, kind: EngineKind) -> Response:
+    started = time.perf_counter()
     raw = request.get_data(cache=False)
     try:
         payload = json.loads(raw)
@@ -125,6 +127,10 @@ def _proxy(path: str, kind: EngineKind) -> Response:
     try:
         candidates = gw.directory.resolve(model, kind)
     except SagellmError as exc:
+        reason = "no_backend" if isinstance(exc, NoBackend) else "bad_request"
+        GATEWAY_ERRORS.labels(
+            model="" if isinstance(exc, NoBackend) else model or "", reason=reason
+        ).inc()
         return _error_for(exc)
     stream = payload.get("stream") is True
     order = gw.balancer.order(candidates, gw.in_flight.snapshot())[:2]  # retry once
@@ -145,15 +151,18 @@ def _proxy(path: str, kind: EngineKind) -> Response:
         except httpx.TransportError as exc:
             gw.in_flight.dec(backend.engine_id)
             gw.directory.eject(backend.engine_id)
+            GATEWAY_ERRORS.labels(model=backend.served_name, reason="upstream_connect").inc()
             last_error = f"{backend.engine_id}: {type(exc).__name__}"
             continue
         if up.status_code >= 500 and not final:
             Transport.read(up)
             gw.in_flight.dec(backend.engine_id)
             gw.directory.eject(backend.engine_id)
+            GATEWAY_ERRORS.labels(model=backend.served_name, reason="upstream_5xx").inc()
             last_error = f"{backend.engine_id}: HTTP {up.status_code}"
             continue
-        return _respond(gw, up, backend, stream)
+        return _respond(gw, up, backend, stream, started)
+    GATEWAY_ERRORS.labels(model=order[0].served_name if order else "", reason="all_failed").inc()
     return openai_error(
         502,
         f"every backend for {model or kind.value} failed ({last_error})",
@@ -162,7 +171,16 @@ def _proxy(path: str, kind: EngineKind) -> Response:
     )
 
 
-def _respond(gw: Gateway, up: Upstream, backend: Backend, stream: bool) -> Response:
+def _observe(backend: Backend, code: int, started: float) -> None:
+    GATEWAY_REQUESTS.labels(
+        model=backend.served_name, engine=backend.engine_id, code=str(code)
+    ).inc()
+    GATEWAY_LATENCY.labels(model=backend.served_name, engine=backend.engine_id).observe(
+        time.perf_counter() - started
+    )
+
+
+def _respond(gw: Gateway, up: Upstream, backend: Backend, stream: bool, started: float) -> Response:
     headers = {k: v for k, v in up.response.headers.items() if k.lower() not in _SKIP}
     headers["X-Sagellm-Engine"] = backend.engine_id
     is_sse = up.response.headers.get("content-type", "").startswith("text/event-stream")
@@ -171,15 +189,18 @@ def _respond(gw: Gateway, up: Upstream, backend: Backend, stream: bool) -> Respo
             content = Transport.read(up)
         finally:
             gw.in_flight.dec(backend.engine_id)
+        _observe(backend, up.status_code, started)
         return Response(content, status=up.status_code, headers=headers)
 
     def relay() -> Iterator[bytes]:
         try:
             yield from Transport.chunks(up)
         except httpx.HTTPError:
-            return  # upstream broke mid-stream: end ours; the client sees no [DONE]
+            # upstream broke mid-stream: end ours; the client sees no [DONE]
+            GATEWAY_ERRORS.labels(model=backend.served_name, reason="stream_broken").inc()
         finally:
             gw.in_flight.dec(backend.engine_id)
+            _observe(backend, up.status_code, started)
 
     headers["Cache-Control"] = "no-cache"
     headers["X-Accel-Buffering"] = "no"  # nginx & co.: do not buffer the stream

@@ -64,3 +64,8 @@ def host_last_seen(name: str) -> str:
 def gateway_in_flight(process_id: str) -> str:
     """JSON {engine_id: requests in flight} of one gateway process, with a TTL."""
     return f"{PREFIX}gateway:inflight:{process_id}"
+
+
+# Metrics ---------------------------------------------------------------------------
+# hash "<task>|count" / "<task>|seconds" / "<task>|failures" -> number, written by workers
+TASK_STATS = f"{PREFIX}metrics:tasks"

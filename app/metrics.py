@@ -1,0 +1,145 @@
+"""Prometheus metrics: ``GET /metrics`` on the API.
+
+* Cluster state (engines, GPUs, hosts, restarts, task stats) is read from Redis at
+  scrape time by ``ClusterCollector``, so every API process reports the same truth.
+* Gateway traffic (requests, errors, latency) is counted in the process serving it.
+  Under gunicorn, set ``PROMETHEUS_MULTIPROC_DIR`` (``up`` and docker-compose do) and
+  the scrape sums every process.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter as Tally
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+MIB = 1024 * 1024
+
+GATEWAY_REQUESTS = Counter(
+    "sagellm_gateway_requests_total",
+    "Gateway requests answered by an engine, by model, engine and HTTP status",
+    ["model", "engine", "code"],
+    registry=None,
+)
+GATEWAY_ERRORS = Counter(
+    "sagellm_gateway_errors_total",
+    "Gateway failures by model and reason (no_backend, bad_request, upstream_connect, "
+    "upstream_5xx, all_failed, stream_broken)",
+    ["model", "reason"],
+    registry=None,
+)
+GATEWAY_LATENCY = Histogram(
+    "sagellm_gateway_request_duration_seconds",
+    "Time from request to the end of the response (streams: to the last byte)",
+    ["model", "engine"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+    registry=None,
+)
+_GATEWAY = (GATEWAY_REQUESTS, GATEWAY_ERRORS, GATEWAY_LATENCY)
+
+
+class ClusterCollector(Collector):
+    """Engines, GPUs, hosts, restarts and task stats, from the registry and ledger."""
+
+    def __init__(self, cluster: Any) -> None:
+        self.cluster = cluster
+
+    def collect(self) -> Iterator[Metric]:
+        from app.core import status
+        from app.core.state.task_stats import task_stats
+
+        c = self.cluster
+        hosts = c.registry.hosts()
+        engines = c.registry.engines()
+
+        by_state: Tally[tuple[str, str, str]] = Tally(
+            (e.state.value, e.spec.kind.value, e.host or "") for e in engines
+        )
+        g = GaugeMetricFamily(
+            "sagellm_engines", "Engines by state, kind and host", labels=["state", "kind", "host"]
+        )
+        for (state, kind, host), n in sorted(by_state.items()):
+            g.add_metric([state, kind, host], n)
+        yield g
+
+        restarts = CounterMetricFamily(
+            "sagellm_engine_restarts",
+            "Automatic restarts of each engine",
+            labels=["engine", "model", "host"],
+        )
+        for e in engines:
+            restarts.add_metric([e.id, e.spec.name, e.host or ""], e.restart_count)
+        yield restarts
+
+        up = GaugeMetricFamily(
+            "sagellm_host_up", "1 when the host's heartbeat is fresh", labels=["host"]
+        )
+        age = GaugeMetricFamily(
+            "sagellm_host_heartbeat_age_seconds",
+            "Seconds since the host's last heartbeat",
+            labels=["host"],
+        )
+        for h in hosts:
+            up.add_metric([h.name], 1 if h.up else 0)
+            age.add_metric([h.name], round(h.heartbeat_age_s, 3))
+        yield up
+        yield age
+
+        rows = status.gpu_rows(
+            hosts,
+            {h.name: c.ledger.capacity(h.name) for h in hosts},
+            c.settings.gpu_safety_margin_mib,
+        )
+        families = {
+            name: GaugeMetricFamily(
+                f"sagellm_gpu_memory_{name}_bytes", doc, labels=["host", "gpu", "uuid"]
+            )
+            for name, doc in (
+                ("total", "GPU memory in total"),
+                ("outside", "GPU memory held by processes that are not sagellm engines"),
+                ("reserved", "GPU memory reserved by sagellm engines"),
+                ("available", "GPU memory free for new reservations (after the margin)"),
+            )
+        }
+        for row in rows:
+            labels = [row["host"], str(row["index"]), row["uuid"]]
+            for name, fam in families.items():
+                fam.add_metric(labels, row[f"{name}_mib"] * MIB)
+        yield from families.values()
+
+        stats = task_stats(c.registry.r)
+        count = CounterMetricFamily("sagellm_task_runs", "Celery tasks run", labels=["task"])
+        secs = CounterMetricFamily(
+            "sagellm_task_duration_seconds",
+            "Total seconds spent in each Celery task",
+            labels=["task"],
+        )
+        fails = CounterMetricFamily(
+            "sagellm_task_failures", "Celery tasks that raised", labels=["task"]
+        )
+        for task, s in sorted(stats.items()):
+            count.add_metric([task], s["count"])
+            secs.add_metric([task], s["seconds"])
+            fails.add_metric([task], s["failures"])
+        yield count
+        yield secs
+        yield fails
+
+
+def render(cluster: Any) -> bytes:
+    """The text exposition of every metric."""
+    registry = CollectorRegistry()
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.MultiProcessCollector(registry)
+    else:
+        for metric in _GATEWAY:
+            registry.register(metric)
+    registry.register(ClusterCollector(cluster))
+    return generate_latest(registry)
