@@ -82,17 +82,22 @@ def beat(loglevel: str) -> None:
 
     threading.Thread(target=keep_lock, daemon=True, name="beat-lock").start()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    celery_app.start(
-        [
-            "beat",
-            "--loglevel",
-            loglevel,
-            "--scheduler",
-            "workers.beat_scheduler:SagellmScheduler",
-            "--schedule",
-            str(settings.data_dir / "celerybeat-schedule"),
-        ]
-    )
+    try:
+        celery_app.start(
+            [
+                "beat",
+                "--loglevel",
+                loglevel,
+                "--scheduler",
+                "workers.beat_scheduler:SagellmScheduler",
+                "--schedule",
+                str(settings.data_dir / "celerybeat-schedule"),
+            ]
+        )
+    finally:
+        # A clean exit frees the lock at once, so a restarted beat need not wait.
+        if client.get(key) == token.encode():
+            client.delete(key)
 
 
 @sagellm.command()
