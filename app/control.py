@@ -60,6 +60,15 @@ def plan_engine(cluster: Cluster, spec: EngineSpec, policy: str | None = None) -
     )
 
 
+def _place_record(r: EngineRecord, alloc: Allocation) -> None:
+    """Copy a reserved placement (host, address, port, GPUs, launch flags) into a record."""
+    p = alloc.placement
+    r.host, r.address, r.port = p.host, p.address, p.port
+    r.gpus = alloc.gpus
+    r.memory_per_gpu_mib = p.memory_mib_per_gpu
+    r.launch = dict(alloc.launch)
+
+
 def reserve_engine(cluster: Cluster, spec: EngineSpec, policy: str | None = None) -> EngineRecord:
     """Place and reserve ``spec``; record it PENDING with its placement. Starts nothing.
 
@@ -84,15 +93,7 @@ def reserve_engine(cluster: Cluster, spec: EngineSpec, policy: str | None = None
     except Exception:
         cluster.registry.delete(engine_id)
         raise
-    p = alloc.placement
-
-    def placed(r: EngineRecord) -> None:
-        r.host, r.address, r.port = p.host, p.address, p.port
-        r.gpus = alloc.gpus
-        r.memory_per_gpu_mib = p.memory_mib_per_gpu
-        r.launch = dict(alloc.launch)
-
-    return cluster.registry.update(engine_id, placed)
+    return cluster.registry.update(engine_id, lambda r: _place_record(r, alloc))
 
 
 def launch_engine(cluster: Cluster, rec: EngineRecord) -> EngineRecord:
@@ -199,13 +200,9 @@ def restart_engine(cluster: Cluster, engine_id: str) -> EngineRecord:
             margin_mib=cluster.settings.gpu_safety_margin_mib,
             default_max_model_len=cluster.settings.default_max_model_len,
         )
-        p = alloc.placement
 
         def replaced(r: EngineRecord) -> None:
-            r.host, r.address, r.port = p.host, p.address, p.port
-            r.gpus = alloc.gpus
-            r.memory_per_gpu_mib = p.memory_mib_per_gpu
-            r.launch = dict(alloc.launch)
+            _place_record(r, alloc)
             r.restart_count = 0
             r.next_restart_at = time.time()
 

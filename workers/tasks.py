@@ -16,7 +16,7 @@ from app.core.state.ledger import Ledger
 from app.core.state.registry import Registry
 from workers import lifecycle
 from workers.celery_app import celery_app, settings
-from workers.context import host_context
+from workers.context import HostContext, host_context
 from workers.dispatch import send_to_host
 from workers.rediscovery import rediscover
 
@@ -25,20 +25,25 @@ S = EngineState
 WATCH_INTERVAL_S = 1.0
 
 
+def _watch(ctx: HostContext, engine_id: str) -> None:
+    """Poll readiness again in WATCH_INTERVAL_S (a short task, never a long wait)."""
+    send_to_host(
+        ctx.celery,
+        ctx.host,
+        "sagellm.watch_start",
+        (engine_id,),
+        expires_s=30,
+        countdown_s=WATCH_INTERVAL_S,
+    )
+
+
 @celery_app.task(name="sagellm.start_engine")
 def start_engine(engine_id: str) -> dict[str, Any]:
     """Spawn the engine and start watching its readiness."""
     ctx = host_context()
     rec = lifecycle.spawn_engine(ctx, engine_id)
     if rec is not None and rec.state is S.STARTING:
-        send_to_host(
-            ctx.celery,
-            ctx.host,
-            "sagellm.watch_start",
-            (engine_id,),
-            expires_s=30,
-            countdown_s=WATCH_INTERVAL_S,
-        )
+        _watch(ctx, engine_id)
     return {"engine_id": engine_id, "state": rec.state.value if rec else None}
 
 
@@ -48,14 +53,7 @@ def watch_start(engine_id: str) -> str:
     ctx = host_context()
     status = lifecycle.check_start(ctx, engine_id)
     if status == "waiting":
-        send_to_host(
-            ctx.celery,
-            ctx.host,
-            "sagellm.watch_start",
-            (engine_id,),
-            expires_s=30,
-            countdown_s=WATCH_INTERVAL_S,
-        )
+        _watch(ctx, engine_id)
     return status
 
 
@@ -68,14 +66,7 @@ def restart_engine(engine_id: str) -> dict[str, Any]:
         return {"engine_id": engine_id, "restarted": False}
     rec = lifecycle.spawn_engine(ctx, engine_id)
     if rec is not None and rec.state is S.STARTING:
-        send_to_host(
-            ctx.celery,
-            ctx.host,
-            "sagellm.watch_start",
-            (engine_id,),
-            expires_s=30,
-            countdown_s=WATCH_INTERVAL_S,
-        )
+        _watch(ctx, engine_id)
     return {"engine_id": engine_id, "restarted": rec is not None}
 
 
@@ -91,14 +82,7 @@ def restart_engine_now(engine_id: str) -> dict[str, Any]:
     ctx = host_context()
     rec = lifecycle.manual_restart(ctx, engine_id)
     if rec is not None and rec.state is S.STARTING:
-        send_to_host(
-            ctx.celery,
-            ctx.host,
-            "sagellm.watch_start",
-            (engine_id,),
-            expires_s=30,
-            countdown_s=WATCH_INTERVAL_S,
-        )
+        _watch(ctx, engine_id)
     return {"engine_id": engine_id, "state": rec.state.value if rec else None}
 
 
