@@ -100,6 +100,12 @@ def _install_gateway(flask_app: Flask, settings: Settings) -> None:
         cluster.registry.r, gateway.in_flight
     )
     flask_app.register_blueprint(bp)
+    from app.gateway.proxy import GatewayProxy
+
+    # The proxied POST routes bypass Flask: see app/gateway/proxy.py.
+    flask_app.wsgi_app = GatewayProxy(  # type: ignore[method-assign,assignment]
+        flask_app.wsgi_app, gateway, settings.api_keys, settings.admin_token
+    )
 
 
 def _install_auth(flask_app: Flask, settings: Settings) -> None:

@@ -63,7 +63,7 @@ SETTINGS_DOC: dict[str, tuple[str, str]] = {
     "SAGELLM_API_KEYS": ("", "Comma-separated keys the gateway (/v1/*) accepts."),
     "SAGELLM_ADMIN_TOKEN": ("", "Token /v1/management requires (Bearer)."),
     "SAGELLM_API_WORKERS": ("2", "gunicorn worker processes of the API."),
-    "SAGELLM_API_THREADS": ("64", "Threads per gunicorn worker (gthread)."),
+    "SAGELLM_API_CONNECTIONS": ("1000", "Concurrent requests per gunicorn (gevent) worker."),
     "SAGELLM_FLOWER_BASIC_AUTH": ("", "user:password for Flower's UI and API."),
     "SAGELLM_API_URL": ("http://127.0.0.1:8000", "Where the CLI finds the API."),
 }
@@ -154,7 +154,7 @@ class Settings:
     api_keys: tuple[str, ...] = ()
     admin_token: str = ""
     api_workers: int = 2
-    api_threads: int = 64
+    api_connections: int = 1000
     flower_basic_auth: str = ""
 
     @property
@@ -233,7 +233,7 @@ class Settings:
             ),
             admin_token=_get(env, "SAGELLM_ADMIN_TOKEN"),
             api_workers=_int(env, "SAGELLM_API_WORKERS", 1),
-            api_threads=_int(env, "SAGELLM_API_THREADS", 1),
+            api_connections=_int(env, "SAGELLM_API_CONNECTIONS", 1),
             flower_basic_auth=_get(env, "SAGELLM_FLOWER_BASIC_AUTH"),
         )
         if settings.flower_basic_auth and ":" not in settings.flower_basic_auth:

@@ -69,11 +69,15 @@ class BackendDirectory:
     def backends(self) -> list[Backend]:
         now = time.monotonic()
         view = self._view
-        if now - view.at >= self._refresh_s:
-            with self._lock:
+        # One thread reloads; the others keep serving from the current view rather
+        # than queueing behind a Redis round trip (only the very first load waits).
+        if now - view.at >= self._refresh_s and self._lock.acquire(blocking=not view.at):
+            try:
                 if now - self._view.at >= self._refresh_s:
                     self._view = _View(now, backends_from(self._load()))
                 view = self._view
+            finally:
+                self._lock.release()
         return [b for b in view.backends if self._in_rotation(b)]
 
     def _in_rotation(self, b: Backend) -> bool:

@@ -248,7 +248,7 @@ def _check_gunicorn(argv: list[str]) -> None:
     expected = gunicorn_argv(
         "0.0.0.0:8000",
         int(SETTINGS_DOC["SAGELLM_API_WORKERS"][0]),
-        int(SETTINGS_DOC["SAGELLM_API_THREADS"][0]),
+        int(SETTINGS_DOC["SAGELLM_API_CONNECTIONS"][0]),
     )
     assert argv[1:] == expected[expected.index("--bind") :]
 

@@ -1,0 +1,218 @@
+"""The gateway's request path as plain WSGI, in front of Flask.
+
+``POST /v1/chat/completions``, ``/v1/completions`` and ``/v1/embeddings`` are answered
+here without Flask's request context and routing: on a 2-core head node CPU per
+request decides the gateway's throughput (see bench/gateway.py). Everything else
+falls through to the Flask app. Choice is discovery's and the balancer's; bytes are
+the transport's; this module only glues them and keeps the books (in-flight counts,
+metrics).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import json
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from app.core.errors import SagellmError
+from app.core.models import EngineKind
+from app.gateway.discovery import Backend, NoBackend
+from app.gateway.routes import RETRY_AFTER_S, Gateway
+from app.gateway.transport import Upstream, UpstreamError
+from app.metrics import GATEWAY_ERRORS, GATEWAY_LATENCY, GATEWAY_REQUESTS
+
+StartResponse = Callable[..., Any]
+WsgiApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
+
+ROUTES = {
+    "/v1/chat/completions": EngineKind.LLM,
+    "/v1/completions": EngineKind.LLM,
+    "/v1/embeddings": EngineKind.EMBEDDING,
+}
+# Not forwarded back (hop-by-hop, or set by our own server).
+_SKIP = frozenset(
+    {"content-length", "transfer-encoding", "connection", "keep-alive", "date", "server"}
+)
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    401: "Unauthorized",
+    404: "Not Found",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+}
+
+
+def _status(code: int) -> str:
+    return f"{code} {_REASONS.get(code, 'Status')}"
+
+
+def _error(
+    start: StartResponse,
+    code: int,
+    message: str,
+    *,
+    kind: str = "invalid_request_error",
+    param: str | None = None,
+    err_code: str | None = None,
+    extra: list[tuple[str, str]] | None = None,
+) -> list[bytes]:
+    body = json.dumps(
+        {"error": {"message": message, "type": kind, "param": param, "code": err_code}}
+    ).encode()
+    start(
+        _status(code),
+        [("Content-Type", "application/json"), ("Content-Length", str(len(body))), *(extra or [])],
+    )
+    return [body]
+
+
+class GatewayProxy:
+    """WSGI middleware: the proxied OpenAI routes, then the wrapped app."""
+
+    def __init__(
+        self, app: WsgiApp, gateway: Gateway, api_keys: tuple[str, ...], admin_token: str
+    ) -> None:
+        self.app = app
+        self.gw = gateway
+        self.allowed = tuple(k for k in (*api_keys, admin_token) if k) if api_keys else ()
+
+    def __call__(self, environ: dict[str, Any], start: StartResponse) -> Iterable[bytes]:
+        kind = ROUTES.get(environ.get("PATH_INFO", ""))
+        if kind is None or environ.get("REQUEST_METHOD") != "POST":
+            return self.app(environ, start)
+        if self.allowed and not self._authorized(environ):
+            return _error(
+                start,
+                401,
+                "missing or invalid API key: send 'Authorization: Bearer <key>'",
+                kind="authentication_error",
+                err_code="invalid_api_key",
+                extra=[("WWW-Authenticate", "Bearer")],
+            )
+        return self._proxy(environ, start, kind)
+
+    def _authorized(self, environ: dict[str, Any]) -> bool:
+        auth = environ.get("HTTP_AUTHORIZATION", "")
+        token = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+        return any(hmac.compare_digest(token, k) for k in self.allowed)
+
+    def _proxy(
+        self, environ: dict[str, Any], start: StartResponse, kind: EngineKind
+    ) -> Iterable[bytes]:
+        started = time.perf_counter()
+        path = environ["PATH_INFO"]
+        try:
+            length = int(environ.get("CONTENT_LENGTH") or 0)
+        except ValueError:
+            length = 0
+        raw = environ["wsgi.input"].read(length) if length > 0 else b""
+        try:
+            payload = json.loads(raw)
+        except ValueError:
+            return _error(start, 400, "the request body must be JSON")
+        if not isinstance(payload, dict):
+            return _error(start, 400, "the request body must be a JSON object")
+        model = payload.get("model")
+        if model is not None and not isinstance(model, str):
+            return _error(start, 400, "model: must be a string", param="model")
+        gw = self.gw
+        try:
+            candidates = gw.directory.resolve(model, kind)
+        except SagellmError as exc:
+            if isinstance(exc, NoBackend):
+                GATEWAY_ERRORS.labels(model="", reason="no_backend").inc()
+                return _error(
+                    start,
+                    503,
+                    exc.message,
+                    kind="service_unavailable",
+                    err_code="no_backend",
+                    extra=[("Retry-After", str(RETRY_AFTER_S))],
+                )
+            GATEWAY_ERRORS.labels(model=model or "", reason="bad_request").inc()
+            return _error(start, exc.status_code, exc.message, param=exc.field)
+        stream = payload.get("stream") is True
+        order = gw.balancer.order(candidates, gw.in_flight.snapshot())[:2]  # retry once
+        headers = {
+            "Content-Type": "application/json",
+            "Accept": "text/event-stream" if stream else "application/json",
+        }
+        last_error = ""
+        for attempt, backend in enumerate(order):
+            final = attempt == len(order) - 1
+            body = raw
+            if model != backend.served_name:
+                # The engine knows only its served name; clients may use model id or label.
+                body = json.dumps({**payload, "model": backend.served_name}).encode()
+            gw.in_flight.inc(backend.engine_id)
+            try:
+                up = gw.transport.open(backend.base_url, path, body, headers)
+            except UpstreamError as exc:
+                self._failed(backend, "upstream_connect")
+                last_error = f"{backend.engine_id}: {exc}"
+                continue
+            if up.status_code >= 500 and not final:
+                with contextlib.suppress(UpstreamError):
+                    gw.transport.read(up)
+                self._failed(backend, "upstream_5xx")
+                last_error = f"{backend.engine_id}: HTTP {up.status_code}"
+                continue
+            return self._respond(start, up, backend, stream, started)
+        GATEWAY_ERRORS.labels(
+            model=order[0].served_name if order else "", reason="all_failed"
+        ).inc()
+        return _error(
+            start,
+            502,
+            f"every backend for {model or kind.value} failed ({last_error})",
+            kind="upstream_error",
+            extra=[("Retry-After", str(RETRY_AFTER_S))],
+        )
+
+    def _failed(self, backend: Backend, reason: str) -> None:
+        self.gw.in_flight.dec(backend.engine_id)
+        self.gw.directory.eject(backend.engine_id)
+        GATEWAY_ERRORS.labels(model=backend.served_name, reason=reason).inc()
+
+    def _done(self, backend: Backend, code: int, started: float) -> None:
+        self.gw.in_flight.dec(backend.engine_id)
+        GATEWAY_REQUESTS.labels(
+            model=backend.served_name, engine=backend.engine_id, code=str(code)
+        ).inc()
+        GATEWAY_LATENCY.labels(model=backend.served_name, engine=backend.engine_id).observe(
+            time.perf_counter() - started
+        )
+
+    def _respond(
+        self, start: StartResponse, up: Upstream, backend: Backend, stream: bool, started: float
+    ) -> Iterable[bytes]:
+        headers = [(k, v) for k, v in up.headers() if k.lower() not in _SKIP]
+        headers.append(("X-Sagellm-Engine", backend.engine_id))
+        code = up.status_code
+        if not (stream and up.header("content-type").startswith("text/event-stream")):
+            try:
+                content = self.gw.transport.read(up)
+            except UpstreamError as exc:
+                self._failed(backend, "upstream_connect")
+                return _error(start, 502, f"{backend.engine_id}: {exc}", kind="upstream_error")
+            self._done(backend, code, started)
+            headers.append(("Content-Length", str(len(content))))
+            start(_status(code), headers)
+            return [content]
+        headers += [("Cache-Control", "no-cache"), ("X-Accel-Buffering", "no")]
+        start(_status(code), headers)
+        return self._relay(up, backend, code, started)
+
+    def _relay(self, up: Upstream, backend: Backend, code: int, started: float) -> Iterator[bytes]:
+        try:
+            yield from self.gw.transport.chunks(up)
+        except UpstreamError:
+            # The engine broke mid-stream: end ours; the client sees no [DONE].
+            GATEWAY_ERRORS.labels(model=backend.served_name, reason="stream_broken").inc()
+        finally:
+            # Also runs when the client went away: the WSGI server closes this generator.
+            self._done(backend, code, started)
