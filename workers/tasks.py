@@ -10,7 +10,7 @@ import logging
 import time
 from typing import Any
 
-from app.core.models import EngineState
+from app.core.models import EngineRecord, EngineState
 from app.core.state.client import connect
 from app.core.state.ledger import Ledger
 from app.core.state.registry import Registry
@@ -37,13 +37,17 @@ def _watch(ctx: HostContext, engine_id: str) -> None:
     )
 
 
+def _watch_if_starting(ctx: HostContext, rec: EngineRecord | None) -> None:
+    if rec is not None and rec.state is S.STARTING:
+        _watch(ctx, rec.id)
+
+
 @celery_app.task(name="sagellm.start_engine")
 def start_engine(engine_id: str) -> dict[str, Any]:
     """Spawn the engine and start watching its readiness."""
     ctx = host_context()
     rec = lifecycle.spawn_engine(ctx, engine_id)
-    if rec is not None and rec.state is S.STARTING:
-        _watch(ctx, engine_id)
+    _watch_if_starting(ctx, rec)
     return {"engine_id": engine_id, "state": rec.state.value if rec else None}
 
 
@@ -65,8 +69,7 @@ def restart_engine(engine_id: str) -> dict[str, Any]:
     if rec is None or rec.next_restart_at is None or time.time() < rec.next_restart_at - 0.05:
         return {"engine_id": engine_id, "restarted": False}
     rec = lifecycle.spawn_engine(ctx, engine_id)
-    if rec is not None and rec.state is S.STARTING:
-        _watch(ctx, engine_id)
+    _watch_if_starting(ctx, rec)
     return {"engine_id": engine_id, "restarted": rec is not None}
 
 
@@ -81,8 +84,7 @@ def restart_engine_now(engine_id: str) -> dict[str, Any]:
     """A restart a person asked for (API/CLI)."""
     ctx = host_context()
     rec = lifecycle.manual_restart(ctx, engine_id)
-    if rec is not None and rec.state is S.STARTING:
-        _watch(ctx, engine_id)
+    _watch_if_starting(ctx, rec)
     return {"engine_id": engine_id, "state": rec.state.value if rec else None}
 
 

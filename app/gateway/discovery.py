@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from app.core.errors import NotFoundError, SagellmError, ValidationError
+from app.core.errors import SagellmError, ValidationError
 from app.core.models import EngineKind, EngineRecord, EngineState
 
 
@@ -139,6 +139,3 @@ def _start_hint(model: str | None, kind: EngineKind) -> str:
         f"no healthy engine serves model {model!r}; start one with "
         f"`flask sagellm engine start {model}{kind_flag}`"
     )
-
-
-__all__ = ["Backend", "BackendDirectory", "NoBackend", "NotFoundError"]

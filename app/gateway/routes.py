@@ -12,7 +12,6 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app
 
-from app.core.errors import ValidationError
 from app.gateway.balancing import BalancingPolicy
 from app.gateway.discovery import Backend, BackendDirectory
 from app.gateway.inflight import InFlight
@@ -78,6 +77,3 @@ def make_gateway(load: Any, policy: str, read_timeout_s: float, refresh_s: float
         transport=Transport(read_timeout_s=read_timeout_s),
         in_flight=InFlight(),
     )
-
-
-__all__ = ["Gateway", "ValidationError", "bp", "make_gateway"]

@@ -17,7 +17,7 @@ import socket
 import threading
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 # Connecting must be quick (or we fail over); engines may take long for a first token.
@@ -34,7 +34,6 @@ class Upstream:
     response: http.client.HTTPResponse
     conn: http.client.HTTPConnection
     key: tuple[str, int]
-    done: bool = field(default=False)
 
     @property
     def status_code(self) -> int:
