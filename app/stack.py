@@ -165,7 +165,8 @@ class Stack:
         )
         self._wait_api()
         self._say(f"API http://{self.api_bind}  docs http://{self.api_bind}/docs")
-        self._say("try: flask sagellm preset apply -n cpu-demo --yes   (Ctrl-C stops all)")
+        cli = Path(sys.executable).parent / "sagellm"
+        self._say(f"try: {cli} preset apply -n cpu-demo --yes   (Ctrl-C stops all)")
 
     def _build_demo_model(self) -> None:
         from app.core.presets import demo_llm_dir
