@@ -614,6 +614,26 @@ def engine_prune(older_than: float | None) -> None:
     click.echo(f"pruned {len(pruned)} record(s)" + (f": {', '.join(pruned)}" if pruned else ""))
 
 
+# ---------------------------------------------------------------------------- hosts
+
+
+@sagellm.group()
+def host() -> None:
+    """Hosts of the cluster."""
+
+
+@host.command("forget")
+@click.argument("name")
+def host_forget(name: str) -> None:
+    """Forget a DOWN host: its engines end FAILED and their reservations are released."""
+    data = _client().request("DELETE", f"/v1/management/hosts/{name}")
+    ended = data.get("engines") or []
+    click.echo(
+        f"host {name} forgotten; {len(ended)} engine(s) ended"
+        + (f": {', '.join(ended)}" if ended else "")
+    )
+
+
 # ---------------------------------------------------------------------------- presets
 
 

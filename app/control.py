@@ -256,3 +256,44 @@ def prune_records(registry: Registry, ledger: Ledger, older_than_s: float) -> li
         if registry.delete(rec.id):
             pruned.append(rec.id)
     return pruned
+
+
+def forget_host(cluster: Cluster, name: str) -> list[str]:
+    """Forget a DOWN host for good (decommissioned, or gone for days): its engines end
+    FAILED (STOPPING ones STOPPED), their reservations are released, the host and its
+    GPU capacity leave the cluster. Returns the engines it ended. A live host is
+    refused: stop its worker first."""
+    from app.core.errors import NotFoundError
+
+    host = cluster.registry.host(name)
+    if host is None:
+        raise NotFoundError(f"host {name!r} is not known")
+    if host.up:
+        raise IllegalTransition(
+            f"host {name} is up (heartbeat {host.heartbeat_age_s:.0f}s ago): stop its worker "
+            "before forgetting it"
+        )
+    ended = []
+    for rec in cluster.registry.engines(host=name):
+        if rec.state in (S.STOPPED, S.FAILED) and rec.next_restart_at is None:
+            cluster.ledger.release(rec.id)
+            continue
+
+        def end(r: EngineRecord) -> None:
+            if r.state is S.STOPPING:
+                r.transition(S.STOPPED)
+            else:
+                if r.state is S.RUNNING:
+                    r.transition(S.UNHEALTHY)
+                if r.state is not S.FAILED:
+                    r.transition(S.FAILED)
+                r.last_error = f"host {name} was forgotten"
+            r.next_restart_at = None
+            r.pid = r.process_create_time = None
+
+        cluster.registry.update(rec.id, end)
+        cluster.ledger.release(rec.id)
+        ended.append(rec.id)
+    cluster.ledger.forget_host(name)
+    cluster.registry.forget_host(name)
+    return ended

@@ -143,6 +143,24 @@ class Hosts(MethodView):
         return views.host_rows(cluster().registry.hosts())
 
 
+class ForgottenSchema(ma.Schema):
+    host = ma.fields.String()
+    engines = ma.fields.List(ma.fields.String())
+
+
+@blp.route("/hosts/<name>")
+class HostOne(MethodView):
+    @blp.response(200, ForgottenSchema)
+    @blp.doc(
+        responses={"404": {"description": "Unknown host"}, "409": {"description": "The host is up"}}
+    )
+    def delete(self, name: str) -> dict[str, Any]:
+        """Forget a DOWN host: its engines end FAILED, their reservations are released."""
+        from app.control import forget_host
+
+        return {"host": name, "engines": forget_host(cluster(), name)}
+
+
 @blp.route("/backends")
 class Backends(MethodView):
     @blp.response(200, BackendsSchema)

@@ -7,6 +7,7 @@ path with workers is covered by the CLI tests against the real stack."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -188,3 +189,26 @@ def test_openapi_and_offline_docs(api: FlaskClient) -> None:
     assert "/docs/static/swagger-ui-bundle.js" in page
     assert "cdn" not in page.lower() and "https://" not in page
     assert api.get("/docs/static/swagger-ui-bundle.js").status_code == 200
+
+
+def test_forgetting_a_down_host_ends_its_engines_and_releases_everything(
+    api: FlaskClient, real_redis: redis.Redis
+) -> None:
+    add_host(real_redis, "a", "2x80")
+    add_host(real_redis, "b", "2x80")
+    eid = api.post(E, json={"model": "m", "required_memory_gb": 5, "host": "b"}).json["engine"]
+    other = api.post(E, json={"model": "m", "required_memory_gb": 5, "host": "a"}).json["engine"]
+    Registry(real_redis).transition(eid["id"], EngineState.LOST, error="host b is down")
+    # b is up: refused, nothing changes
+    r = api.delete("/v1/management/hosts/b")
+    assert r.status_code == 409 and "stop its worker" in r.json["message"]
+    add_host(real_redis, "b", "2x80", ttl=0.001)  # its heartbeat expires: DOWN
+    time.sleep(0.05)
+    r = api.delete("/v1/management/hosts/b")
+    assert r.status_code == 200, r.json
+    assert r.json["engines"] == [eid["id"]]
+    gone = api.get(f"{E}/{eid['id']}").json
+    assert gone["state"] == "FAILED" and gone["last_error"] == "host b was forgotten"
+    assert _ledger(api).reserved_engines() == {other["id"]}
+    assert [h["name"] for h in api.get("/v1/management/hosts").json] == ["a"]
+    assert api.delete("/v1/management/hosts/b").status_code == 404

@@ -274,6 +274,10 @@ class Ledger:
         )
         return bool(done)
 
+    def forget_host(self, host: str) -> None:
+        """Drop a host's GPU capacity (its reservations are released one by one first)."""
+        self.r.delete(keys.gpu_capacity(host))
+
     # ------------------------------------------------------------------ reading
     def reservation(self, engine_id: str) -> Reservation | None:
         raw: dict[bytes, bytes] = self.r.hgetall(keys.engine_reservation(engine_id))  # type: ignore[assignment]
