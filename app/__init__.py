@@ -109,28 +109,22 @@ def _install_gateway(flask_app: Flask, settings: Settings) -> None:
 
 
 def _install_auth(flask_app: Flask, settings: Settings) -> None:
-    """Optional bearer tokens: API keys for the gateway, an admin token for management."""
-    import hmac
-
+    """Optional bearer tokens: API keys for the gateway, an admin token for management.
+    (The proxied POST routes check the same tokens in ``app.gateway.proxy``.)"""
     from flask import request
 
+    from app.access import gateway_tokens, token_allowed
     from app.gateway.routes import openai_error
 
     admin = settings.admin_token
-    keys = settings.api_keys
-
-    def _bearer() -> str:
-        auth = request.headers.get("Authorization", "")
-        return auth[7:].strip() if auth.lower().startswith("bearer ") else ""
-
-    def _matches(token: str, allowed: tuple[str, ...]) -> bool:
-        return any(hmac.compare_digest(token, a) for a in allowed)
+    gateway = gateway_tokens(settings.api_keys, admin)
 
     @flask_app.before_request
     def _check() -> Any:
         path = request.path
+        auth = request.headers.get("Authorization", "")
         if path.startswith("/v1/management"):
-            if admin and not _matches(_bearer(), (admin,)):
+            if admin and not token_allowed(auth, (admin,)):
                 return (
                     {
                         "code": 401,
@@ -142,7 +136,7 @@ def _install_auth(flask_app: Flask, settings: Settings) -> None:
                     401,
                     {"WWW-Authenticate": "Bearer"},
                 )
-        elif path.startswith("/v1/") and keys and not _matches(_bearer(), (*keys, admin)):
+        elif path.startswith("/v1/") and gateway and not token_allowed(auth, gateway):
             return openai_error(
                 401,
                 "missing or invalid API key: send 'Authorization: Bearer <key>'",

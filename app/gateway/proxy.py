@@ -11,12 +11,12 @@ metrics).
 from __future__ import annotations
 
 import contextlib
-import hmac
 import json
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+from app.access import gateway_tokens, token_allowed
 from app.core.errors import SagellmError
 from app.core.models import EngineKind
 from app.gateway.discovery import Backend, NoBackend
@@ -78,13 +78,13 @@ class GatewayProxy:
     ) -> None:
         self.app = app
         self.gw = gateway
-        self.allowed = tuple(k for k in (*api_keys, admin_token) if k) if api_keys else ()
+        self.allowed = gateway_tokens(api_keys, admin_token)
 
     def __call__(self, environ: dict[str, Any], start: StartResponse) -> Iterable[bytes]:
         kind = ROUTES.get(environ.get("PATH_INFO", ""))
         if kind is None or environ.get("REQUEST_METHOD") != "POST":
             return self.app(environ, start)
-        if self.allowed and not self._authorized(environ):
+        if self.allowed and not token_allowed(environ.get("HTTP_AUTHORIZATION", ""), self.allowed):
             return _error(
                 start,
                 401,
@@ -94,11 +94,6 @@ class GatewayProxy:
                 extra=[("WWW-Authenticate", "Bearer")],
             )
         return self._proxy(environ, start, kind)
-
-    def _authorized(self, environ: dict[str, Any]) -> bool:
-        auth = environ.get("HTTP_AUTHORIZATION", "")
-        token = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
-        return any(hmac.compare_digest(token, k) for k in self.allowed)
 
     def _proxy(
         self, environ: dict[str, Any], start: StartResponse, kind: EngineKind

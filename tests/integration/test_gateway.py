@@ -224,3 +224,24 @@ def test_api_keys_and_admin_token(env: ClusterEnv) -> None:
         assert httpx.get(f"{server.url}/health").status_code == 200
     finally:
         server.close()
+
+
+def test_api_keys_without_an_admin_token_still_require_a_key(env: ClusterEnv) -> None:
+    server = _gateway(env, SAGELLM_API_KEYS="k1")
+    try:
+        for method, path in (("GET", "/v1/models"), ("POST", "/v1/chat/completions")):
+            r = httpx.request(method, f"{server.url}{path}", json={})
+            assert r.status_code == 401, (path, r.text)
+            r = httpx.request(
+                method,
+                f"{server.url}{path}",
+                json={},
+                headers={"Authorization": "Basic Zm9vOmJhcg=="},
+            )
+            assert r.status_code == 401, (path, r.text)
+        ok = httpx.get(f"{server.url}/v1/models", headers={"Authorization": "Bearer k1"})
+        assert ok.status_code == 200
+        # no admin token configured: management stays open
+        assert httpx.get(f"{server.url}/v1/management/hosts").status_code == 200
+    finally:
+        server.close()
