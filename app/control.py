@@ -6,7 +6,7 @@ Called by the REST API and the tests; the host's worker does the rest.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from celery import Celery
@@ -145,6 +145,22 @@ def stop_engine(cluster: Cluster, engine_id: str) -> EngineRecord:
     return rec
 
 
+def _poll(
+    cluster: Cluster,
+    engine_id: str,
+    done: Callable[[EngineRecord], bool],
+    timeout_s: float,
+    poll_s: float,
+) -> EngineRecord:
+    """Re-read the record until ``done`` holds or time runs out; the last record seen."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        rec = cluster.registry.get(engine_id)
+        if done(rec) or time.monotonic() >= deadline:
+            return rec
+        time.sleep(poll_s)
+
+
 def wait_for_state(
     cluster: Cluster,
     engine_id: str,
@@ -154,12 +170,7 @@ def wait_for_state(
 ) -> EngineRecord:
     """Poll until the engine is in one of ``states``; returns the last record seen."""
     wanted = set(states)
-    deadline = time.monotonic() + timeout_s
-    while True:
-        rec = cluster.registry.get(engine_id)
-        if rec.state in wanted or time.monotonic() >= deadline:
-            return rec
-        time.sleep(poll_s)
+    return _poll(cluster, engine_id, lambda r: r.state in wanted, timeout_s, poll_s)
 
 
 def settled(rec: EngineRecord) -> bool:
@@ -173,12 +184,7 @@ def wait_until_settled(
     cluster: Cluster, engine_id: str, timeout_s: float, poll_s: float = 0.2
 ) -> EngineRecord:
     """Poll until the engine's start has an outcome (see ``settled``) or time runs out."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        rec = cluster.registry.get(engine_id)
-        if settled(rec) or time.monotonic() >= deadline:
-            return rec
-        time.sleep(poll_s)
+    return _poll(cluster, engine_id, settled, timeout_s, poll_s)
 
 
 def restart_engine(cluster: Cluster, engine_id: str) -> EngineRecord:

@@ -11,6 +11,7 @@ from flask_smorest import Blueprint
 from app.api.context import cluster
 from app.api.schemas import EngineSchema, TaskSchema
 from app.core import status as views
+from app.core.state.registry import HostRecord
 
 blp = Blueprint(
     "cluster",
@@ -82,9 +83,9 @@ class StatusSchema(ma.Schema):
     counts = ma.fields.Dict(keys=ma.fields.String(), values=ma.fields.Integer())
 
 
-def _gpus() -> list[dict[str, Any]]:
+def _gpus(hosts: list[HostRecord] | None = None) -> list[dict[str, Any]]:
     c = cluster()
-    hosts = c.registry.hosts()
+    hosts = c.registry.hosts() if hosts is None else hosts
     caps = {h.name: c.ledger.capacity(h.name) for h in hosts}
     return views.gpu_rows(hosts, caps, c.settings.gpu_safety_margin_mib)
 
@@ -118,9 +119,10 @@ class Status(MethodView):
         counts: dict[str, int] = {}
         for rec in engines:
             counts[rec.state.value] = counts.get(rec.state.value, 0) + 1
+        hosts = c.registry.hosts()
         return {
-            "hosts": views.host_rows(c.registry.hosts()),
-            "gpus": _gpus(),
+            "hosts": views.host_rows(hosts),
+            "gpus": _gpus(hosts),
             "engines": [r.to_dict() for r in engines],
             "reservations": reservations,
             "counts": counts,

@@ -124,9 +124,6 @@ class BackendDirectory:
             )
         raise NoBackend(_start_hint(model, kind))
 
-    def models(self) -> list[Backend]:
-        return self.backends()
-
 
 def _start_hint(model: str | None, kind: EngineKind) -> str:
     kind_flag = " --kind embedding" if kind is EngineKind.EMBEDDING else ""

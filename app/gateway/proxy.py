@@ -20,7 +20,7 @@ from app.access import gateway_tokens, token_allowed
 from app.core.errors import SagellmError
 from app.core.models import EngineKind
 from app.gateway.discovery import Backend, NoBackend
-from app.gateway.routes import RETRY_AFTER_S, Gateway
+from app.gateway.routes import RETRY_AFTER_S, Gateway, openai_error_body
 from app.gateway.transport import Upstream, UpstreamError
 from app.metrics import GATEWAY_ERRORS, GATEWAY_LATENCY, GATEWAY_REQUESTS
 
@@ -60,9 +60,7 @@ def _error(
     err_code: str | None = None,
     extra: list[tuple[str, str]] | None = None,
 ) -> list[bytes]:
-    body = json.dumps(
-        {"error": {"message": message, "type": kind, "param": param, "code": err_code}}
-    ).encode()
+    body = openai_error_body(message, kind=kind, param=param, code=err_code)
     start(
         _status(code),
         [("Content-Type", "application/json"), ("Content-Length", str(len(body))), *(extra or [])],

@@ -34,6 +34,14 @@ def _gw() -> Gateway:
     return gateway
 
 
+def openai_error_body(
+    message: str, *, kind: str, param: str | None = None, code: str | None = None
+) -> bytes:
+    """OpenAI's error shape, for the Flask routes and the WSGI proxy alike."""
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return json.dumps(body).encode()
+
+
 def openai_error(
     status: int,
     message: str,
@@ -43,8 +51,11 @@ def openai_error(
     code: str | None = None,
     headers: dict[str, str] | None = None,
 ) -> Response:
-    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
-    resp = Response(json.dumps(body), status=status, mimetype="application/json")
+    resp = Response(
+        openai_error_body(message, kind=kind, param=param, code=code),
+        status=status,
+        mimetype="application/json",
+    )
     for k, v in (headers or {}).items():
         resp.headers[k] = v
     return resp
@@ -53,7 +64,7 @@ def openai_error(
 @bp.get("/v1/models")
 def list_models() -> Response:
     seen: dict[str, Backend] = {}
-    for b in _gw().directory.models():
+    for b in _gw().directory.backends():
         seen.setdefault(b.served_name, b)
     data = [
         {
