@@ -8,15 +8,16 @@ import uuid
 
 import click
 
+from app.settings import Settings
+
 
 @click.group(name="sagellm", help="sagellm: control plane for LLM and embedding engines.")
 def sagellm() -> None:
     pass
 
 
-def _settings():  # type: ignore[no-untyped-def]
+def _settings() -> Settings:
     from app.core.errors import ConfigError
-    from app.settings import Settings
 
     try:
         return Settings.from_env()

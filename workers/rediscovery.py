@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import psutil
 
-from app.core.models import LIVE_STATES, EngineState
+from app.core.models import LIVE_STATES, EngineRecord, EngineState
 from workers import lifecycle, processes
 from workers.context import ENGINE_HOST_ENV, HostContext
 from workers.heartbeat import publish_heartbeat
@@ -108,7 +108,7 @@ def rediscover(ctx: HostContext) -> RediscoveryReport:
         ):
             # The record lost track of its process (e.g. a worker died between spawn
             # and writing the pid): adopt the process that carries its tag.
-            def relink(r, p=proc):  # type: ignore[no-untyped-def]
+            def relink(r: EngineRecord, p: processes.TaggedProcess = proc) -> None:
                 r.pid, r.process_create_time, r.next_restart_at = p.pid, p.create_time, None
 
             rec = ctx.registry.update(eid, relink)
