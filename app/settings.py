@@ -63,7 +63,7 @@ SETTINGS_DOC: dict[str, tuple[str, str]] = {
     "SAGELLM_API_KEYS": ("", "Comma-separated keys the gateway (/v1/*) accepts."),
     "SAGELLM_ADMIN_TOKEN": ("", "Token /v1/management requires (Bearer)."),
     "SAGELLM_API_WORKERS": ("2", "gunicorn worker processes of the API."),
-    "SAGELLM_API_CONNECTIONS": ("1000", "Concurrent requests per gunicorn (gevent) worker."),
+    "SAGELLM_API_CONNECTIONS": ("1000", "Concurrent requests and streams per gunicorn worker."),
     "SAGELLM_FLOWER_BASIC_AUTH": ("", "user:password for Flower's UI and API."),
     "SAGELLM_API_URL": ("http://127.0.0.1:8000", "Where the CLI finds the API."),
 }

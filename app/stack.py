@@ -31,19 +31,24 @@ def _script(name: str) -> list[str]:
     return [str(exe)] if exe.exists() else [sys.executable, "-m", name]
 
 
+API_WORKER_CLASS = "app.wsgi_worker.ApiWorker"
+# Seconds a keep-alive connection may sit idle between requests; longer than the
+# 5 s httpx (and so the openai SDK) keeps idle connections, so clients close first.
+API_KEEPALIVE_S = 20
+
+
 def gunicorn_argv(
     bind: str = API_BIND,
     workers: int = 2,
     connections: int = 1000,
-    worker_class: str = "gevent",
+    worker_class: str = API_WORKER_CLASS,
     access_log: bool = False,
 ) -> list[str]:
     """The API server command (also used in docker-compose).
 
-    gevent, not gthread: the gateway is a proxy that mostly waits on engines, and on
-    the 2-core benchmark machine gevent kept 88% of direct throughput at concurrency 32
-    where gthread kept 77-81% and streams fared worse still (README, Benchmarks).
-    Each worker holds ``connections`` concurrent requests and streams.
+    The worker class is gevent-based (``app.wsgi_worker``: why, and what was measured).
+    Each worker holds ``connections`` concurrent requests and streams; ``gthread``
+    (for comparisons in ``bench/gateway.py``) gets that many threads instead.
     """
     argv = [
         *_script("gunicorn"),
@@ -52,14 +57,15 @@ def gunicorn_argv(
         "--worker-class", worker_class,
         "--timeout", str(GUNICORN_TIMEOUT_S),
         "--graceful-timeout", "30",
+        "--keep-alive", str(API_KEEPALIVE_S),
         # gunicorn 23+ opens a control socket in ~/.gunicorn by default; two servers on
         # one machine would share it.
         "--no-control-socket",
     ]  # fmt: skip
-    if worker_class == "gevent":
-        argv += ["--worker-connections", str(connections)]
-    else:
+    if worker_class == "gthread":
         argv += ["--threads", str(connections)]
+    else:
+        argv += ["--worker-connections", str(connections)]
     if access_log:  # off by default: it costs CPU on every proxied request
         argv += ["--access-logfile", "-"]
     return [*argv, "app:create_app()"]

@@ -1,6 +1,6 @@
 """The gateway's added latency and its share of direct throughput, in one run.
 
-    python -m bench.gateway [--quick] [--worker-class gevent|gthread] [--json out.json]
+    python -m bench.gateway [--quick] [--worker-class CLASS] [--json out.json]
 
 Sets up everything on 127.0.0.1 by itself: a throw-away redis-server, two fake
 OpenAI backends (``bench.fake_openai_backend``: one instant, one taking 20 ms a
@@ -24,6 +24,7 @@ import platform
 import resource
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -39,6 +40,12 @@ TARGET_SHARE_PCT = 90.0
 SLOW_SERVICE_MS = 20.0
 STREAM_CHUNKS = 16
 HOST = "127.0.0.1"
+WORKER_CLASSES = {
+    "production": "app.wsgi_worker.ApiWorker",
+    "gevent": "gevent",
+    "gevent_pywsgi": "gevent_pywsgi",
+    "gthread": "gthread",
+}
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -227,7 +234,31 @@ def run_load(spec: dict[str, Any]) -> dict[str, Any]:
         "ttfb_p50_ms": _pct(firsts, 0.50) * 1000,
         "sent": spec["n"] + warmup * c,  # with the warm-up, for CPU per request
         "client_cpu_us": cpu / len(latencies) * 1e6 if latencies else math.nan,
+        "latencies_s": latencies,  # pooled over rounds by _combine, then dropped
+        "firsts_s": firsts,
     }
+
+
+def _combine(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One target's rounds of a cell as one result: throughput is the median round's
+    (robust to a round the machine's scheduler was unkind to), latency percentiles are
+    over all rounds' requests, CPU per request is the mean."""
+    latencies = sorted(x for r in runs for x in r["latencies_s"])
+    firsts = sorted(x for r in runs for x in r["firsts_s"])
+    out = {
+        "requests": sum(r["requests"] for r in runs),
+        "errors": sum(r["errors"] for r in runs),
+        "first_errors": sorted({e for r in runs for e in r["first_errors"]})[:3],
+        "rounds_req_s": [round(r["req_s"], 1) for r in runs],
+        "req_s": statistics.median(r["req_s"] for r in runs),
+        "p50_ms": _pct(latencies, 0.50) * 1000,
+        "p99_ms": _pct(latencies, 0.99) * 1000,
+        "ttfb_p50_ms": _pct(firsts, 0.50) * 1000,
+    }
+    for key in ("client_cpu_us", "backend_cpu_us", "gateway_cpu_us"):
+        if key in runs[0]:
+            out[key] = statistics.fmean(r[key] for r in runs)
+    return out
 
 
 def _pct(sorted_values: list[float], q: float) -> float:
@@ -353,7 +384,7 @@ def gunicorn_command(
     bind: str, workers: int, threads: int, worker_class: str, access_log: bool
 ) -> list[str]:
     """Production's argv (``app.stack.gunicorn_argv``), with the benchmark's knobs
-    (``threads`` is gthread's thread count or gevent's worker connections)."""
+    (``threads`` is gthread's thread count, else the worker connections)."""
     from app.stack import gunicorn_argv
 
     return gunicorn_argv(bind, workers, threads, worker_class, access_log)
@@ -387,6 +418,13 @@ def _cpu_s(procs: list[subprocess.Popen[bytes]]) -> float:
         except psutil.NoSuchProcess:
             pass
     return total
+
+
+def _gunicorn_parser() -> str:
+    """Which HTTP parser gunicorn's own workers use here (``--http-parser auto``)."""
+    import importlib.util
+
+    return "gunicorn_h1c (C)" if importlib.util.find_spec("gunicorn_h1c") else "pure Python"
 
 
 def _body(served_name: str, stream: bool) -> str:
@@ -431,7 +469,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             SAGELLM_REDIS_URL=redis.url,
             SAGELLM_HOST_NAME="bench",
             SAGELLM_DATA_DIR=str(tmp / "data"),
+            # As `sagellm up` and docker-compose run it: metrics shared by the workers.
+            PROMETHEUS_MULTIPROC_DIR=str(tmp / "prometheus"),
         )
+        (tmp / "prometheus").mkdir()
         gw_argv = gunicorn_command(
             f"{HOST}:{gw_port}", args.workers, args.threads, args.worker_class, args.access_log
         )
@@ -450,25 +491,35 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 for c, n in sorted(plan.counts.items()):
                     cell = Cell(plan.label, plan.service_ms, stream, c)
                     backend = backends[plan.served_name]
-                    for target, port in (("direct", ports[plan.served_name]), ("gateway", gw_port)):
-                        spec = {
-                            "host": HOST,
-                            "port": port,
-                            "path": "/v1/chat/completions",
-                            "body": _body(plan.served_name, stream),
-                            "n": n,
-                            "concurrency": c,
-                            "warmup": max(30, 4 * c) if args.quick else max(100, 10 * c),
-                        }
-                        cpu0 = (_cpu_s([backend]), _cpu_s([gunicorn]))
-                        res = _loadgen(spec)
-                        sent = res["sent"]
-                        res["backend_cpu_us"] = (_cpu_s([backend]) - cpu0[0]) / sent * 1e6
-                        if target == "gateway":
-                            res["gateway_cpu_us"] = (_cpu_s([gunicorn]) - cpu0[1]) / sent * 1e6
-                        setattr(cell, target, res)
-                        if gunicorn.poll() is not None:
-                            raise RuntimeError(f"gunicorn exited; see {gw_log}")
+                    runs: dict[str, list[dict[str, Any]]] = {"direct": [], "gateway": []}
+                    # Direct and gateway alternate, round by round, so a slow spell of
+                    # the machine does not land on one side only.
+                    for _ in range(args.rounds if c > 1 else 1):
+                        for target, port in (
+                            ("direct", ports[plan.served_name]),
+                            ("gateway", gw_port),
+                        ):
+                            spec = {
+                                "host": HOST,
+                                "port": port,
+                                "path": "/v1/chat/completions",
+                                "body": _body(plan.served_name, stream),
+                                "n": n,
+                                "concurrency": c,
+                                "warmup": max(30, 4 * c) if args.quick else max(100, 10 * c),
+                            }
+                            cpu0 = (_cpu_s([backend]), _cpu_s([gunicorn]))
+                            res = _loadgen(spec)
+                            sent = res["sent"]
+                            res["backend_cpu_us"] = (_cpu_s([backend]) - cpu0[0]) / sent * 1e6
+                            if target == "gateway":
+                                gw_cpu = _cpu_s([gunicorn]) - cpu0[1]
+                                res["gateway_cpu_us"] = gw_cpu / sent * 1e6
+                            runs[target].append(res)
+                            if gunicorn.poll() is not None:
+                                raise RuntimeError(f"gunicorn exited; see {gw_log}")
+                    cell.direct = _combine(runs["direct"])
+                    cell.gateway = _combine(runs["gateway"])
                     cells.append(cell)
                     _progress(cell)
     finally:
@@ -486,8 +537,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "workers": args.workers,
             "threads": args.threads,
             "worker_class": args.worker_class,
+            "gunicorn_parser": _gunicorn_parser(),
             "access_log": args.access_log,
             "stream_chunks": STREAM_CHUNKS,
+            "rounds": args.rounds,
             "quick": args.quick,
         },
         "cells": [
@@ -518,8 +571,14 @@ def render(result: dict[str, Any]) -> str:
         "(CPU not used by this benchmark's processes; it skews every number)",
         f"gateway: gunicorn {cfg['worker_class']}, {cfg['workers']} workers"
         + (f" x {cfg['threads']} threads" if cfg["worker_class"] == "gthread" else "")
+        + (
+            f" (gunicorn's HTTP parser: {cfg['gunicorn_parser']})"
+            if cfg["worker_class"] in ("gevent", "gthread")
+            else ""
+        )
         + f", access log {'on' if cfg['access_log'] else 'off'}; "
-        f"streams: {cfg['stream_chunks']} SSE chunks spread over the service time"
+        f"streams: {cfg['stream_chunks']} SSE chunks spread over the service time; "
+        f"concurrency-32 cells: median of {cfg['rounds']} alternating rounds"
         + (" (--quick: small counts, numbers are noisy)" if cfg["quick"] else ""),
         "",
         "| backend | mode | concurrency | requests | direct p50 ms | gateway p50 ms "
@@ -619,15 +678,23 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--worker-class",
-        default="gevent",
-        choices=["gevent", "gthread"],
-        help="gunicorn worker class (production: gevent; sync is not offered: with "
+        default="production",
+        choices=sorted(WORKER_CLASSES),
+        help="gunicorn worker class: production (app.wsgi_worker.ApiWorker), or gunicorn's "
+        "gevent, gevent_pywsgi or gthread to compare (sync is not offered: with "
         "--threads > 1 gunicorn silently runs gthread)",
     )
     parser.add_argument(
         "--access-log",
         action="store_true",
         help="add a per-request access log (production has none; to see what it costs)",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="rounds of direct-then-gateway per concurrency-32 cell; req/s is the median "
+        "round's (default 3, 1 with --quick; concurrency 1 runs once)",
     )
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")
     parser.add_argument("--keep-logs", action="store_true", help="keep the temp dir and logs")
@@ -636,13 +703,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.loadgen:
         print(json.dumps(run_load(json.loads(args.loadgen))))
         return
+    args.worker_class = WORKER_CLASSES[args.worker_class]
+    if args.rounds is None:
+        args.rounds = 1 if args.quick else 3
     if args.threads is None:
-        args.threads = 1000 if args.worker_class == "gevent" else 64
-    if args.worker_class == "gevent":
-        try:
-            import gevent  # noqa: F401
-        except ImportError:
-            parser.error("--worker-class gevent: gevent is not installed in this environment")
+        args.threads = 64 if args.worker_class == "gthread" else 1000
     m = machine()
     print(
         f"machine: {m['nproc']} CPUs, {m['cpu_model']}, Python {m['python']}; "

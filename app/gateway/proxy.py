@@ -36,6 +36,8 @@ ROUTES = {
 _SKIP = frozenset(
     {"content-length", "transfer-encoding", "connection", "keep-alive", "date", "server"}
 )
+_JSON_HEADERS = {"Content-Type": "application/json", "Accept": "application/json"}
+_STREAM_HEADERS = {"Content-Type": "application/json", "Accept": "text/event-stream"}
 _REASONS = {
     200: "OK",
     400: "Bad Request",
@@ -77,6 +79,9 @@ class GatewayProxy:
         self.app = app
         self.gw = gateway
         self.allowed = gateway_tokens(api_keys, admin_token)
+        # Metric series per (model, engine, status): labels() takes a lock and hashes
+        # the label values on every call; this is one dict lookup on the hot path.
+        self._series: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
     def __call__(self, environ: dict[str, Any], start: StartResponse) -> Iterable[bytes]:
         kind = ROUTES.get(environ.get("PATH_INFO", ""))
@@ -102,7 +107,12 @@ class GatewayProxy:
             length = int(environ.get("CONTENT_LENGTH") or 0)
         except ValueError:
             length = 0
-        raw = environ["wsgi.input"].read(length) if length > 0 else b""
+        if length > 0:
+            raw = environ["wsgi.input"].read(length)
+        elif "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
+            raw = environ["wsgi.input"].read()  # the server decodes the chunked framing
+        else:
+            raw = b""
         try:
             payload = json.loads(raw)
         except ValueError:
@@ -130,10 +140,7 @@ class GatewayProxy:
             return _error(start, exc.status_code, exc.message, param=exc.field)
         stream = payload.get("stream") is True
         order = gw.balancer.order(candidates, gw.in_flight.snapshot())[:2]  # retry once
-        headers = {
-            "Content-Type": "application/json",
-            "Accept": "text/event-stream" if stream else "application/json",
-        }
+        headers = _STREAM_HEADERS if stream else _JSON_HEADERS
         last_error = ""
         for attempt, backend in enumerate(order):
             final = attempt == len(order) - 1
@@ -173,12 +180,15 @@ class GatewayProxy:
 
     def _done(self, backend: Backend, code: int, started: float) -> None:
         self.gw.in_flight.dec(backend.engine_id)
-        GATEWAY_REQUESTS.labels(
-            model=backend.served_name, engine=backend.engine_id, code=str(code)
-        ).inc()
-        GATEWAY_LATENCY.labels(model=backend.served_name, engine=backend.engine_id).observe(
-            time.perf_counter() - started
-        )
+        key = (backend.served_name, backend.engine_id, code)
+        series = self._series.get(key)
+        if series is None:
+            series = self._series[key] = (
+                GATEWAY_REQUESTS.labels(model=key[0], engine=key[1], code=str(code)),
+                GATEWAY_LATENCY.labels(model=key[0], engine=key[1]),
+            )
+        series[0].inc()
+        series[1].observe(time.perf_counter() - started)
 
     def _respond(
         self, start: StartResponse, up: Upstream, backend: Backend, stream: bool, started: float
