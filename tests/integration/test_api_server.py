@@ -9,6 +9,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import pytest
@@ -28,6 +29,7 @@ class Served:
     url: str
     port: int
     backend: FakeBackend
+    log: Path
 
 
 @pytest.fixture
@@ -46,14 +48,15 @@ def served(env: ClusterEnv) -> Iterator[Served]:
         )
     )
     port = free_port("127.0.0.1")
-    argv = gunicorn_argv(f"127.0.0.1:{port}", workers=1)
+    # With the access log on: the rest of the suite runs production's default (off).
+    argv = gunicorn_argv(f"127.0.0.1:{port}", workers=1, access_log=True)
     argv[-1:-1] = ["--keep-alive", str(KEEPALIVE_S)]  # the last --keep-alive wins
     log = (env.tmp / "gunicorn.log").open("wb")
     proc = subprocess.Popen(argv, env=env.env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until(lambda: _listed(url, "paced"), 60, what=f"gunicorn on {url} (see {log.name})")
-        yield Served(url, port, backend)
+        yield Served(url, port, backend, env.tmp / "gunicorn.log")
     finally:
         proc.terminate()
         proc.wait(30)
@@ -91,6 +94,11 @@ def test_streams_are_relayed_event_by_event_and_replies_whole(served: Served) ->
 
     r = httpx.post(f"{served.url}/v1/chat/completions", json=_chat(False), timeout=10)
     assert r.status_code == 200 and r.json()["object"] == "chat.completion"
+    wait_until(
+        lambda: served.log.read_text().count('"POST /v1/chat/completions HTTP/1.1" 200') == 2,
+        5,
+        what="both requests in the access log",
+    )
 
 
 def test_a_client_that_goes_away_mid_stream_closes_the_upstream(served: Served) -> None:
@@ -140,8 +148,21 @@ def _raw_exchange(port: int, request: bytes) -> bytes:
             b"Content-Length: 2\r\nContent-Length: 40\r\n\r\n{}",
             b"400",
         ),
+        (b"GET /v1/models HTTP/1.1\r\nHost : x\r\n\r\n", b"400"),
+        (b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-A: 1\r\n  folded\r\n\r\n", b"400"),
+        (b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX(A): 1\r\n\r\n", b"400"),
+        (b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-A: " + b"a" * 70000 + b"\r\n\r\n", b"400"),
     ],
-    ids=["too-many-headers", "long-request-line", "garbage", "two-content-lengths"],
+    ids=[
+        "too-many-headers",
+        "long-request-line",
+        "garbage",
+        "two-content-lengths",
+        "space-before-colon",
+        "obsolete-folding",
+        "not-a-token",
+        "header-line-over-64k",
+    ],
 )
 def test_malformed_requests_get_a_4xx_and_the_server_keeps_serving(
     served: Served, request_bytes: bytes, status: bytes
