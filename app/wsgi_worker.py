@@ -87,7 +87,11 @@ class ApiHandler(PyWSGIHandler):
 
     def log_request(self) -> None:
         # gunicorn's handler builds the access-log record even when access logging is
-        # off (production's default); skip that work on every request.
+        # off (production's default): skip that work on every request. It also fails
+        # (AttributeError, a traceback per request) for a request too malformed to get
+        # a WSGI environ; pywsgi has already logged those as "Invalid request".
+        if getattr(self, "environ", None) is None:
+            return
         if getattr(self.server.log, "access_log_enabled", True):
             super().log_request()
 
