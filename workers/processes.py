@@ -218,12 +218,26 @@ def is_alive(pid: int, create_time: float | None) -> bool:
         return True  # it exists; only its owner can see more
 
 
+# A process younger than this may be between two execs (``#!/usr/bin/env python3`` runs
+# env, which execs python): /proc/<pid>/environ can read empty for that instant.
+_EXEC_SETTLE_S = 1.0
+
+
 def _tag(proc: psutil.Process) -> str | None:
-    """The process's ``SAGELLM_ENGINE_ID``; None when absent or unreadable."""
-    try:
-        return proc.environ().get(ENGINE_ID_ENV) or None
-    except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
-        return None
+    """The process's ``SAGELLM_ENGINE_ID``; None when absent or unreadable.
+
+    A just-spawned engine (a stop right after its start, as in a rollback) is read again
+    for up to ~0.2 s rather than taken for a stranger while it is still exec'ing.
+    """
+    for _ in range(10):
+        try:
+            tag = proc.environ().get(ENGINE_ID_ENV) or None
+            if tag is not None or time.time() - proc.create_time() > _EXEC_SETTLE_S:
+                return tag
+        except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+            return None
+        time.sleep(0.02)
+    return None
 
 
 def _session_members(sid: int) -> list[psutil.Process]:
