@@ -51,6 +51,8 @@ def parse_header_lines(fp: Any) -> OldMessage:
     for _ in range(MAX_HEADER_LINES + 1):
         line = fp.readline(MAX_HEADER_LINE_BYTES + 1)
         if line in _END:
+            if len(msg.get_all("Content-Length") or ()) > 1:
+                raise ValueError("more than one Content-Length header")
             return msg
         if len(line) > MAX_HEADER_LINE_BYTES:
             raise ValueError(f"a header line is longer than {MAX_HEADER_LINE_BYTES} bytes")
@@ -116,14 +118,8 @@ class ApiHandler(PyWSGIHandler):
         return line
 
     def MessageClass(self, fp: Any, *args: Any) -> OldMessage:
+        # pywsgi answers the parser's ValueError with a 400 and one log line.
         return parse_header_lines(fp)
-
-    def read_request(self, raw_requestline: str) -> bool:
-        # pywsgi answers a ValueError with a 400 and one log line.
-        ok: bool = super().read_request(raw_requestline)
-        if len(self.headers.get_all("Content-Length") or ()) > 1:
-            raise ValueError("more than one Content-Length header")
-        return ok
 
 
 class ApiWorker(GeventPyWSGIWorker):

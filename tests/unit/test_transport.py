@@ -80,9 +80,11 @@ def _serve(server: Scripted, replies: list[bytes], conn: socket.socket) -> None:
 
 def scripted(*replies: bytes) -> Scripted:
     """Answers the requests on each connection with ``replies``, in order."""
-    holder: list[Scripted] = []
-    server = Scripted(lambda conn: _serve(holder[0], list(replies), conn))
-    holder.append(server)
+
+    def serve(conn: socket.socket) -> None:
+        _serve(server, list(replies), conn)
+
+    server = Scripted(serve)
     return server
 
 

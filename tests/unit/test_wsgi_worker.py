@@ -41,6 +41,7 @@ def test_end_of_input_ends_the_head() -> None:
         (b"no colon\r\n\r\n", "malformed"),
         (b"X-A: " + b"a" * 70000 + b"\r\n\r\n", "longer than"),
         (b"X-A: 1\r\n" * (MAX_HEADER_LINES + 1) + b"\r\n", "more than 100"),
+        (b"Content-Length: 2\r\ncontent-length: 2\r\n\r\n", "more than one Content-Length"),
     ],
 )
 def test_malformed_heads_are_value_errors(raw: bytes, reason: str) -> None:
