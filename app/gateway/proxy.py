@@ -21,7 +21,7 @@ from app.core.errors import SagellmError
 from app.core.models import EngineKind
 from app.gateway.discovery import Backend, NoBackend
 from app.gateway.routes import RETRY_AFTER_S, Gateway, openai_error_body
-from app.gateway.transport import Upstream, UpstreamError
+from app.gateway.transport import NoAnswer, Upstream, UpstreamError
 from app.metrics import GATEWAY_ERRORS, GATEWAY_LATENCY, GATEWAY_REQUESTS
 
 StartResponse = Callable[..., Any]
@@ -139,7 +139,8 @@ class GatewayProxy:
             GATEWAY_ERRORS.labels(model=model or "", reason="bad_request").inc()
             return _error(start, exc.status_code, exc.message, param=exc.field)
         stream = payload.get("stream") is True
-        order = gw.balancer.order(candidates, gw.in_flight.snapshot())[:2]  # retry once
+        # Retry once: only after a NoAnswer or a complete 5xx answer (see below).
+        order = gw.balancer.order(candidates, gw.in_flight.snapshot())[:2]
         headers = _STREAM_HEADERS if stream else _JSON_HEADERS
         last_error = ""
         for attempt, backend in enumerate(order):
@@ -151,10 +152,15 @@ class GatewayProxy:
             gw.in_flight.inc(backend.engine_id)
             try:
                 up = gw.transport.open(backend.base_url, path, body, headers)
-            except UpstreamError as exc:
+            except NoAnswer as exc:  # not one byte of an answer came back: fail over
                 self._failed(backend, "upstream_connect")
                 last_error = f"{backend.engine_id}: {exc}"
                 continue
+            except UpstreamError as exc:
+                # It may be working on it (a read timeout, an answer cut short): another
+                # engine would run the request twice.
+                self._failed(backend, "upstream_connect")
+                return _error(start, 502, f"{backend.engine_id}: {exc}", kind="upstream_error")
             if up.status_code >= 500 and not final:
                 with contextlib.suppress(UpstreamError):
                     gw.transport.read(up)

@@ -15,6 +15,10 @@ same bytes, with fewer writes. The request is sent and the status read before th
 response to the client starts, so a connect error or a 5xx can still fail over; the
 connection is closed when a relay ends early, including when the client goes away.
 
+Nothing is sent twice once the engine may have acted on it: a stale pooled connection
+is retried, and the proxy fails over, only on a ``NoAnswer`` (no byte of the answer came
+back); a read timeout or a connection that dies mid-head is a plain ``UpstreamError``.
+
 Not supported, because engines do not send them: pipelining, ``Expect: 100-continue``
 (interim 1xx replies are skipped), upgrades, compressed transfer codings.
 """
@@ -40,11 +44,22 @@ _SIZE, _DATA, _DATA_END, _TRAILER, _DONE = range(5)
 
 
 class UpstreamError(Exception):
-    """The engine could not be reached, broke the protocol, or dropped the connection."""
+    """The engine could not be reached, broke the protocol, or dropped the connection.
+
+    Unless it is a ``NoAnswer``, the engine may have received the request and acted on
+    it: it must not be sent again, to this engine or another (POSTs are not idempotent).
+    """
 
 
-class _Closed(UpstreamError):
-    """The engine closed the connection."""
+class NoAnswer(UpstreamError):
+    """Not one byte of an answer came back: the engine could not be reached, the request
+    could not be sent, or the connection was closed or reset before the answer began.
+    Only then may the request be sent again (a fresh connection, another engine)."""
+
+
+class _Closed(NoAnswer):
+    """The engine closed (or reset) the connection. Escapes ``Transport.open`` only when
+    no byte of the answer had arrived; later it becomes a plain ``UpstreamError``."""
 
 
 class _Conn:
@@ -252,7 +267,7 @@ class Transport:
         if key is None:
             parts = urlsplit(base_url)
             if parts.scheme != "http":
-                raise UpstreamError(f"{base_url}: only http:// engines are supported")
+                raise NoAnswer(f"{base_url}: only http:// engines are supported")
             key = (parts.hostname or "127.0.0.1", parts.port or 80)
             self._keys[base_url] = key
         return key
@@ -276,7 +291,7 @@ class Transport:
         try:
             sock = socket.create_connection(key, timeout=CONNECT_TIMEOUT_S)
         except OSError as exc:
-            raise UpstreamError(f"connect to {key[0]}:{key[1]}: {exc}") from exc
+            raise NoAnswer(f"connect to {key[0]}:{key[1]}: {exc}") from exc
         sock.settimeout(self.read_timeout_s)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return _Conn(sock, key)
@@ -300,26 +315,39 @@ class Transport:
                 conn.close()
                 conn = None
                 # An idle keep-alive connection the engine had closed: retry once, fresh.
-                # Only when nothing came back, so the engine cannot have acted on it twice.
+                # Only when not one byte of the answer came back (``_response`` turns a
+                # close after the first byte into a plain UpstreamError): had the engine
+                # started answering, it would act on the request twice.
                 if reused and attempt == 0 and isinstance(exc, (_Closed, ConnectionError)):
                     continue
                 if isinstance(exc, UpstreamError):
                     raise
-                raise UpstreamError(f"{key[0]}:{key[1]}{path}: {exc!r}") from exc
+                # sendall failed: the engine did not get the whole request.
+                raise NoAnswer(f"{key[0]}:{key[1]}{path}: {exc!r}") from exc
         raise UpstreamError(f"{key[0]}:{key[1]}{path}: no connection")  # pragma: no cover
 
     def _response(self, conn: _Conn) -> Upstream:
+        interim = False  # a 1xx was read: the answer has begun, though buf is empty
         while True:  # interim 1xx responses are skipped
             while (end := conn.buf.find(b"\r\n\r\n")) < 0:
                 if len(conn.buf) > MAX_HEAD_BYTES:
                     raise UpstreamError(f"response head over {MAX_HEAD_BYTES} bytes")
-                conn.fill()
+                try:
+                    conn.fill()
+                except _Closed as exc:
+                    if conn.buf or interim:  # not a NoAnswer: never sent again
+                        raise UpstreamError(
+                            f"{exc} after the answer had begun "
+                            f"({bytes(conn.buf[:40])!r}); not retried"
+                        ) from None
+                    raise
             status, headers, http11 = _parse_head(bytes(conn.buf[:end]))
             del conn.buf[: end + 4]
             if not 100 <= status < 200:
                 break
             if status == 101:
                 raise UpstreamError("the engine switched protocols")
+            interim = True
         framing, length, keep_alive = _framing(status, headers, http11)
         return Upstream(conn, status, headers, framing, length, keep_alive)
 

@@ -4,13 +4,20 @@ errors that must not leave a broken connection in the pool."""
 
 from __future__ import annotations
 
+import io
 import socket
+import struct
 import threading
 from collections.abc import Callable, Iterator
 
 import pytest
 
-from app.gateway.transport import MAX_HEAD_BYTES, Transport, UpstreamError
+from app.core.models import EngineKind
+from app.gateway.discovery import Backend
+from app.gateway.inflight import InFlight
+from app.gateway.proxy import GatewayProxy
+from app.gateway.routes import Gateway
+from app.gateway.transport import MAX_HEAD_BYTES, NoAnswer, Transport, UpstreamError
 
 Handler = Callable[[socket.socket], None]
 
@@ -254,3 +261,135 @@ def test_unreachable_engines_and_other_schemes_are_upstream_errors(transport: Tr
         transport.open(f"http://127.0.0.1:{port}", "/x", b"", {})
     with pytest.raises(UpstreamError, match="only http://"):
         transport.open("https://127.0.0.1:1", "/x", b"", {})
+
+
+# Issue 10, case 7: a request must never reach an engine twice. A reused keep-alive
+# connection is retried on a fresh one only when not one byte of the answer came back.
+@pytest.mark.parametrize(
+    ("answer_start", "reset"),
+    [
+        (b"HTTP/1.1 2", False),  # a partial status line, then closed
+        (b"HTTP/1.1 2", True),  # ... then reset
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n", False),  # a partial head
+        (b"HTTP/1.1 100 Continue\r\n\r\n", False),  # an interim reply, then closed
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort", False),  # head, part body
+    ],
+)
+def test_a_reused_connection_is_not_retried_once_the_engine_started_answering(
+    transport: Transport, answer_start: bytes, reset: bool
+) -> None:
+    def then_dies(conn: socket.socket) -> None:
+        server.read_request(conn)
+        conn.sendall(_json(b"ok"))
+        server.read_request(conn)  # the second request, on the kept-alive connection
+        conn.sendall(answer_start)
+        if reset:
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+    server = Scripted(then_dies)
+    assert transport.read(transport.open(server.url, "/x", b"{}", {})) == b"ok"
+    with pytest.raises(UpstreamError) as caught:
+        transport.read(transport.open(server.url, "/x", b"{}", {}))
+    assert not isinstance(caught.value, NoAnswer)  # nor may the gateway fail over
+    assert len(server.requests) == 2  # the second request reached the engine once
+    assert server.connections == 1  # and no fresh connection was opened to resend it
+    assert not any(transport._idle.values())
+
+
+def test_errors_say_whether_the_engine_can_have_seen_the_request(transport: Transport) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound, not listening: connection refused
+    with pytest.raises(NoAnswer):
+        transport.open(f"http://127.0.0.1:{port}", "/x", b"", {})
+
+    def closes_unanswered(conn: socket.socket) -> None:
+        server.read_request(conn)  # then closed without a byte of an answer
+
+    server = Scripted(closes_unanswered)
+    with pytest.raises(NoAnswer, match="closed the connection"):
+        transport.open(server.url, "/x", b"", {})
+
+    def slow(conn: socket.socket) -> None:
+        slow_server.read_request(conn)
+        conn.recv(1)  # sent, maybe being processed, no answer yet
+
+    slow_server = Scripted(slow)
+    impatient = Transport(read_timeout_s=0.2)
+    with pytest.raises(UpstreamError) as caught:
+        impatient.open(slow_server.url, "/x", b"", {})
+    impatient.close()
+    assert not isinstance(caught.value, NoAnswer)  # a read timeout: it may be working
+
+
+class _Directory:
+    def __init__(self, backends: list[Backend]) -> None:
+        self.backends = backends
+        self.ejected: list[str] = []
+
+    def resolve(self, model: str | None, kind: EngineKind) -> list[Backend]:
+        return self.backends
+
+    def eject(self, engine_id: str) -> None:
+        self.ejected.append(engine_id)
+
+
+class _InOrder:
+    def order(self, candidates: list[Backend], in_flight: dict[str, int]) -> list[Backend]:
+        return list(candidates)
+
+
+def _backend(engine_id: str, url: str) -> Backend:
+    return Backend(engine_id, EngineKind.LLM, url, "m", frozenset({"m"}), 0.0)
+
+
+def _post_through_proxy(transport: Transport, *urls: str) -> tuple[str, bytes]:
+    backends = [_backend(f"e{i}", url) for i, url in enumerate(urls)]
+    gw = Gateway(_Directory(backends), _InOrder(), transport, InFlight())  # type: ignore[arg-type]
+    proxy = GatewayProxy(lambda environ, start: [], gw, (), "")
+    body = b'{"model": "m", "messages": []}'
+    environ = {
+        "PATH_INFO": "/v1/chat/completions",
+        "REQUEST_METHOD": "POST",
+        "CONTENT_LENGTH": str(len(body)),
+        "wsgi.input": io.BytesIO(body),
+    }
+    status: list[str] = []
+    out = b"".join(proxy(environ, lambda s, headers: status.append(s)))
+    return status[0], out
+
+
+@pytest.mark.parametrize(
+    "first_engine_does",
+    [
+        lambda conn: conn.sendall(b"HTTP/1.1 2"),  # started answering, then died
+        lambda conn: conn.recv(1),  # still working when the read timeout hit
+    ],
+    ids=["partial-answer", "read-timeout"],
+)
+def test_the_proxy_fails_over_only_when_the_first_engine_sent_nothing(
+    first_engine_does: Handler,
+) -> None:
+    def first_engine(conn: socket.socket) -> None:
+        first.read_request(conn)
+        first_engine_does(conn)
+
+    first = Scripted(first_engine)
+    second = scripted(_json(b'{"id": "x"}'))
+    transport = Transport(read_timeout_s=0.5)
+    try:
+        status, body = _post_through_proxy(transport, first.url, second.url)
+    finally:
+        transport.close()
+    assert status.startswith("502") and b"upstream_error" in body
+    assert len(first.requests) == 1 and not second.requests  # executed at most once
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        refused = f"http://127.0.0.1:{s.getsockname()[1]}"
+    transport = Transport(read_timeout_s=5)
+    try:
+        assert _post_through_proxy(transport, refused, second.url) == ("200 OK", b'{"id": "x"}')
+    finally:
+        transport.close()
+    assert len(second.requests) == 1  # nothing reached the first: failing over is safe
