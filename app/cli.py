@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import threading
-import time
-import uuid
+import os
+import signal
 
 import click
 
@@ -52,36 +51,28 @@ def worker(loglevel: str) -> None:
     celery_app.worker_main(argv)
 
 
-BEAT_LOCK_TTL_S = 30
-
-
 @sagellm.command()
 @click.option("--loglevel", default="info", show_default=True)
 def beat(loglevel: str) -> None:
     """Run the cluster's beat (exactly one): health checks, rediscovery, pruning."""
     settings = _settings()
     from app.core.state.client import connect
+    from workers.beat_scheduler import BEAT_LOCK_TTL_S, BeatLock, hold
     from workers.celery_app import celery_app
 
-    client = connect(settings.redis_url)
-    token = uuid.uuid4().hex
-    key = "sagellm:beat:lock"
-    if not client.set(key, token, nx=True, ex=BEAT_LOCK_TTL_S):
+    def stop_now(reason: str) -> None:
+        # From the renewing thread: Celery's SIGTERM handler ends the beat loop at
+        # once, even mid-sleep; the check below then exits non-zero.
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    lock = BeatLock(connect(settings.redis_url), on_lost=stop_now)
+    if not lock.acquire():
         raise click.ClickException(
             "another beat is running for this Redis (only one may run); "
-            f"if it died, wait {BEAT_LOCK_TTL_S}s for its lock to expire"
+            f"if it died, wait {BEAT_LOCK_TTL_S:g}s for its lock to expire"
         )
-
-    def keep_lock() -> None:
-        while True:
-            time.sleep(BEAT_LOCK_TTL_S / 3)
-            try:
-                if client.get(key) in (token.encode(), None):
-                    client.set(key, token, ex=BEAT_LOCK_TTL_S)
-            except Exception:
-                pass
-
-    threading.Thread(target=keep_lock, daemon=True, name="beat-lock").start()
+    hold(lock)
+    lock.start_renewing()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     try:
         celery_app.start(
@@ -95,10 +86,15 @@ def beat(loglevel: str) -> None:
                 str(settings.data_dir / "celerybeat-schedule"),
             ]
         )
+    except SystemExit:
+        if not lock.lost.is_set():
+            raise
     finally:
-        # A clean exit frees the lock at once, so a restarted beat need not wait.
-        if client.get(key) == token.encode():
-            client.delete(key)
+        # A clean exit frees the lock at once, so a restarted beat need not wait;
+        # a lost lock is left alone (it is another beat's, or nobody's).
+        lock.release()
+    if lock.lost.is_set():
+        raise click.ClickException(lock.reason)
 
 
 @sagellm.command()

@@ -69,3 +69,7 @@ def gateway_in_flight(process_id: str) -> str:
 # Metrics ---------------------------------------------------------------------------
 # hash "<task>|count" / "<task>|seconds" / "<task>|failures" -> number, written by workers
 TASK_STATS = f"{PREFIX}metrics:tasks"
+
+# Beat ------------------------------------------------------------------------------
+# string: the token of the one running beat, with a TTL it keeps renewing (Lua CAS)
+BEAT_LOCK = f"{PREFIX}beat:lock"
