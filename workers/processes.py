@@ -2,12 +2,26 @@
 
 Ownership: every engine is started with ``SAGELLM_ENGINE_ID`` in its environment (its
 children inherit it) and in a session of its own (``start_new_session``): it is the
-leader of its session and process group, so a signal to the group reaches vLLM's
-tensor-parallel workers, and Ctrl-C or SIGTERM to the worker's own group does not reach
-engines. (Under systemd, run the worker with ``KillMode=process`` so that restarting it
-does not kill the engines in its cgroup.) A pid alone is never trusted: ``is_alive`` and
-``stop`` check the process's create time (pid reuse) and ``stop`` refuses a process
-without the tag (``NotOurProcess``).
+leader of its session and process group (pid == session id == group id), so a signal to
+the group reaches vLLM's tensor-parallel workers, and Ctrl-C or SIGTERM to the worker's
+own group does not reach engines. (Under systemd, run the worker with
+``KillMode=process`` so that restarting it does not kill the engines in its cgroup.)
+
+The tag is not enough to find an engine's processes: vLLM renames its processes
+(API server, engine core, tensor-parallel workers) with ``setproctitle``, which
+overwrites the memory ``/proc/<pid>/environ`` reads, so a renamed process shows no tag.
+An engine is therefore identified by its leader's identity as ``spawn`` recorded it,
+(pid, create time) (the create time excludes a reused pid), and its processes are that
+leader, the members of its session and process group, and their descendants. A leader
+is ours when its identity matches or, without a create time, when it carries our tag;
+a readable tag of another engine is proof that it is not ours (``NotOurProcess``), and
+a pid alone is never trusted. Members of the session stay ours after the leader dies:
+Linux does not hand a pid out again while processes still use it as their session or
+group id, so the session cannot have been reused while it has members; as a cheap extra
+guard only processes created no earlier than the leader count, and without a create
+time only tagged ones. ``stop`` stops the whole tree, ``sweep_session`` the processes a
+dead leader left behind, ``engine_tree`` and ``is_alive_tree`` look at it, and
+``find_tagged_processes`` (rediscovery) finds engines by the tags still readable.
 
 Reaping: an engine is a child of the process that spawned it (the worker, or one of its
 pool processes). A child that exits stays a zombie until its parent waits for it, and
@@ -53,8 +67,8 @@ _MAX_EXIT_CODES = 1024  # remembered exit codes, oldest forgotten first
 
 
 class NotOurProcess(SagellmError):
-    """A pid that is alive but carries no (or another) ``SAGELLM_ENGINE_ID``: never
-    signalled."""
+    """A pid that is alive but carries another engine's ``SAGELLM_ENGINE_ID``, or
+    neither a matching create time nor our tag: never signalled."""
 
     status_code = 409
 
@@ -223,13 +237,15 @@ def is_alive(pid: int, create_time: float | None) -> bool:
 _EXEC_SETTLE_S = 1.0
 
 
-def _tag(proc: psutil.Process) -> str | None:
-    """The process's ``SAGELLM_ENGINE_ID``; None when absent or unreadable.
+def _tag(proc: psutil.Process, *, settle: bool = True) -> str | None:
+    """The process's ``SAGELLM_ENGINE_ID``; None when absent or unreadable (or wiped by
+    ``setproctitle``).
 
-    A just-spawned engine (a stop right after its start, as in a rollback) is read again
-    for up to ~0.2 s rather than taken for a stranger while it is still exec'ing.
+    With ``settle``, a just-spawned engine (a stop right after its start, as in a
+    rollback) is read again for up to ~0.2 s rather than taken for a stranger while it
+    is still exec'ing.
     """
-    for _ in range(10):
+    for _ in range(10 if settle else 1):
         try:
             tag = proc.environ().get(ENGINE_ID_ENV) or None
             if tag is not None or time.time() - proc.create_time() > _EXEC_SETTLE_S:
@@ -241,14 +257,127 @@ def _tag(proc: psutil.Process) -> str | None:
 
 
 def _session_members(sid: int) -> list[psutil.Process]:
+    """Processes (but this one) in session ``sid`` or in process group ``sid``."""
     out = []
+    me = os.getpid()
     for proc in psutil.process_iter():
+        if proc.pid == me:
+            continue
         try:
-            if os.getsid(proc.pid) == sid:
+            if os.getsid(proc.pid) == sid or os.getpgid(proc.pid) == sid:
                 out.append(proc)
         except OSError:
             continue
     return out
+
+
+def _resolve_leader(pid: int, create_time: float | None) -> tuple[psutil.Process | None, bool]:
+    """(the leader if it still runs, whether its session may still have members).
+
+    A pid now held by another process means ours is gone, and so is its session: a pid
+    is not handed out again while a session or group still uses it as its id.
+    """
+    if pid <= 0:
+        return None, False
+    try:
+        proc = psutil.Process(pid)
+        if not _same_process(proc, create_time):
+            return None, False
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return None, True
+        return proc, True
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return None, True
+
+
+def _member_is_ours(
+    proc: psutil.Process, create_time: float | None, engine_id: str | None, *, leader_runs: bool
+) -> bool:
+    """Whether ``proc``, found in our leader's session or group or below it, is ours.
+
+    It is, unless it is older than the leader, carries another engine's tag, or (the
+    leader gone and no create time known, so nothing proves whose session this was)
+    carries no tag at all.
+    """
+    try:
+        if proc.pid == os.getpid():
+            return False
+        if create_time is not None and proc.create_time() < create_time - CREATE_TIME_TOLERANCE_S:
+            return False
+    except psutil.Error:
+        return False
+    tag = _tag(proc, settle=False)
+    if tag is not None and engine_id is not None and tag != engine_id:
+        return False
+    if create_time is None and not leader_runs:
+        return (tag or _tag(proc)) is not None
+    return True
+
+
+def _tree(
+    pid: int, create_time: float | None, engine_id: str | None, leader: psutil.Process | None
+) -> list[psutil.Process]:
+    """``leader`` (when given: the caller has checked it is ours and runs), the running
+    members of session/group ``pid`` that are ours, and their running descendants."""
+    runs = leader is not None
+    roots = [leader] if leader is not None else []
+    if pid not in (os.getsid(0), os.getpgrp()):  # never our own session or group
+        roots += [
+            p
+            for p in _session_members(pid)
+            if p.pid != pid and _member_is_ours(p, create_time, engine_id, leader_runs=runs)
+        ]
+    below: list[psutil.Process] = []
+    for root in roots:
+        try:
+            below += root.children(recursive=True)
+        except psutil.Error:
+            continue
+    known = {p.pid for p in roots}
+    below = [
+        p
+        for p in _unique(below)
+        if p.pid not in known and _member_is_ours(p, create_time, engine_id, leader_runs=runs)
+    ]
+    return [p for p in _unique([*roots, *below]) if _running(p)]
+
+
+def _leader_is_ours(
+    leader: psutil.Process, create_time: float | None, engine_id: str | None
+) -> tuple[bool, str | None]:
+    """(ours, its readable tag): ours by identity (a create time was given and matched)
+    or by tag, never with another engine's tag."""
+    tag = _tag(leader)
+    if tag is not None and engine_id is not None and tag != engine_id:
+        return False, tag
+    return create_time is not None or tag is not None, tag
+
+
+def engine_tree(
+    pid: int, create_time: float | None, *, engine_id: str | None = None
+) -> list[psutil.Process]:
+    """The running processes of the engine whose leader ``spawn`` started as (``pid``,
+    ``create_time``): the leader while it is that process, the members of its session
+    and process group, and their descendants (also those that left the session).
+
+    Members count after the leader died (e.g. tensor-parallel workers of a crashed API
+    server, renamed so that they show no tag); only those created no earlier than the
+    leader, never one tagged for another engine than ``engine_id``. Without a create
+    time, only tagged processes count. Zombies are left out; [] when the pid now belongs
+    to another process.
+    """
+    leader, may_have_members = _resolve_leader(pid, create_time)
+    if not may_have_members:
+        return []
+    if leader is not None and not _leader_is_ours(leader, create_time, engine_id)[0]:
+        return []
+    return _tree(pid, create_time, engine_id, leader)
+
+
+def is_alive_tree(pid: int, create_time: float | None, *, engine_id: str | None = None) -> bool:
+    """True while the engine's leader or any process of its tree (``engine_tree``) still
+    runs: a live worker of a dead leader still holds the engine's GPU memory."""
+    return bool(engine_tree(pid, create_time, engine_id=engine_id))
 
 
 # ---------------------------------------------------------------------------- signalling
@@ -293,52 +422,45 @@ def stop(
     pid: int, create_time: float | None, grace_s: float, *, engine_id: str | None = None
 ) -> StopResult:
     """Stop the engine whose leader is ``pid``: SIGTERM to its process group, up to
-    ``grace_s`` for it and every process of its session to exit, then SIGKILL to what
-    is left (the group, stragglers of the session, descendants that left it).
+    ``grace_s`` for it and every process of its tree (``engine_tree``) to exit, then
+    SIGKILL to what is left (the group, stragglers of the session, descendants that left
+    it).
 
-    Only a tagged process is signalled (with ``engine_id``: that tag exactly), else
-    ``NotOurProcess`` and nothing is sent. Idempotent: a leader already gone (or a pid
-    now held by another process) gives ``exited=True`` after sweeping tagged leftovers
-    of its session (e.g. vLLM workers orphaned by a crashed leader).
+    The leader is signalled only when it is ours: the process started at
+    ``create_time``, or (no create time given) a process tagged ``engine_id`` (any tag
+    without ``engine_id``); never one tagged for another engine. Else ``NotOurProcess``
+    and nothing is sent. The rest of the tree is ours by membership, so vLLM processes
+    renamed by ``setproctitle`` (no readable tag) are stopped too. Idempotent: a leader
+    already gone (or a pid now held by another process) gives ``exited=True`` after
+    ``sweep_session`` of what it left behind (e.g. vLLM workers orphaned by a crashed
+    leader).
     """
     reap_children()
-    try:
-        leader = psutil.Process(pid) if pid > 0 else None
-        if leader is not None and not _same_process(leader, create_time):
-            # The pid was reused, so ours is gone, and so is its session: a pid is not
-            # handed out again while a session or group still uses it as its id.
-            return StopResult(exited=True, killed=False, exit_code=exit_code(pid))
-        gone = leader is None or leader.status() == psutil.STATUS_ZOMBIE
-    except (psutil.NoSuchProcess, psutil.ZombieProcess):
-        leader, gone = None, True
-    if gone or leader is None:
-        killed = _sweep_session(pid, engine_id, grace_s)
+    leader, may_have_members = _resolve_leader(pid, create_time)
+    if leader is None:
+        killed = may_have_members and _sweep(pid, create_time, engine_id, grace_s)[1]
         return StopResult(exited=True, killed=killed, exit_code=exit_code(pid))
 
-    tag = _tag(leader)
-    if tag is None or (engine_id is not None and tag != engine_id):
+    ours, tag = _leader_is_ours(leader, create_time, engine_id)
+    if not ours:
         raise NotOurProcess(
             f"pid {pid} ({_describe(leader)}) carries "
             + (f"{ENGINE_ID_ENV}={tag}" if tag else f"no readable {ENGINE_ID_ENV}")
             + (f", not {engine_id}" if engine_id and tag else "")
+            + ("" if tag or create_time is not None else " and no create time was given")
             + ": not signalled"
         )
-    try:
-        descendants = leader.children(recursive=True)
-    except psutil.Error:
-        descendants = []
-    session = _session_members(pid)
-    in_group = {p.pid for p in session if _pgid(p.pid) == pid}
-    members = _unique([leader, *session, *descendants])
+    members = _tree(pid, create_time, engine_id, leader)
+    in_group = {p.pid for p in members if _pgid(p.pid) == pid}
     signal_group(pid, signal.SIGTERM)
     # Processes that left the group (setpgid/setsid) got nothing from killpg. Members
     # of the group are not signalled twice: a second SIGTERM makes uvicorn skip its
     # graceful shutdown.
     _signal_each([p for p in members if p.pid not in in_group], signal.SIGTERM)
     alive = _wait_gone(members, grace_s)
-    # Late forks during shutdown are found by a fresh scan; only those with our tag are
-    # trusted, since the session id may be handed out again once it is empty.
-    late = [p for p in _session_members(pid) if _tag(p) == tag and _running(p)]
+    # Late forks during shutdown are found by a fresh scan, by the rule of a dead
+    # leader's session (the leader may have exited by now).
+    late = _tree(pid, create_time, engine_id if engine_id else tag, None)
     leftovers = _unique([*alive, *late])
     killed = bool(leftovers)
     if killed:
@@ -349,24 +471,38 @@ def stop(
     return StopResult(exited=not _running(leader), killed=killed, exit_code=exit_code(pid))
 
 
-def _sweep_session(sid: int, engine_id: str | None, grace_s: float) -> bool:
-    """Terminate, then kill, tagged processes left in session ``sid`` by a leader that is
-    gone. True if SIGKILL was needed."""
-    if sid <= 0:
-        return False
-    leftovers = [
-        p
-        for p in _session_members(sid)
-        if (tag := _tag(p)) is not None and (engine_id is None or tag == engine_id)
-    ]
+def sweep_session(
+    pid: int, create_time: float | None, grace_s: float, *, engine_id: str | None = None
+) -> int:
+    """Terminate what the dead leader (``pid``, ``create_time``) of an engine left
+    behind: SIGTERM to every process of its tree (``engine_tree``: its session and
+    process group, tagged or not, and their descendants), up to ``grace_s`` for them to
+    exit, then SIGKILL. For the crash handler, after the leader died: while the leader
+    still runs this does nothing (use ``stop``), nor when its pid now belongs to another
+    process. Without a create time only tagged processes are swept. Returns the number
+    of processes signalled (0: nothing was left).
+    """
+    reap_children()
+    leader, may_have_members = _resolve_leader(pid, create_time)
+    if leader is not None or not may_have_members:
+        return 0
+    return _sweep(pid, create_time, engine_id, grace_s)[0]
+
+
+def _sweep(
+    pid: int, create_time: float | None, engine_id: str | None, grace_s: float
+) -> tuple[int, bool]:
+    """Terminate, then kill, the tree of gone leader ``pid``: (processes signalled,
+    whether SIGKILL was needed)."""
+    leftovers = _tree(pid, create_time, engine_id, None)
     if not leftovers:
-        return False
+        return 0, False
     _signal_each(leftovers, signal.SIGTERM)
     alive = _wait_gone(leftovers, grace_s)
     if alive:
         _signal_each(alive, signal.SIGKILL)
         _wait_gone(alive, _KILL_WAIT_S)
-    return bool(alive)
+    return len(leftovers), bool(alive)
 
 
 def _pgid(pid: int) -> int | None:
@@ -398,7 +534,9 @@ def find_tagged_processes() -> dict[str, TaggedProcess]:
     its top process (the session leader ``spawn`` made; else the topmost tagged
     ancestor, e.g. a worker orphaned by its leader's crash). Processes whose environment
     cannot be read (other users') and zombies are skipped; untagged processes are never
-    returned. One scan of the process table."""
+    returned, nor those renamed by ``setproctitle`` (their tag no longer reads): for an
+    engine whose leader is known, ``engine_tree`` finds them. One scan of the process
+    table."""
     tagged: dict[int, tuple[str, psutil.Process, dict[str, Any]]] = {}
     for proc in psutil.process_iter(["pid", "ppid", "create_time", "cmdline", "status"]):
         info = proc.info

@@ -80,6 +80,17 @@ def cleanup() -> Iterator[Cleanup]:
                 os.killpg(pid, signal.SIGKILL)
 
 
+@pytest.fixture
+def strays() -> Iterator[list[psutil.Process]]:
+    """Processes SIGKILLed after the test if they still run (psutil checks their
+    identity first), so a failing test leaves no renamed worker behind."""
+    procs: list[psutil.Process] = []
+    yield procs
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+
+
 def engine(engine_id: str, *, model: str = "Qwen/Qwen2.5-1.5B-Instruct") -> EngineRecord:
     return EngineRecord(
         id=engine_id,
@@ -276,19 +287,42 @@ def test_is_alive_rejects_a_reused_pid() -> None:
     assert not processes.is_alive(me.pid, me.create_time() - 5.0)
 
 
-def test_stop_refuses_an_untagged_process_and_leaves_it_running(cleanup: Cleanup) -> None:
-    sleeper = spawn_untagged_sleeper()
-    cleanup.append((sleeper.pid, psutil.Process(sleeper.pid).create_time()))
+def test_untagged_process_is_never_signalled_without_its_identity(cleanup: Cleanup) -> None:
+    """An unrelated process (no tag, its own session, with a child in it) is neither
+    stopped nor swept when the caller has no create time or a wrong one."""
+    code = (
+        "import subprocess, sys, time\n"
+        "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+        "time.sleep(60)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "SAGELLM_ENGINE_ID"}
+    sleeper = subprocess.Popen([sys.executable, "-c", code], env=env, start_new_session=True)
     created = psutil.Process(sleeper.pid).create_time()
+    cleanup.append((sleeper.pid, created))
+    wait_until(lambda: len(psutil.Process(sleeper.pid).children()) == 1, 10, "its child")
+    (child,) = psutil.Process(sleeper.pid).children()
+    wrong = created - 5.0  # as if the pid had been reused since the record was made
 
     with pytest.raises(NotOurProcess, match="not signalled"):
-        processes.stop(sleeper.pid, created, grace_s=0.5)
-    with pytest.raises(NotOurProcess):
         processes.stop(sleeper.pid, None, grace_s=0.5)
+    assert processes.stop(sleeper.pid, wrong, grace_s=0.5) == processes.StopResult(
+        exited=True, killed=False, exit_code=None
+    )
+    assert processes.sweep_session(sleeper.pid, wrong, grace_s=0.5) == 0
+    assert processes.sweep_session(sleeper.pid, None, grace_s=0.5) == 0
+    assert processes.engine_tree(sleeper.pid, wrong) == []
+    assert not processes.is_alive_tree(sleeper.pid, wrong)
+
+    # Its leader gone, the child left in its session is still not ours: without a
+    # create time, only a tag would make it so.
+    os.kill(sleeper.pid, signal.SIGKILL)
+    sleeper.wait()
+    assert processes.sweep_session(sleeper.pid, None, grace_s=0.5) == 0
+    assert processes.stop(sleeper.pid, None, grace_s=0.5).exited
 
     time.sleep(0.2)
-    assert sleeper.poll() is None
-    assert processes.is_alive(sleeper.pid, created)
+    assert child.is_running() and child.status() != psutil.STATUS_ZOMBIE
+    child.kill()
 
 
 def test_stop_refuses_another_engines_process(
@@ -299,6 +333,130 @@ def test_stop_refuses_another_engines_process(
     with pytest.raises(NotOurProcess, match="eng-other"):
         processes.stop(proc.pid, proc.create_time, grace_s=0.5, engine_id="eng-mine")
     assert processes.is_alive(proc.pid, proc.create_time)
+
+
+def test_sweep_leaves_processes_tagged_for_another_engine(
+    fake_vllm_env: Path, tmp_path: Path, cleanup: Cleanup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A readable tag that differs is proof against ownership, even in the session."""
+    monkeypatch.setenv("FAKE_VLLM_WORKERS", "2")
+    proc = start(engine("eng-other"), tmp_path / "eng.log", cleanup)
+    wait_until(lambda: len(psutil.Process(proc.pid).children()) == 2, 10, "2 workers")
+    workers = psutil.Process(proc.pid).children()
+    os.kill(proc.pid, signal.SIGKILL)
+    wait_until(lambda: processes.exit_code(proc.pid) is not None, 10, "leader reaped")
+
+    assert processes.sweep_session(proc.pid, proc.create_time, 0.5, engine_id="eng-mine") == 0
+    result = processes.stop(proc.pid, proc.create_time, grace_s=0.5, engine_id="eng-mine")
+
+    assert result.exited and not result.killed
+    assert all(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
+    assert processes.is_alive_tree(proc.pid, proc.create_time)  # still an engine's
+
+
+# ------------------------------------------------- engines that rename their processes
+
+
+def start_renamed(
+    tmp_path: Path, engine_id: str, cleanup: Cleanup, strays: list[psutil.Process], *args: str
+) -> tuple[SpawnedProcess, list[psutil.Process]]:
+    """Spawn ``fakes/renamed_engine.py`` (workers renamed with setproctitle, as vLLM's)
+    and return it with its workers once they have renamed themselves."""
+    log = tmp_path / f"{engine_id}.log"
+    plan = LaunchPlan(
+        [sys.executable, str(FAKES / "renamed_engine.py"), *args],
+        {"SAGELLM_ENGINE_ID": engine_id},
+    )
+    proc = processes.spawn(plan, log)
+    cleanup.append((proc.pid, proc.create_time))
+    wait_until(lambda: "ready" in processes.tail_log(log, 1), 15, f"{engine_id} ready")
+    pids = [int(p) for p in processes.tail_log(log, 1).split()[1:]]
+    workers = [psutil.Process(p) for p in pids]
+    strays.extend(workers)
+    for w in workers:
+        assert os.getsid(w.pid) == proc.pid == os.getpgid(w.pid)
+        assert w.cmdline()[0].startswith("VLLM::Worker_TP")
+        assert untagged(w.pid)  # the premise: the rename wiped the tag
+    return proc, workers
+
+
+def untagged(pid: int) -> bool:
+    return b"SAGELLM_ENGINE_ID" not in Path(f"/proc/{pid}/environ").read_bytes()
+
+
+def gone(proc: psutil.Process) -> bool:
+    try:
+        return proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def crash_leader(proc: SpawnedProcess) -> None:
+    os.kill(proc.pid, signal.SIGKILL)  # the leader alone dies; its workers live on
+    wait_until(lambda: processes.exit_code(proc.pid) is not None, 10, "leader reaped")
+
+
+def test_renamed_workers_of_a_crashed_leader_are_found_and_swept(
+    tmp_path: Path, cleanup: Cleanup, strays: list[psutil.Process]
+) -> None:
+    proc, workers = start_renamed(tmp_path, "eng-renamed", cleanup, strays, "--workers", "2")
+    tree = {p.pid for p in processes.engine_tree(proc.pid, proc.create_time)}
+    assert tree == {proc.pid, *(w.pid for w in workers)}
+    crash_leader(proc)
+    assert all(not gone(w) for w in workers)
+    # Untagged, they are invisible to the tag scan, but not to the session's.
+    assert "eng-renamed" not in processes.find_tagged_processes()
+    assert processes.is_alive_tree(proc.pid, proc.create_time)
+    assert {p.pid for p in processes.engine_tree(proc.pid, proc.create_time)} == {
+        w.pid for w in workers
+    }
+
+    assert processes.sweep_session(proc.pid, proc.create_time, grace_s=5) == 2
+
+    assert all(gone(w) for w in workers)
+    assert not processes.is_alive_tree(proc.pid, proc.create_time)
+    assert processes.engine_tree(proc.pid, proc.create_time) == []
+    assert processes.sweep_session(proc.pid, proc.create_time, grace_s=5) == 0
+
+
+def test_stop_after_leader_crash_sweeps_renamed_workers(
+    tmp_path: Path, cleanup: Cleanup, strays: list[psutil.Process]
+) -> None:
+    proc, workers = start_renamed(tmp_path, "eng-renamed", cleanup, strays, "--workers", "2")
+    crash_leader(proc)
+
+    result = processes.stop(proc.pid, proc.create_time, grace_s=5, engine_id="eng-renamed")
+
+    assert result == processes.StopResult(exited=True, killed=False, exit_code=-signal.SIGKILL)
+    assert [w.pid for w in workers if not gone(w)] == []
+
+
+def test_sweep_does_nothing_while_the_leader_runs(
+    tmp_path: Path, cleanup: Cleanup, strays: list[psutil.Process]
+) -> None:
+    proc, workers = start_renamed(tmp_path, "eng-running", cleanup, strays)
+    assert processes.sweep_session(proc.pid, proc.create_time, grace_s=0.5) == 0
+    assert processes.is_alive(proc.pid, proc.create_time)
+    assert all(not gone(w) for w in workers)
+
+
+def test_stop_stops_a_leader_that_renamed_itself_by_its_identity(
+    tmp_path: Path, cleanup: Cleanup, strays: list[psutil.Process]
+) -> None:
+    proc, workers = start_renamed(
+        tmp_path, "eng-self", cleanup, strays, "--workers", "1", "--rename-leader"
+    )
+    assert psutil.Process(proc.pid).cmdline()[0] == "VLLM::APIServer"
+    assert untagged(proc.pid)
+    with pytest.raises(NotOurProcess):  # neither identity nor tag: never signalled
+        processes.stop(proc.pid, None, grace_s=0.5, engine_id="eng-self")
+    assert processes.is_alive(proc.pid, proc.create_time)
+
+    result = processes.stop(proc.pid, proc.create_time, grace_s=5, engine_id="eng-self")
+
+    assert result == processes.StopResult(exited=True, killed=False, exit_code=-signal.SIGTERM)
+    assert all(gone(w) for w in workers)
+    assert not processes.is_alive_tree(proc.pid, proc.create_time)
 
 
 def test_spawn_refuses_an_untagged_plan(tmp_path: Path) -> None:
