@@ -60,40 +60,26 @@ def plan_engine(cluster: Cluster, spec: EngineSpec, policy: str | None = None) -
     )
 
 
-def _place_record(r: EngineRecord, alloc: Allocation) -> None:
-    """Copy a reserved placement (host, address, port, GPUs, launch flags) into a record."""
-    p = alloc.placement
-    r.host, r.address, r.port = p.host, p.address, p.port
-    r.gpus = alloc.gpus
-    r.memory_per_gpu_mib = p.memory_mib_per_gpu
-    r.launch = dict(alloc.launch)
-
-
 def reserve_engine(cluster: Cluster, spec: EngineSpec, policy: str | None = None) -> EngineRecord:
     """Place and reserve ``spec``; record it PENDING with its placement. Starts nothing.
 
-    On any error nothing is left behind: no record, no reservation.
+    The record and its reservation are written in one atomic step: on any error
+    nothing is left behind, neither a record nor a reservation.
     """
     spec.validate()
     _require_worker(cluster)
     engine_id = new_engine_id()
-    # The record exists before the reservation, so rediscovery never mistakes a
-    # reservation being made for a leaked one.
-    cluster.registry.create(EngineRecord(id=engine_id, spec=spec))
-    try:
-        alloc = allocate(
-            engine_id,
-            spec,
-            cluster.registry,
-            cluster.ledger,
-            policy=policy or cluster.settings.placement_policy,
-            margin_mib=cluster.settings.gpu_safety_margin_mib,
-            default_max_model_len=cluster.settings.default_max_model_len,
-        )
-    except Exception:
-        cluster.registry.delete(engine_id)
-        raise
-    return cluster.registry.update(engine_id, lambda r: _place_record(r, alloc))
+    _, rec = allocate(
+        engine_id,
+        spec,
+        cluster.registry,
+        cluster.ledger,
+        policy=policy or cluster.settings.placement_policy,
+        margin_mib=cluster.settings.gpu_safety_margin_mib,
+        default_max_model_len=cluster.settings.default_max_model_len,
+        record=EngineRecord(id=engine_id, spec=spec),
+    )
+    return rec
 
 
 def launch_engine(cluster: Cluster, rec: EngineRecord) -> EngineRecord:
@@ -112,8 +98,8 @@ def launch_engine(cluster: Cluster, rec: EngineRecord) -> EngineRecord:
 
 
 def discard_engine(cluster: Cluster, engine_id: str) -> None:
-    """Undo ``reserve_engine`` for an engine that was never launched."""
-    cluster.ledger.release(engine_id)
+    """Undo ``reserve_engine`` for an engine that was never launched (record and
+    reservation go in one step)."""
     cluster.registry.delete(engine_id)
 
 
@@ -123,15 +109,29 @@ def start_engine(cluster: Cluster, spec: EngineSpec, policy: str | None = None) 
 
 
 def stop_engine(cluster: Cluster, engine_id: str) -> EngineRecord:
-    """Ask the engine's host to stop it gracefully (STOPPING now, STOPPED when gone)."""
-    rec = cluster.registry.get(engine_id)
-    if rec.state in (S.STOPPED, S.STOPPING):
-        return rec
-    if rec.state is S.FAILED:
-        cluster.ledger.release(engine_id)  # a failed engine holds nothing; make sure
-        return rec
-    rec = cluster.registry.transition(engine_id, S.STOPPING)
-    if rec.host is None:
+    """Ask the engine's host to stop it gracefully (STOPPING now, STOPPED when gone).
+
+    An engine with no process (FAILED, restart pending or not) is STOPPED at once: its
+    pending restart is cancelled and its reservation released in the same atomic write.
+    A stop is remembered in the record: if the host is down, it finishes when the
+    host's worker comes back.
+    """
+
+    def stop(r: EngineRecord) -> None:
+        if r.state in (S.STOPPED, S.STOPPING):
+            return
+        if r.state is S.FAILED:
+            if r.next_restart_at is not None:
+                r.transition(S.STOPPED, error="stopped while a restart was pending")
+            r.next_restart_at = None
+            return
+        r.transition(S.STOPPING)
+
+    before = cluster.registry.get(engine_id)
+    if before.state is S.STOPPED:
+        return before
+    rec = cluster.registry.update(engine_id, stop)
+    if rec.state is not S.STOPPING or rec.host is None or before.state is S.STOPPING:
         return rec
     from workers.dispatch import send_to_host
 
@@ -195,9 +195,17 @@ def restart_engine(cluster: Cluster, engine_id: str) -> EngineRecord:
     if rec.state in (S.STOPPING, S.STOPPED):
         raise IllegalTransition(f"engine {engine_id} is {rec.state.value}: start a new one instead")
     if rec.state is S.FAILED and rec.next_restart_at is None:
-        # Its reservation was released when it failed: place and reserve again.
+        # Its reservation was released when it failed: place and reserve again, in
+        # the same atomic write as the new placement and the pending restart.
         _require_worker(cluster)
-        alloc = allocate(
+
+        def due_now(r: EngineRecord) -> None:
+            if not r.owns_nothing or r.state is not S.FAILED:
+                raise IllegalTransition(f"engine {engine_id} changed: {r.state.value}")
+            r.restart_count = 0
+            r.next_restart_at = time.time()
+
+        _, rec = allocate(
             engine_id,
             rec.spec,
             cluster.registry,
@@ -205,14 +213,8 @@ def restart_engine(cluster: Cluster, engine_id: str) -> EngineRecord:
             policy=cluster.settings.placement_policy,
             margin_mib=cluster.settings.gpu_safety_margin_mib,
             default_max_model_len=cluster.settings.default_max_model_len,
+            mutate=due_now,
         )
-
-        def replaced(r: EngineRecord) -> None:
-            _place_record(r, alloc)
-            r.restart_count = 0
-            r.next_restart_at = time.time()
-
-        rec = cluster.registry.update(engine_id, replaced)
     if rec.host is None:
         raise IllegalTransition(f"engine {engine_id} has no host yet")
     host = cluster.registry.host(rec.host)
@@ -252,15 +254,23 @@ def engine_logs(cluster: Cluster, engine_id: str, tail: int, timeout_s: float = 
 
 
 def prune_records(registry: Registry, ledger: Ledger, older_than_s: float) -> list[str]:
-    """Delete STOPPED/FAILED records older than ``older_than_s``; release what they hold."""
+    """Delete STOPPED/FAILED records older than ``older_than_s``; whatever they still
+    hold is released in the same atomic step. Reservations no record owns any more
+    (left by a crash of an older version) are released too."""
     cutoff = time.time() - older_than_s
-    pruned = []
-    for rec in registry.engines(state=[S.STOPPED, S.FAILED]):
-        if rec.next_restart_at is not None or rec.state_changed_at > cutoff:
-            continue
-        ledger.release(rec.id)
-        if registry.delete(rec.id):
-            pruned.append(rec.id)
+
+    def prunable(rec: EngineRecord) -> bool:
+        return rec.owns_nothing and rec.state_changed_at <= cutoff
+
+    pruned = [
+        rec.id
+        for rec in registry.engines(state=[S.STOPPED, S.FAILED])
+        if prunable(rec) and registry.delete(rec.id, only_if=prunable)
+    ]
+    for eid in ledger.reserved_engines():
+        rec = registry.find(eid)
+        if rec is None or rec.owns_nothing:
+            ledger.release(eid)
     return pruned
 
 
@@ -281,24 +291,23 @@ def forget_host(cluster: Cluster, name: str) -> list[str]:
         )
     ended = []
     for rec in cluster.registry.engines(host=name):
-        if rec.state in (S.STOPPED, S.FAILED) and rec.next_restart_at is None:
-            cluster.ledger.release(rec.id)
+        if rec.owns_nothing:
+            cluster.ledger.release(rec.id)  # holds nothing; make sure of it
             continue
 
         def end(r: EngineRecord) -> None:
             if r.state is S.STOPPING:
                 r.transition(S.STOPPED)
-            else:
+            elif r.state is not S.STOPPED:
                 if r.state is S.RUNNING:
                     r.transition(S.UNHEALTHY)
                 if r.state is not S.FAILED:
                     r.transition(S.FAILED)
                 r.last_error = f"host {name} was forgotten"
-            r.next_restart_at = None
+            r.next_restart_at = None  # owns nothing now: released in this same write
             r.pid = r.process_create_time = None
 
         cluster.registry.update(rec.id, end)
-        cluster.ledger.release(rec.id)
         ended.append(rec.id)
     cluster.ledger.forget_host(name)
     cluster.registry.forget_host(name)

@@ -50,6 +50,10 @@ SETTINGS_DOC: dict[str, tuple[str, str]] = {
     "SAGELLM_HEALTH_TIMEOUT_S": ("5", "Timeout of one engine /health probe."),
     "SAGELLM_UNHEALTHY_AFTER": ("3", "Failed health checks in a row before UNHEALTHY."),
     "SAGELLM_MAX_RESTARTS": ("3", "Automatic restarts before an engine is left FAILED."),
+    "SAGELLM_RESTART_RESET_AFTER_S": (
+        "600",
+        "An engine RUNNING this long gets its restart budget back (like Kubernetes' backoff).",
+    ),
     "SAGELLM_RESTART_BACKOFF_S": ("2", "First restart delay; doubles each time."),
     "SAGELLM_RESTART_BACKOFF_MAX_S": ("60", "Cap of the restart delay."),
     "SAGELLM_START_TIMEOUT_S": ("900", "An engine not ready this long after spawn FAILs."),
@@ -141,6 +145,7 @@ class Settings:
     health_timeout_s: float = 5.0
     unhealthy_after: int = 3
     max_restarts: int = 3
+    restart_reset_after_s: float = 600.0
     restart_backoff_s: float = 2.0
     restart_backoff_max_s: float = 60.0
     start_timeout_s: float = 900.0
@@ -218,6 +223,7 @@ class Settings:
             health_timeout_s=_float(env, "SAGELLM_HEALTH_TIMEOUT_S", 0.1),
             unhealthy_after=_int(env, "SAGELLM_UNHEALTHY_AFTER", 1),
             max_restarts=_int(env, "SAGELLM_MAX_RESTARTS", 0),
+            restart_reset_after_s=_float(env, "SAGELLM_RESTART_RESET_AFTER_S", 0.0),
             restart_backoff_s=_float(env, "SAGELLM_RESTART_BACKOFF_S", 0.0),
             restart_backoff_max_s=_float(env, "SAGELLM_RESTART_BACKOFF_MAX_S", 0.0),
             start_timeout_s=_float(env, "SAGELLM_START_TIMEOUT_S", 1.0),

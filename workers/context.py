@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -30,6 +32,27 @@ class HostContext:
     http: httpx.Client
     celery: Celery
     policy: HealthPolicy
+    # One operation at a time per engine in this worker (start task, health loop, stop
+    # task and rediscovery run on different threads); reentrant for nested calls.
+    _engine_locks: dict[str, threading.RLock] = field(default_factory=dict)
+    _locks_guard: threading.Lock = field(default_factory=threading.Lock)
+    # Held while rediscovery re-takes reservations and while capacity is published, so
+    # this host never offers capacity before its running engines hold their room.
+    reclaim_lock: threading.RLock = field(default_factory=threading.RLock)
+
+    @contextmanager
+    def engine_lock(self, engine_id: str, *, blocking: bool = True) -> Iterator[bool]:
+        """Serialise operations on one engine in this worker. Yields False (and holds
+        nothing) when ``blocking`` is False and another thread is acting on it."""
+        with self._locks_guard:
+            lock = self._engine_locks.setdefault(engine_id, threading.RLock())
+        if not lock.acquire(blocking=blocking):
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            lock.release()
 
     @property
     def host(self) -> str:

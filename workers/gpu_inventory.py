@@ -11,7 +11,10 @@ that memory NVML attributes to them is not counted as held by someone else.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
+from collections.abc import Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Literal
@@ -158,45 +161,67 @@ def _text(value: str | bytes) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def our_engine_pids() -> set[int]:
-    """Pids of live processes we started (``SAGELLM_ENGINE_ID`` in their environment).
+def engine_pids() -> dict[int, str]:
+    """Live processes we started, pid -> engine id (``SAGELLM_ENGINE_ID``).
 
-    Includes every descendant of such a process (vLLM's tensor-parallel workers hold GPU
-    memory; they inherit the tag, but a child that cleared its environment still
-    counts). Processes whose environment we may not read are skipped: an engine runs
-    as the worker's user, so those are not ours.
+    Includes every descendant of a tagged process and every member of a session a
+    tagged process leads: vLLM's engine-core and tensor-parallel workers hold GPU memory,
+    and setproctitle wipes their environment (so their tag), and they may outlive their
+    leader. Processes whose environment we may not read are skipped: an engine runs as
+    the worker's user, so those are not ours.
     """
-    tagged: set[int] = set()
+    tagged: dict[int, str] = {}
     children: dict[int, list[int]] = {}
+    sessions: dict[int, list[int]] = {}
     for proc in psutil.process_iter(["pid", "ppid"]):
         pid, ppid = proc.info["pid"], proc.info["ppid"]
         if ppid is not None:
             children.setdefault(ppid, []).append(pid)
+        with contextlib.suppress(OSError):
+            sessions.setdefault(os.getsid(pid), []).append(pid)
         try:
-            if ENGINE_ID_ENV in proc.environ():
-                tagged.add(pid)
+            tag = proc.environ().get(ENGINE_ID_ENV)
         except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
             continue
-    ours: set[int] = set()
-    stack = list(tagged)
+        if tag:
+            tagged[pid] = tag
+    ours: dict[int, str] = {}
+    stack = [(pid, tag) for pid, tag in tagged.items()]
     while stack:
-        pid = stack.pop()
+        pid, tag = stack.pop()
         if pid in ours:
             continue
-        ours.add(pid)
-        stack.extend(children.get(pid, ()))
+        ours[pid] = tagged.get(pid, tag)
+        stack.extend((c, ours[pid]) for c in children.get(pid, ()))
+        stack.extend((m, ours[pid]) for m in sessions.get(pid, ()))  # pid leads a session
     return ours
 
 
-def gpu_capacities(inventory: Inventory, host: str, our_pids: set[int]) -> list[GpuCapacity]:
-    """Each GPU of ``inventory`` as placement sees it: total and memory held by others."""
+def our_engine_pids() -> set[int]:
+    """Pids of live processes we started (see ``engine_pids``)."""
+    return set(engine_pids())
+
+
+def gpu_capacities(
+    inventory: Inventory,
+    host: str,
+    our_pids: Mapping[int, str] | AbstractSet[int],
+    reserved: Mapping[str, Mapping[str, int]] | None = None,
+) -> list[GpuCapacity]:
+    """Each GPU of ``inventory`` as placement sees it: total and memory held by others.
+
+    ``reserved``: per GPU uuid, MiB each engine holds in the ledger; an engine's use
+    beyond its reservation then counts as outside (see ``GpuInfo.outside_mib``).
+    """
     return [
         GpuCapacity(
             host=host,
             index=gpu.index,
             uuid=gpu.uuid,
             total_mib=gpu.total_mib,
-            outside_mib=gpu.outside_mib(our_pids),
+            outside_mib=gpu.outside_mib(
+                our_pids, None if reserved is None else reserved.get(gpu.uuid, {})
+            ),
         )
         for gpu in inventory.gpus
     ]

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Iterable
 
 import psutil
 
 from app.core.models import LIVE_STATES, EngineState
 from app.core.state.registry import HostRecord
 from workers.context import HostContext
-from workers.gpu_inventory import gpu_capacities, our_engine_pids, read_inventory
+from workers.gpu_inventory import engine_pids, gpu_capacities, read_inventory
 
 log = logging.getLogger(__name__)
 WORKER_VERSION = "sagellm-worker/0.1.0"
@@ -39,11 +40,23 @@ def busy_ports(port_range: tuple[int, int], address: str | None = None) -> list[
     return sorted(ports)
 
 
-def publish_heartbeat(ctx: HostContext) -> HostRecord:
-    """Measure the host and publish its record (TTL) and GPU capacity for the ledger."""
+def publish_heartbeat(ctx: HostContext, *, held_by: Iterable[str] = ()) -> list[str]:
+    """Measure the host and publish its record (TTL) and GPU capacity for the ledger.
+
+    Outside memory counts our engines' use only up to what each holds in the ledger.
+    Callers hold ``ctx.reclaim_lock`` or know the capacity is there: capacity is
+    offered only once this host's running engines hold their reservations (see
+    ``rediscovery``): with ``held_by``, nothing is published unless each of those
+    engines holds its reservation, and the engines that do not are returned.
+    """
     s = ctx.settings
     inventory = read_inventory(s)
-    ctx.ledger.publish_capacity(ctx.host, gpu_capacities(inventory, ctx.host, our_engine_pids()))
+    reserved = ctx.ledger.gpu_reservations(ctx.host, [g.uuid for g in inventory.gpus])
+    missing = ctx.ledger.publish_capacity(
+        ctx.host, gpu_capacities(inventory, ctx.host, engine_pids(), reserved), held_by=held_by
+    )
+    if missing:
+        return missing
     engines = ctx.registry.engines(host=ctx.host, state=LIVE_STATES | {EngineState.LOST})
     ours = set(ctx.ledger.ports(ctx.host))
     record = HostRecord(
@@ -57,7 +70,7 @@ def publish_heartbeat(ctx: HostContext) -> HostRecord:
         worker_version=WORKER_VERSION,
     )
     ctx.registry.put_host(record, ttl_s=s.heartbeat_ttl_s)
-    return record
+    return []
 
 
 class HeartbeatThread(threading.Thread):
@@ -70,9 +83,11 @@ class HeartbeatThread(threading.Thread):
         self.stopped = threading.Event()
 
     def run(self) -> None:
+        from workers.rediscovery import heartbeat_or_rediscover
+
         while not self.stopped.is_set():
             try:
-                publish_heartbeat(self.ctx)
+                heartbeat_or_rediscover(self.ctx)
             except Exception:  # Redis down, NVML hiccup: try again next beat
                 log.exception("heartbeat failed")
             self.stopped.wait(self.ctx.settings.heartbeat_interval_s)

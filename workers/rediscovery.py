@@ -1,18 +1,24 @@
 """Rediscovery: make the registry and ledger match the processes on this host.
 
-Runs when the worker starts and periodically (beat). It
+Runs when the worker starts, periodically (beat), and at once from the heartbeat when
+the host's capacity is missing from Redis (a lost Redis or ``FLUSHALL``). Its rule:
+**every process of ours is accounted for** — adopted with its reservation, or
+stopped, never ignored. In order, under ``ctx.reclaim_lock``:
 
-* adopts tagged engine processes the registry lacks, rebuilding their records from
-  the host's manifests and re-reserving their GPU memory and port (after a Redis
-  loss or ``FLUSHALL``);
-* re-takes reservations the ledger lost for engines it still has;
-* reconciles LOST engines once their host is back;
-* handles records whose process is gone (restart or fail) and stops tagged processes
-  whose record says they should not run;
-* releases reservations that no live engine of this host holds.
+1. For each engine process on this host (found by its ``SAGELLM_ENGINE_ID`` tag, or by
+   the pid and create time in its manifest, since vLLM's setproctitle wipes tags):
+   with no record, it is adopted from its manifest (record and reservation re-taken
+   in one write) or, without a manifest, stopped; with a final record (STOPPED, final
+   FAILED) or a STOPPING one, it is stopped; a record that lost track of it is
+   re-linked; then its reservation is re-taken if the ledger lost it.
+2. Only then is the host's capacity published, so no start elsewhere can take the
+   room of an engine that is running but not yet re-reserved.
+3. Records whose process is gone are handled (restart or fail; STOPPING: STOPPED);
+   reservations that no live record of this host owns are released; manifests of
+   ended engines are removed.
 
-It never signals a process without our ``SAGELLM_ENGINE_ID`` tag, nor one tagged for
-another host (``SAGELLM_ENGINE_HOST``), nor one it has no manifest or record for.
+It never signals a process that is not provably ours: a tagged one of this host, or
+the exact process (pid + create time) a manifest of this host names.
 """
 
 from __future__ import annotations
@@ -23,7 +29,9 @@ from dataclasses import dataclass, field
 
 import psutil
 
+from app.core.errors import NotFoundError, ReservationConflict
 from app.core.models import LIVE_STATES, EngineRecord, EngineState
+from app.core.state.registry import RecordExists
 from workers import lifecycle, processes
 from workers.context import ENGINE_HOST_ENV, HostContext
 from workers.heartbeat import publish_heartbeat
@@ -40,9 +48,18 @@ class RediscoveryReport:
     stopped_orphans: list[str] = field(default_factory=list)
     gone: list[str] = field(default_factory=list)
     released: list[str] = field(default_factory=list)
+    unreserved: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, list[str]]:
         return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class Found:
+    """A live engine process of this host and where we learnt of it."""
+
+    pid: int
+    create_time: float
 
 
 def _engine_host(pid: int) -> str | None:
@@ -52,96 +69,203 @@ def _engine_host(pid: int) -> str | None:
         return None
 
 
-def _final(rec_state: EngineState, next_restart_at: float | None) -> bool:
-    return rec_state is S.STOPPED or (rec_state is S.FAILED and next_restart_at is None)
+def host_engine_processes(ctx: HostContext) -> dict[str, Found]:
+    """Live engine processes of this host, by engine id: tagged ones (for this host, or
+    untagged-host ones we have a manifest for) and the exact processes our manifests
+    name (a leader whose tag setproctitle wiped)."""
+    manifest_ids = ctx.manifests.ids()
+    found: dict[str, Found] = {}
+    for eid, proc in processes.find_tagged_processes().items():
+        host = _engine_host(proc.pid)
+        if host == ctx.host or (host is None and eid in manifest_ids):
+            found[eid] = Found(proc.pid, proc.create_time)
+    for eid in manifest_ids - set(found):
+        m = ctx.manifests.read(eid)
+        if m is not None and m.pid is not None and processes.is_alive(m.pid, m.process_create_time):
+            found[eid] = Found(m.pid, m.process_create_time or 0.0)
+    return found
 
 
 def rediscover(ctx: HostContext) -> RediscoveryReport:
     report = RediscoveryReport()
-    # Capacity first: re-reservations are checked against it.
-    publish_heartbeat(ctx)
-    manifest_ids = ctx.manifests.ids()
-    tagged = {}
-    for eid, proc in processes.find_tagged_processes().items():
-        host = _engine_host(proc.pid)
-        if host == ctx.host or (host is None and eid in manifest_ids):
-            tagged[eid] = proc
-
-    for eid, proc in tagged.items():
-        rec = ctx.registry.find(eid)
-        if rec is None:
-            manifest = ctx.manifests.read(eid)
-            if manifest is None:
-                log.warning("tagged process %s (%s) has no manifest: left alone", proc.pid, eid)
-                continue
-            rec = manifest
-            rec.pid, rec.process_create_time = proc.pid, proc.create_time
-            ready = get_runtime(rec.spec.effective_runtime).probe(
-                rec, ctx.http, ctx.settings.health_timeout_s
+    with ctx.reclaim_lock:
+        found = host_engine_processes(ctx)
+        for _ in range(3):
+            for eid, proc in found.items():
+                with ctx.engine_lock(eid):
+                    try:
+                        _account(ctx, eid, proc, report)
+                    except NotFoundError:
+                        continue  # deleted meanwhile: the next pass sees it again
+            # Capacity only now, and only if every live engine still holds its room
+            # (Redis may have been lost again meanwhile: then account once more).
+            held_by = _must_hold(ctx, found, set(report.stopped_orphans))
+            if not publish_heartbeat(ctx, held_by=held_by):
+                break
+        else:
+            log.error(
+                "rediscovery on %s: reservations keep vanishing; capacity not offered", ctx.host
             )
-            now = time.time()
-            # Adoption re-creates the record in the state the process shows; it is
-            # not a transition (there was no record to move).
-            rec.state = S.RUNNING if ready.ready else S.STARTING
-            rec.start_deadline = None if ready.ready else now + ctx.settings.start_timeout_s
-            rec.state_changed_at = rec.updated_at = now
-            rec.next_restart_at, rec.health_failures = None, 0
-            rec.last_error = "re-adopted by rediscovery after the registry lost it"
-            try:
-                ctx.registry.create(rec)
-            except ValueError:
-                continue  # adopted concurrently
-            lifecycle.ensure_reserved(ctx, rec)
-            ctx.manifests.write(rec)
-            report.adopted.append(eid)
-            continue
-        if rec.host != ctx.host:
-            continue
-        if _final(rec.state, rec.next_restart_at):
-            lifecycle.kill_process(ctx, proc.pid, proc.create_time, eid)
-            ctx.ledger.release(eid)
-            ctx.manifests.remove(eid)
-            report.stopped_orphans.append(eid)
-            continue
-        if rec.pid != proc.pid and not (
-            rec.pid is not None and processes.is_alive(rec.pid, rec.process_create_time)
-        ):
-            # The record lost track of its process (e.g. a worker died between spawn
-            # and writing the pid): adopt the process that carries its tag.
-            def relink(r: EngineRecord, p: processes.TaggedProcess = proc) -> None:
-                r.pid, r.process_create_time, r.next_restart_at = p.pid, p.create_time, None
-
-            rec = ctx.registry.update(eid, relink)
-            report.relinked.append(eid)
-        if rec.state is S.LOST:
-            lifecycle.reconcile_lost(ctx, rec)
-        else:
-            lifecycle.ensure_reserved(ctx, rec)
-
-    for rec in ctx.registry.engines(host=ctx.host, state=LIVE_STATES | {S.LOST}):
-        if rec.id in tagged or rec.state is S.PENDING or rec.next_restart_at is not None:
-            continue
-        if rec.pid is not None and processes.is_alive(rec.pid, rec.process_create_time):
-            continue
-        report.gone.append(rec.id)
-        if rec.state is S.STOPPING or rec.pid is None:
-            lifecycle.finalize_stop(ctx, rec.id)
-        else:
-            lifecycle.handle_dead(ctx, rec, "engine process gone (found by rediscovery)")
-
-    for eid in ctx.ledger.reserved_engines():
-        res = ctx.ledger.reservation(eid)
-        if res is None or res.host != ctx.host or eid in tagged:
-            continue
-        rec = ctx.registry.find(eid)
-        if rec is None or _final(rec.state, rec.next_restart_at):
-            if ctx.ledger.release(eid):
-                report.released.append(eid)
-            ctx.manifests.remove(eid)
-    for eid in ctx.manifests.ids() - set(tagged):
-        rec = ctx.registry.find(eid)
-        if rec is None or _final(rec.state, rec.next_restart_at):
-            ctx.manifests.remove(eid)
+    _handle_gone(ctx, found, report)
+    _release_leaks(ctx, found, report)
     if any(report.to_dict().values()):
         log.info("rediscovery on %s: %s", ctx.host, report.to_dict())
     return report
+
+
+def _stop_orphan(
+    ctx: HostContext, eid: str, proc: Found, why: str, report: RediscoveryReport
+) -> None:
+    lifecycle.note(ctx, eid, f"stopping process {proc.pid}: {why}")
+    lifecycle.kill_process(ctx, proc.pid, proc.create_time, eid)
+    report.stopped_orphans.append(eid)
+
+
+def _account(ctx: HostContext, eid: str, proc: Found, report: RediscoveryReport) -> None:
+    """Make one live engine process accounted for (see the module docstring, step 1)."""
+    rec = ctx.registry.find(eid)
+    if rec is None:
+        manifest = ctx.manifests.read(eid)
+        if manifest is None or manifest.owns_nothing:
+            _stop_orphan(
+                ctx, eid, proc, "no record and no manifest: nothing says what it is", report
+            )
+            ctx.manifests.remove(eid)
+            return
+        if manifest.state is S.STOPPING:
+            _stop_orphan(ctx, eid, proc, "it was being stopped when its record was lost", report)
+            ctx.manifests.remove(eid)
+            return
+        _adopt(ctx, manifest, proc, report)
+        return
+    if rec.host != ctx.host:
+        return
+    if rec.owns_nothing:
+        _stop_orphan(ctx, eid, proc, f"its engine is {rec.state.value}", report)
+        ctx.manifests.remove(eid)
+        return
+    if rec.state is S.STOPPING:
+        lifecycle.stop_engine(ctx, eid)
+        return
+    if rec.pid != proc.pid:
+        if rec.pid is not None and processes.is_alive(rec.pid, rec.process_create_time):
+            # Two process trees for one engine: the recorded one stays.
+            _stop_orphan(ctx, eid, proc, f"a second process; the engine runs as {rec.pid}", report)
+            return
+        relinked = lifecycle.relink(ctx, rec, proc.pid, proc.create_time)
+        if relinked is None:
+            return
+        rec = relinked
+        report.relinked.append(eid)
+    if rec.state is S.LOST:
+        lifecycle.reconcile_lost(ctx, rec)
+    elif not lifecycle.ensure_reserved(ctx, rec):
+        report.unreserved.append(eid)
+
+
+def _adopt(ctx: HostContext, rec: EngineRecord, proc: Found, report: RediscoveryReport) -> None:
+    """Re-create a lost record from the host's manifest and re-take its reservation
+    in the same write (or record why it could not be)."""
+    rec.pid, rec.process_create_time = proc.pid, proc.create_time
+    ready = get_runtime(rec.spec.effective_runtime).probe(
+        rec, ctx.http, ctx.settings.health_timeout_s
+    )
+    now = time.time()
+    # Adoption re-creates the record in the state the process shows; it is not a
+    # transition (there was no record to move).
+    rec.state = S.RUNNING if ready.ready else S.STARTING
+    rec.start_deadline = None if ready.ready else now + ctx.settings.start_timeout_s
+    rec.running_since = now if ready.ready else None
+    rec.state_changed_at = rec.updated_at = now
+    rec.next_restart_at, rec.health_failures = None, 0
+    rec.reservation_error = None
+    rec.last_error = "re-adopted by rediscovery after the registry lost it"
+    try:
+        ctx.registry.create(rec, reserve=lifecycle.reclaim_request(ctx, rec))
+    except RecordExists:
+        return  # adopted concurrently
+    except ReservationConflict as exc:  # the room is taken: adopt without it, visibly
+        rec.reservation_error = rec.last_error = f"running without its reservation: {exc.message}"
+        if rec.state is S.RUNNING:
+            rec.state = S.UNHEALTHY
+        try:
+            ctx.registry.create(rec)
+        except RecordExists:
+            return
+        lifecycle.note(ctx, rec.id, rec.reservation_error)
+        report.unreserved.append(rec.id)
+    ctx.manifests.write(rec)
+    lifecycle.note(ctx, rec.id, f"re-adopted process {proc.pid} after the registry lost it")
+    report.adopted.append(rec.id)
+
+
+def _handle_gone(ctx: HostContext, found: dict[str, Found], report: RediscoveryReport) -> None:
+    """Live records of this host whose process is gone: restart, fail or finish stop."""
+    for rec in ctx.registry.engines(host=ctx.host, state=LIVE_STATES | {S.LOST}):
+        if rec.id in found:
+            continue
+        with ctx.engine_lock(rec.id, blocking=False) as free:
+            if not free:
+                continue  # being started or stopped right now
+            cur = ctx.registry.find(rec.id)
+            if cur is None or cur.owns_nothing or cur.state not in LIVE_STATES | {S.LOST}:
+                continue
+            if cur.pid is None and (cur.state is S.PENDING or cur.next_restart_at is not None):
+                continue  # its start or restart is pending: spawn handles it
+            if cur.pid is not None and processes.is_alive(cur.pid, cur.process_create_time):
+                continue
+            report.gone.append(cur.id)
+            if cur.state is S.STOPPING or cur.pid is None:
+                lifecycle.finalize_stop(ctx, cur.id)
+            else:
+                lifecycle.handle_dead(ctx, cur, "engine process gone (found by rediscovery)")
+
+
+def _release_leaks(ctx: HostContext, found: dict[str, Found], report: RediscoveryReport) -> None:
+    for eid in ctx.ledger.reserved_engines():
+        res = ctx.ledger.reservation(eid)
+        if res is None or res.host != ctx.host or eid in found:
+            continue
+        rec = ctx.registry.find(eid)
+        if rec is None or rec.owns_nothing:
+            if ctx.ledger.release(eid):
+                report.released.append(eid)
+            ctx.manifests.remove(eid)
+    for eid in ctx.manifests.ids() - set(found):
+        rec = ctx.registry.find(eid)
+        if rec is None or rec.owns_nothing:
+            ctx.manifests.remove(eid)
+
+
+def _must_hold(ctx: HostContext, found: dict[str, Found], skip: set[str]) -> list[str]:
+    """Engines of this host that run and must hold a reservation before capacity is
+    offered: live processes with a non-final record (or none yet), minus ``skip``."""
+    out = []
+    for eid in found:
+        if eid in skip:
+            continue
+        rec = ctx.registry.find(eid)
+        if rec is not None and (rec.owns_nothing or rec.reservation_error):
+            continue
+        out.append(eid)
+    return out
+
+
+def heartbeat_or_rediscover(ctx: HostContext) -> None:
+    """The heartbeat thread's step. Publish this host's record and capacity, but only
+    while every running engine of this host holds its reservation (checked in the same
+    atomic step as the publish); when Redis lost them (or the capacity itself), run
+    rediscovery first, which re-takes them and then publishes."""
+    with ctx.reclaim_lock:
+        if ctx.ledger.has_capacity(ctx.host):
+            manifests = ctx.manifests.ids()
+            alive = {
+                eid: Found(m.pid, m.process_create_time or 0.0)
+                for eid in manifests
+                if (m := ctx.manifests.read(eid)) is not None
+                and m.pid is not None
+                and processes.is_alive(m.pid, m.process_create_time)
+            }
+            if not publish_heartbeat(ctx, held_by=_must_hold(ctx, alive, set())):
+                return
+    rediscover(ctx)

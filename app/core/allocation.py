@@ -19,7 +19,7 @@ from app.core.memory import (
     estimate_memory,
     vllm_fit_flags,
 )
-from app.core.models import LIVE_STATES, EngineKind, EngineSpec, GpuAssignment
+from app.core.models import LIVE_STATES, EngineKind, EngineRecord, EngineSpec, GpuAssignment
 from app.core.placement import (
     Placement,
     PlacementHost,
@@ -28,7 +28,7 @@ from app.core.placement import (
     make_policy,
     place,
 )
-from app.core.state.ledger import Ledger, Reservation
+from app.core.state.ledger import Ledger, Reservation, ReserveRequest
 from app.core.state.registry import Registry
 
 
@@ -44,6 +44,14 @@ class Allocation:
     estimate: MemoryEstimate | None
     launch: dict[str, Any] = field(default_factory=dict)
     reservation: Reservation | None = None  # None for a dry run
+
+    def place_record(self, r: EngineRecord) -> None:
+        """Copy this placement (host, address, port, GPUs, launch flags) into a record."""
+        p = self.placement
+        r.host, r.address, r.port = p.host, p.address, p.port
+        r.gpus = self.gpus
+        r.memory_per_gpu_mib = p.memory_mib_per_gpu
+        r.launch = dict(self.launch)
 
     @property
     def gpus(self) -> list[GpuAssignment]:
@@ -156,12 +164,18 @@ def allocate(
     policy: PlacementPolicy | str,
     margin_mib: int,
     default_max_model_len: int = 32768,
-    port_probe: Callable[[int], bool] | None = None,
+    record: EngineRecord | None = None,
+    mutate: Callable[[EngineRecord], None] | None = None,
     attempts: int = 8,
-) -> Allocation:
-    """Place ``spec`` on live state and reserve it for ``engine_id``, atomically.
+) -> tuple[Allocation, EngineRecord]:
+    """Place ``spec`` on live state and reserve it for ``engine_id``, recording the
+    placement in the engine's record in the same atomic step.
 
-    Raises ``PlacementError`` (nothing fits, with reasons) or ``ValidationError``.
+    With ``record``: create it (a new engine); else update the existing record
+    (re-placement), applying ``mutate`` too. If another writer took the room between
+    placement and reservation, the ledger refuses and placement runs again on fresh
+    state. Raises ``PlacementError`` (nothing fits, with reasons) or
+    ``ValidationError``; nothing is written then.
     """
     if isinstance(policy, str):
         policy = make_policy(policy)
@@ -171,25 +185,37 @@ def allocate(
         hosts = placement_hosts(registry, ledger)
         chosen = place(need.request, hosts, policy, margin_mib)
         host = next(h for h in hosts if h.name == chosen.host)
+        alloc = Allocation(chosen, need.estimate, launch_flags(spec, need, chosen))
+        req = ReserveRequest(
+            chosen.host,
+            tuple((g.uuid, chosen.memory_mib_per_gpu) for g in chosen.gpus),
+            port_range=host.port_range,
+            margin_mib=margin_mib,
+            port=spec.port,
+            # Ports placement saw busy: the heartbeat's outside listeners, not ledger.
+            avoid_ports=tuple(host.ports_taken),
+        )
+
+        def place_into(r: EngineRecord, alloc: Allocation = alloc) -> None:
+            alloc.place_record(r)
+            if mutate is not None:
+                mutate(r)
+
         try:
-            res = ledger.reserve(
-                engine_id,
-                chosen.host,
-                [(g.uuid, chosen.memory_mib_per_gpu) for g in chosen.gpus],
-                port_range=host.port_range,
-                margin_mib=margin_mib,
-                port=spec.port,
-                port_probe=port_probe,
-                # Ports placement saw busy: the heartbeat's outside listeners, not ledger.
-                avoid_ports=host.ports_taken,
-            )
+            if record is not None:
+                place_into(record)
+                rec = registry.create(record, reserve=req)
+            else:
+                rec = registry.update(engine_id, place_into, reserve=req)
         except ReservationConflict as exc:
             last = exc  # someone else took the room: place again on fresh state
             continue
+        assert rec.port is not None
         placed = Placement(
-            chosen.host, chosen.address, chosen.gpus, chosen.memory_mib_per_gpu, res.port
+            chosen.host, chosen.address, chosen.gpus, chosen.memory_mib_per_gpu, rec.port
         )
-        return Allocation(placed, need.estimate, launch_flags(spec, need, placed), res)
+        reservation = Reservation(engine_id, chosen.host, rec.port, req.gpus)
+        return Allocation(placed, need.estimate, alloc.launch, reservation), rec
     raise PlacementError(
         f"could not reserve room for {spec.name} after {attempts} attempts",
         [last.message] if last else [],

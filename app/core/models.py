@@ -8,6 +8,8 @@ from __future__ import annotations
 import enum
 import re
 import time
+from collections.abc import Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -49,14 +51,30 @@ class GpuInfo:
     def used_mib(self) -> int:
         return self.total_mib - self.free_mib
 
-    def outside_mib(self, our_pids: set[int] | frozenset[int]) -> int:
-        """Memory held by processes that are not our engines.
+    def outside_mib(
+        self,
+        our_pids: Mapping[int, str] | AbstractSet[int],
+        reserved: Mapping[str, int] | None = None,
+    ) -> int:
+        """Memory placement must treat as held by others.
 
         NVML used (total - free) minus what NVML attributes to our own engine
-        processes. Unattributed memory (driver context, processes NVML can't see)
-        counts as outside: conservative, never over-commits.
+        processes. With ``our_pids`` mapping pid -> engine id and ``reserved`` (MiB each
+        engine holds on this GPU in the ledger), an engine's memory is subtracted only
+        up to its reservation: ``used - sum(min(reserved, used) per engine)``, so memory
+        an engine uses beyond what it reserved counts as outside (it is not free for
+        anyone). Unattributed memory (driver context, processes NVML can't see) counts
+        as outside: conservative, never over-commits.
         """
-        ours = sum(p.used_mib or 0 for p in self.processes if p.pid in our_pids)
+        if reserved is None or not isinstance(our_pids, Mapping):
+            ours = sum(p.used_mib or 0 for p in self.processes if p.pid in our_pids)
+            return max(0, self.used_mib - ours)
+        used_by: dict[str, int] = {}
+        for p in self.processes:
+            engine = our_pids.get(p.pid)
+            if engine is not None:
+                used_by[engine] = used_by.get(engine, 0) + (p.used_mib or 0)
+        ours = sum(min(used, reserved.get(engine, 0)) for engine, used in used_by.items())
         return max(0, self.used_mib - ours)
 
     def to_dict(self) -> dict[str, Any]:
@@ -289,7 +307,8 @@ ALLOWED_TRANSITIONS: dict[EngineState, frozenset[EngineState]] = {
     S.UNHEALTHY: frozenset({S.RUNNING, S.STARTING, S.FAILED, S.STOPPING, S.LOST}),
     S.STOPPING: frozenset({S.STOPPED, S.LOST}),
     S.STOPPED: frozenset(),
-    S.FAILED: frozenset({S.STARTING}),  # restart with backoff
+    # restart with backoff; a stop while a restart is pending ends it at once
+    S.FAILED: frozenset({S.STARTING, S.STOPPED}),
     S.LOST: frozenset({S.RUNNING, S.UNHEALTHY, S.STARTING, S.FAILED, S.STOPPING, S.STOPPED}),
 }
 TERMINAL_STATES = frozenset({S.STOPPED, S.FAILED})
@@ -336,6 +355,20 @@ class EngineRecord:
     next_restart_at: float | None = None  # set while a restart is pending (backoff)
     health_failures: int = 0  # failed health checks in a row
     last_health_at: float | None = None
+    running_since: float | None = None  # when this process became ready (restart budget)
+    # Set while a running engine could not re-take its reservation (someone else took
+    # the room while Redis was lost): the engine is UNHEALTHY until it can.
+    reservation_error: str | None = None
+
+    @property
+    def owns_nothing(self) -> bool:
+        """STOPPED, or FAILED with no restart pending: holds no GPU memory, no port.
+
+        Every write that makes this true releases the reservation in the same step.
+        """
+        return self.state is EngineState.STOPPED or (
+            self.state is EngineState.FAILED and self.next_restart_at is None
+        )
 
     @property
     def base_url(self) -> str | None:

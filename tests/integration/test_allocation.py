@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import redis
 
-from app.core.allocation import allocate, placement_hosts, plan
+from app.core.allocation import Allocation, allocate, placement_hosts, plan
 from app.core.errors import PlacementError, UnknownPolicyError, ValidationError
 from app.core.inventory_spec import parse_mock_gpus
-from app.core.models import EngineKind, EngineSpec
+from app.core.models import EngineKind, EngineRecord, EngineSpec
 from app.core.state.ledger import Ledger
 from app.core.state.registry import HostRecord, Registry
 from workers.gpu_inventory import Inventory, gpu_capacities
@@ -19,6 +19,22 @@ from workers.gpu_inventory import Inventory, gpu_capacities
 pytestmark = pytest.mark.integration
 GB = 1024
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "models"
+
+
+def _allocate(
+    engine_id: str, spec: EngineSpec, reg: Registry, led: Ledger, **kw: object
+) -> Allocation:
+    """A new engine's allocation: its record and reservation written in one step."""
+    alloc, rec = allocate(
+        engine_id,
+        spec,
+        reg,
+        led,
+        record=EngineRecord(id=engine_id, spec=spec),
+        **kw,  # type: ignore[arg-type]
+    )
+    assert reg.get(engine_id).port == rec.port == alloc.placement.port
+    return alloc
 
 
 def _add_host(reg: Registry, led: Ledger, name: str, mock: str) -> None:
@@ -41,7 +57,7 @@ def test_allocate_reserves_the_estimate_and_derives_vllm_flags(
 ) -> None:
     reg, led = cluster
     spec = EngineSpec(model=str(FIXTURES / "Qwen2.5-1.5B-Instruct"), host="a")
-    alloc = allocate("e1", spec, reg, led, policy="binpack", margin_mib=GB)
+    alloc = _allocate("e1", spec, reg, led, policy="binpack", margin_mib=GB)
     assert alloc.estimate is not None
     mib = alloc.estimate.per_gpu_mib
     assert alloc.reservation is not None and alloc.reservation.gpus == (
@@ -67,7 +83,7 @@ def test_nothing_fits_explains_each_host_and_reserves_nothing(
 ) -> None:
     reg, led = cluster
     with pytest.raises(PlacementError) as err:
-        allocate(
+        _allocate(
             "e1",
             EngineSpec(model="m", required_memory_gb=90),
             reg,
@@ -125,14 +141,14 @@ def test_bad_input_is_refused_and_reserves_nothing(
 ) -> None:
     reg, led = cluster
     with pytest.raises(error) as err:
-        allocate("e1", spec, reg, led, policy=policy, margin_mib=GB)
+        _allocate("e1", spec, reg, led, policy=policy, margin_mib=GB)
     assert getattr(err.value, "field", None) == field
     assert led.is_empty()
 
 
 def test_cpu_embedding_gets_a_port_and_no_gpu(cluster: tuple[Registry, Ledger]) -> None:
     reg, led = cluster
-    alloc = allocate(
+    alloc = _allocate(
         "e1",
         EngineSpec(model="m", kind=EngineKind.EMBEDDING),
         reg,
@@ -153,7 +169,7 @@ def test_concurrent_allocations_never_overcommit(cluster: tuple[Registry, Ledger
     def go(i: int) -> None:
         mine = Ledger(led.r)
         try:
-            allocate(
+            _allocate(
                 f"e{i}",
                 EngineSpec(model="m", required_memory_gb=30),
                 reg,
@@ -185,7 +201,7 @@ def test_ports_other_programs_listen_on_are_not_handed_out(real_redis: redis.Red
     reg.put_host(
         HostRecord("a", "127.0.0.1", (8100, 8103), gpus=gpus, busy_ports=[8100, 8101]), ttl_s=60
     )
-    alloc = allocate(
+    alloc = _allocate(
         "e1", EngineSpec(model="m", required_memory_gb=1), reg, led, policy="binpack", margin_mib=0
     )
     assert alloc.placement.port == 8102

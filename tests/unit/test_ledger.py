@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 
 import pytest
@@ -10,7 +9,7 @@ import redis
 
 from app.core.errors import ReservationConflict, ValidationError
 from app.core.models import GpuCapacity
-from app.core.state.ledger import Ledger, port_is_bindable
+from app.core.state.ledger import Ledger
 
 GB = 1024
 RANGE = (8100, 8109)
@@ -136,37 +135,6 @@ def test_range_exhausted_names_the_range(any_redis: redis.Redis) -> None:
         led.reserve(f"e{i}", "a", [], port_range=RANGE, margin_mib=0)
     with pytest.raises(ReservationConflict, match="no free port in 8100-8109"):
         led.reserve("e10", "a", [], port_range=RANGE, margin_mib=0)
-
-
-def test_port_in_use_by_another_program_is_skipped(real_redis: redis.Redis) -> None:
-    led = _ledger(real_redis)
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
-        busy.listen()
-        busy_port = busy.getsockname()[1]
-        rng = (busy_port, busy_port + 5)
-        assert not port_is_bindable("127.0.0.1", busy_port)
-        res = led.reserve(
-            "e1",
-            "a",
-            [],
-            port_range=rng,
-            margin_mib=0,
-            port_probe=lambda p: port_is_bindable("127.0.0.1", p),
-        )
-        assert res.port != busy_port
-        assert led.ports("a") == {res.port: "e1"}
-        with pytest.raises(ReservationConflict, match="in use by a process that is not ours"):
-            led.reserve(
-                "e2",
-                "a",
-                [],
-                port=busy_port,
-                port_range=rng,
-                margin_mib=0,
-                port_probe=lambda p: port_is_bindable("127.0.0.1", p),
-            )
-        assert led.reservation("e2") is None
 
 
 def test_publish_capacity_keeps_reservations(any_redis: redis.Redis) -> None:

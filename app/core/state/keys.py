@@ -16,6 +16,12 @@ def gpu_capacity(host: str) -> str:
     return f"{PREFIX}ledger:gpus:{host}"
 
 
+# string, set whenever a host's capacity is published (also for a host with no GPU):
+# absent means Redis lost it, and the host must re-take its engines' room first.
+def capacity_published(host: str) -> str:
+    return f"{PREFIX}ledger:published:{host}"
+
+
 # hash engine_id -> MiB reserved on that GPU
 def gpu_reservations(host: str, uuid: str) -> str:
     return f"{PREFIX}ledger:gpu:{host}:{uuid}"

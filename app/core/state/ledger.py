@@ -1,19 +1,38 @@
-"""The reservation ledger: GPU memory and ports per host, in Redis.
+"""The reservation ledger and the one atomic write of the state store.
+
+Who owns which fact (see also ``registry``):
+
+* **The engine record** (``keys.engine``) owns what an engine *is*: its spec, its
+  state, where it runs (host, address, port, GPUs) and its process (pid + create
+  time). The host's manifest is a copy of it on the host's disk (derived, so that a
+  lost Redis can be rebuilt), and the heartbeat's engine list is derived too.
+* **The ledger** owns what is *held*: per GPU, MiB reserved by each engine; per host,
+  which engine holds each port; per engine, what to release (``keys.engine_reservation``).
+* **The host's worker** owns what is *measured*: total and outside-held MiB per GPU
+  (``keys.gpu_capacity``), republished with every heartbeat.
+
+The record and the ledger are never changed apart: every write of a record goes
+through one Lua script, ``_COMMIT``, which compares the record with the version its
+caller read (compare-and-set), then in the same atomic step
+
+* takes a reservation when the caller grants one (start, restart, re-placement,
+  re-adoption), writing the port it picked into the record; a refused reservation
+  writes nothing, record included;
+* releases the engine's reservation whenever the new record owns nothing any more
+  (STOPPED, FAILED with no restart pending, or deleted);
+* refuses a write that needs a reservation the engine does not hold (a spawn of an
+  engine whose room was given away).
 
 What it guarantees (each proved by a test against a real redis-server):
 
-* **No over-commit.** A reservation is taken by one Lua script that, for every GPU it
-  names, checks ``reserved by us + held outside + margin + request <= total`` and
-  writes only if all of them fit. Redis runs a script atomically, so any number of
-  API processes and workers reserving at once cannot interleave between the check
-  and the write.
-* **One port, one engine.** The same script takes the port, refusing one already
-  held; a port stays held until ``release``.
-* **All or nothing.** A refused reservation writes nothing.
-* **Exactly-once release.** ``release`` deletes what the engine's reservation record
-  names and the record itself in one script; a second call finds no record and
-  returns ``False``, so callers racing to release (stop, prune, crash handling,
-  rediscovery) learn which one of them actually released.
+* **No over-commit.** For every GPU a reservation names, the script checks
+  ``reserved by us + held outside + margin + request <= total`` and writes only if all
+  fit. Redis runs a script atomically, so no two writers interleave between check and
+  write.
+* **One port, one engine.** The same script takes the port, refusing one already held.
+* **All or nothing.** A refused reservation or a stale record writes nothing.
+* **Exactly-once release.** Release deletes what the engine's reservation names and
+  the reservation itself; a second release finds nothing and reports ``False``.
 
 Capacity (total and outside-held MiB per GPU) is written by each host's worker from
 its inventory; the margin is passed by the caller from settings.
@@ -23,8 +42,8 @@ from __future__ import annotations
 
 import json
 import socket
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
@@ -33,86 +52,152 @@ from app.core.errors import ReservationConflict, ValidationError
 from app.core.models import GpuCapacity
 from app.core.state import keys
 
-# KEYS: 1 capacity hash, 2 port hash, 3 engine reservation, 4 reserved-engines set,
-#       5.. one reservation hash per GPU (same order as the GPU ARGV pairs)
-# ARGV: 1 engine_id, 2 host, 3 margin MiB, 4 port low, 5 port high, 6 port (0 = any),
-#       7 n_skip, then n_skip ports to avoid, then (uuid, MiB) per GPU
-_RESERVE = r"""
-local engine_id, host = ARGV[1], ARGV[2]
-local margin, lo, hi, want = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]),
-  tonumber(ARGV[6])
-local n_skip = tonumber(ARGV[7])
-if redis.call('EXISTS', KEYS[3]) == 1 then
-  return {'ERR', 'engine ' .. engine_id .. ' already holds a reservation'}
+# ARGV[1]: JSON {id, mode, release, require_reserved, reserve?}; ARGV[2]: the record as
+# the caller read it (modes update/delete); ARGV[3]: the new record (update/create).
+# mode: "update" (compare-and-set), "create" (must not exist), "delete" (compare and
+# delete), "none" (no record: ledger only). Returns {status, port, released}.
+_COMMIT = r"""
+local op = cjson.decode(ARGV[1])
+local K = cjson.decode(ARGV[4])
+local eid, mode = op.id, op.mode
+local rec_key = K.engine .. eid
+local res_key = K.reservation .. eid
+
+if mode == 'update' or mode == 'delete' then
+  if redis.call('GET', rec_key) ~= ARGV[2] then return {'RETRY', '', 0} end
+elseif mode == 'create' then
+  if redis.call('EXISTS', rec_key) == 1 then return {'EXISTS', '', 0} end
 end
-local skip = {}
-for i = 1, n_skip do skip[tonumber(ARGV[7 + i])] = true end
-local base = 7 + n_skip
-local n_gpus = (#ARGV - base) / 2
-local gpus = {}
-for i = 1, n_gpus do
-  local uuid, mib = ARGV[base + 2 * i - 1], tonumber(ARGV[base + 2 * i])
-  local raw = redis.call('HGET', KEYS[1], uuid)
-  if not raw then
-    return {'ERR', 'host ' .. host .. ': GPU ' .. uuid .. ' is not in its inventory'}
-  end
-  local cap = cjson.decode(raw)
-  local reserved = 0
-  for _, v in ipairs(redis.call('HVALS', KEYS[4 + i])) do reserved = reserved + tonumber(v) end
-  local free = cap.total_mib - cap.outside_mib - margin - reserved
-  if mib > free then
-    if free < 0 then free = 0 end
-    return {'ERR', string.format('host %s, GPU %d: %.1f GB free, %.1f GB needed',
-      host, cap.index, free / 1024, mib / 1024)}
-  end
-  gpus[#gpus + 1] = {uuid, mib}
+if op.require_reserved and redis.call('EXISTS', res_key) == 0 then
+  return {'UNRESERVED', 'engine ' .. eid .. ' holds no reservation', 0}
 end
-local port = nil
-if want ~= 0 then
-  local holder = redis.call('HGET', KEYS[2], tostring(want))
-  if holder then
-    return {'ERR', string.format('host %s: port %d is held by engine %s', host, want, holder)}
-  end
-  port = want
-else
-  local taken = {}
-  for _, p in ipairs(redis.call('HKEYS', KEYS[2])) do taken[tonumber(p)] = true end
-  for p = lo, hi do
-    if not taken[p] and not skip[p] then port = p; break end
-  end
-  if not port then
-    return {'ERR', string.format('host %s: no free port in %d-%d', host, lo, hi)}
+
+local port = ''
+local r = op.reserve
+if r then
+  local host = r.host
+  local cap_key = K.capacity .. host
+  local ports_key = K.ports .. host
+  if redis.call('EXISTS', res_key) == 1 then
+    if not r.reclaim then
+      return {'ERR', 'engine ' .. eid .. ' already holds a reservation', 0}
+    end
+    port = redis.call('HGET', res_key, 'port')
+  else
+    local gpus = {}
+    for i, g in ipairs(r.gpus) do
+      local uuid, mib = g[1], tonumber(g[2])
+      local raw = redis.call('HGET', cap_key, uuid)
+      if raw then
+        local cap = cjson.decode(raw)
+        local reserved = 0
+        for _, v in ipairs(redis.call('HVALS', K.gpu .. host .. ':' .. uuid)) do
+          reserved = reserved + tonumber(v)
+        end
+        local free = cap.total_mib - cap.outside_mib - r.margin - reserved
+        if mib > free then
+          if free < 0 then free = 0 end
+          return {'ERR', string.format('host %s, GPU %d: %.1f GB free, %.1f GB needed',
+            host, cap.index, free / 1024, mib / 1024), 0}
+        end
+      elseif not r.reclaim then
+        -- A running engine re-takes its room before its host offers capacity again
+        -- (after a lost Redis); anything else needs the host's measured capacity.
+        return {'ERR', 'host ' .. host .. ': GPU ' .. uuid .. ' is not in its inventory', 0}
+      end
+      gpus[#gpus + 1] = {uuid, mib}
+    end
+    local chosen = nil
+    if r.port ~= 0 then
+      local holder = redis.call('HGET', ports_key, tostring(r.port))
+      if holder and holder ~= eid then
+        return {'ERR', string.format('host %s: port %d is held by engine %s',
+          host, r.port, holder), 0}
+      end
+      chosen = r.port
+    else
+      local taken = {}
+      for _, p in ipairs(redis.call('HKEYS', ports_key)) do taken[tonumber(p)] = true end
+      for _, p in ipairs(r.skip) do taken[tonumber(p)] = true end
+      for p = r.lo, r.hi do
+        if not taken[p] then chosen = p; break end
+      end
+      if not chosen then
+        return {'ERR', string.format('host %s: no free port in %d-%d', host, r.lo, r.hi), 0}
+      end
+    end
+    for _, g in ipairs(gpus) do
+      redis.call('HSET', K.gpu .. host .. ':' .. g[1], eid, g[2])
+    end
+    redis.call('HSET', ports_key, tostring(chosen), eid)
+    redis.call('HSET', res_key, 'host', host, 'port', chosen, 'gpus', cjson.encode(gpus))
+    redis.call('SADD', K.reserved, eid)
+    port = tostring(chosen)
   end
 end
-for i, g in ipairs(gpus) do redis.call('HSET', KEYS[4 + i], engine_id, g[2]) end
-redis.call('HSET', KEYS[2], tostring(port), engine_id)
-redis.call('HSET', KEYS[3], 'host', host, 'port', port, 'gpus', cjson.encode(gpus))
-redis.call('SADD', KEYS[4], engine_id)
-return {'OK', tostring(port)}
+
+local released = 0
+if op.release then
+  local host = redis.call('HGET', res_key, 'host')
+  if host then
+    for _, g in ipairs(cjson.decode(redis.call('HGET', res_key, 'gpus') or '[]')) do
+      redis.call('HDEL', K.gpu .. host .. ':' .. g[1], eid)
+    end
+    local held = redis.call('HGET', res_key, 'port')
+    local ports_key = K.ports .. host
+    if held and redis.call('HGET', ports_key, held) == eid then
+      redis.call('HDEL', ports_key, held)
+    end
+    redis.call('DEL', res_key)
+    released = 1
+  end
+  redis.call('SREM', K.reserved, eid)
+end
+
+if mode == 'delete' then
+  redis.call('DEL', rec_key)
+  redis.call('SREM', K.engines, eid)
+elseif mode == 'update' or mode == 'create' then
+  local raw = ARGV[3]
+  if port ~= '' then
+    raw = string.gsub(raw, '"' .. K.port_mark .. '"', port)
+    raw = string.gsub(raw, K.port_mark, port)
+  end
+  redis.call('SET', rec_key, raw)
+  if mode == 'create' then redis.call('SADD', K.engines, eid) end
+end
+return {'OK', port, released}
 """
 
-# KEYS: 1 engine reservation, 2 reserved-engines set
-# ARGV: 1 engine_id, 2 GPU hash prefix, 3 port hash prefix
-_RELEASE = r"""
-local engine_id = ARGV[1]
-local host = redis.call('HGET', KEYS[1], 'host')
-if not host then
-  redis.call('SREM', KEYS[2], engine_id)
-  return 0
+# KEYS[1]: capacity hash, KEYS[2]: published marker; ARGV[1]: JSON {uuid: capacity
+# JSON}; ARGV[2..]: reservation keys that must exist. Publishes nothing and returns the
+# missing ones otherwise.
+_PUBLISH = r"""
+local missing = {}
+for i = 2, #ARGV do
+  if redis.call('EXISTS', ARGV[i]) == 0 then missing[#missing + 1] = ARGV[i] end
 end
-local gpus = cjson.decode(redis.call('HGET', KEYS[1], 'gpus') or '[]')
-for _, g in ipairs(gpus) do
-  redis.call('HDEL', ARGV[2] .. host .. ':' .. g[1], engine_id)
-end
-local port = redis.call('HGET', KEYS[1], 'port')
-local ports = ARGV[3] .. host
-if port and redis.call('HGET', ports, port) == engine_id then
-  redis.call('HDEL', ports, port)
-end
+if #missing > 0 then return missing end
 redis.call('DEL', KEYS[1])
-redis.call('SREM', KEYS[2], engine_id)
-return 1
+redis.call('SET', KEYS[2], '1')
+for uuid, cap in pairs(cjson.decode(ARGV[1])) do redis.call('HSET', KEYS[1], uuid, cap) end
+return missing
 """
+
+# Stands for the port in a record written with a reservation that picks the port.
+PORT_MARK = "@@SAGELLM_PORT@@"
+_KEY_NAMES = json.dumps(
+    {
+        "engine": keys.engine(""),
+        "reservation": keys.engine_reservation(""),
+        "reserved": keys.RESERVED_ENGINES,
+        "engines": keys.ENGINES,
+        "capacity": keys.gpu_capacity(""),
+        "gpu": keys.GPU_RESERVATIONS_PREFIX,
+        "ports": keys.PORT_RESERVATIONS_PREFIX,
+        "port_mark": PORT_MARK,
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -121,6 +206,117 @@ class Reservation:
     host: str
     port: int
     gpus: tuple[tuple[str, int], ...]  # (uuid, MiB)
+
+
+@dataclass(frozen=True)
+class ReserveRequest:
+    """Room to take on one host: MiB on each GPU (uuid, MiB) and one port.
+
+    ``port`` asks for that port, else the lowest free one in ``port_range`` not in
+    ``avoid_ports`` (ports other programs listen on, from the heartbeat).
+    ``reclaim`` re-takes the room of an engine that already runs (after a lost
+    Redis): already held is fine, no margin, and a GPU whose capacity is not yet
+    republished is not checked (its host offers capacity only after reclaiming).
+    """
+
+    host: str
+    gpus: tuple[tuple[str, int], ...]
+    port_range: tuple[int, int]
+    margin_mib: int
+    port: int | None = None
+    avoid_ports: tuple[int, ...] = ()
+    reclaim: bool = False
+
+    def validate(self) -> ReserveRequest:
+        lo, hi = self.port_range
+        if self.port is not None and not self.reclaim and not lo <= self.port <= hi:
+            raise ValidationError(
+                f"port: {self.port} is outside host {self.host}'s range {lo}-{hi}", field="port"
+            )
+        for uuid, mib in self.gpus:
+            if mib <= 0:
+                raise ValidationError(
+                    f"required_memory_gb: reservation on GPU {uuid} must be > 0 MiB, got {mib}",
+                    field="required_memory_gb",
+                )
+        if len({u for u, _ in self.gpus}) != len(self.gpus):
+            raise ValidationError("gpu_ids: the same GPU twice", field="gpu_ids")
+        return self
+
+    def to_lua(self) -> dict[str, Any]:
+        lo, hi = self.port_range
+        return {
+            "host": self.host,
+            "gpus": [[u, int(m)] for u, m in self.gpus],
+            "lo": lo,
+            "hi": hi,
+            "port": self.port or 0,
+            "skip": sorted({p for p in self.avoid_ports if lo <= p <= hi}),
+            "margin": 0 if self.reclaim else int(self.margin_mib),
+            "reclaim": self.reclaim,
+        }
+
+
+class Unreserved(ReservationConflict):
+    """A write that needs the engine's reservation found none (it was released)."""
+
+
+class StaleRecord(Exception):
+    """The record changed since it was read (compare-and-set lost): read and retry."""
+
+
+class RecordExists(ValueError):
+    """``create`` of an engine id that already has a record."""
+
+
+@dataclass(frozen=True)
+class CommitResult:
+    port: int | None  # the port reserved by this commit, if it reserved
+    released: bool  # this commit released the engine's reservation (exactly once)
+
+
+@dataclass
+class Committer:
+    """Runs ``_COMMIT``: the only code that writes engine records or reservations."""
+
+    client: redis.Redis
+    _script: Any = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._script = self.client.register_script(_COMMIT)
+
+    def __call__(
+        self,
+        engine_id: str,
+        *,
+        mode: str,
+        expected: bytes | str | None = None,
+        new: str | None = None,
+        release: bool = False,
+        reserve: ReserveRequest | None = None,
+        require_reserved: bool = False,
+    ) -> CommitResult:
+        op: dict[str, Any] = {
+            "id": engine_id,
+            "mode": mode,
+            "release": release,
+            "require_reserved": require_reserved,
+        }
+        if reserve is not None:
+            op["reserve"] = reserve.validate().to_lua()
+        status, detail, released = self._script(
+            args=[json.dumps(op), expected or b"", new or "", _KEY_NAMES]
+        )
+        status, detail = _text(status), _text(detail)
+        if status == "OK":
+            return CommitResult(int(detail) if detail else None, bool(released))
+        if status == "RETRY":
+            raise StaleRecord(engine_id)
+        if status == "EXISTS":
+            raise RecordExists(f"engine {engine_id} already exists")
+        if status == "UNRESERVED":
+            raise Unreserved(detail)
+        raise ReservationConflict(detail)
 
 
 def port_is_bindable(address: str, port: int) -> bool:
@@ -137,32 +333,46 @@ def port_is_bindable(address: str, port: int) -> bool:
 
 
 class Ledger:
-    """GPU-memory and port reservations per host. See the module docstring."""
+    """GPU-memory and port reservations per host. See the module docstring.
+
+    ``reserve`` and ``release`` here act on the ledger alone (engines without a
+    record: leaked reservations, tests); engines with a record reserve and release
+    through ``Registry`` writes, in the same step as their record.
+    """
 
     def __init__(self, client: redis.Redis) -> None:
         self.r = client
-        self._reserve = client.register_script(_RESERVE)
-        self._release = client.register_script(_RELEASE)
+        self.commit = Committer(client)
+        self._publish = client.register_script(_PUBLISH)
 
     # ------------------------------------------------------------------ capacity
-    def publish_capacity(self, host: str, gpus: Iterable[GpuCapacity]) -> None:
+    def publish_capacity(
+        self, host: str, gpus: Iterable[GpuCapacity], *, held_by: Iterable[str] = ()
+    ) -> list[str]:
         """Record what a host's worker measured: total and outside-held MiB per GPU.
 
-        GPUs no longer in the inventory are dropped; reservations are untouched.
+        GPUs no longer in the inventory are dropped; reservations are untouched. With
+        ``held_by``, publish only if each of those engines holds its reservation (one
+        atomic step: a Redis lost just before cannot make the host offer the room of a
+        running engine); returns the engines that do not, and publishes nothing then.
         """
-        gpus = list(gpus)
-        key = keys.gpu_capacity(host)
         mapping = {
             g.uuid: json.dumps(
                 {"index": g.index, "total_mib": g.total_mib, "outside_mib": g.outside_mib}
             )
             for g in gpus
         }
-        pipe = self.r.pipeline(transaction=True)
-        pipe.delete(key)
-        if mapping:
-            pipe.hset(key, mapping=mapping)  # type: ignore[arg-type]
-        pipe.execute()
+        required = sorted(set(held_by))
+        missing = self._publish(
+            keys=[keys.gpu_capacity(host), keys.capacity_published(host)],
+            args=[json.dumps(mapping), *(keys.engine_reservation(e) for e in required)],
+        )
+        prefix = len(keys.engine_reservation(""))
+        return [_text(m)[prefix:] for m in missing]
+
+    def has_capacity(self, host: str) -> bool:
+        """Whether ``host``'s capacity is published (False after a lost Redis)."""
+        return bool(self.r.exists(keys.capacity_published(host)))
 
     def capacity(self, host: str) -> list[GpuCapacity]:
         """GPUs of ``host`` with their total, outside-held and reserved MiB, by index."""
@@ -187,6 +397,17 @@ class Ledger:
             )
         return sorted(out, key=lambda g: g.index)
 
+    def gpu_reservations(self, host: str, uuids: Iterable[str]) -> dict[str, dict[str, int]]:
+        """Per GPU uuid: MiB reserved by each engine id."""
+        uuids = list(uuids)
+        pipe = self.r.pipeline(transaction=False)
+        for u in uuids:
+            pipe.hgetall(keys.gpu_reservations(host, u))
+        return {
+            u: {_text(e): int(m) for e, m in raw.items()}
+            for u, raw in zip(uuids, pipe.execute(), strict=True)
+        }
+
     # ------------------------------------------------------------------ reserve
     def reserve(
         self,
@@ -197,86 +418,31 @@ class Ledger:
         port_range: tuple[int, int],
         margin_mib: int,
         port: int | None = None,
-        port_probe: Callable[[int], bool] | None = None,
         avoid_ports: Iterable[int] = (),
-        max_port_tries: int = 16,
     ) -> Reservation:
-        """Atomically reserve MiB on each GPU (uuid, MiB) and one port of ``host``.
-
-        ``port`` asks for a given port, else the lowest free one in ``port_range``.
-        ``port_probe`` (run on the host itself) checks the port is really bindable: a
-        port some other program listens on is skipped (or refused, when asked for).
-        ``avoid_ports`` are never picked automatically (e.g. ports the host's heartbeat
-        saw other programs listen on).
-        Raises ``ReservationConflict`` with the reason; nothing is reserved then.
-        """
-        lo, hi = port_range
-        if port is not None and not lo <= port <= hi:
-            raise ValidationError(
-                f"port: {port} is outside host {host}'s range {lo}-{hi}", field="port"
-            )
-        for uuid, mib in gpus:
-            if mib <= 0:
-                raise ValidationError(
-                    f"required_memory_gb: reservation on GPU {uuid} must be > 0 MiB, got {mib}",
-                    field="required_memory_gb",
-                )
-        if len({u for u, _ in gpus}) != len(gpus):
-            raise ValidationError("gpu_ids: the same GPU twice", field="gpu_ids")
-        skip: list[int] = sorted({p for p in avoid_ports if lo <= p <= hi})
-        for _ in range(max_port_tries):
-            res = self._reserve_once(engine_id, host, gpus, lo, hi, port, skip, margin_mib)
-            if port_probe is None or port_probe(res.port):
-                return res
-            self.release(engine_id)
-            if port is not None:
-                raise ReservationConflict(
-                    f"host {host}: port {port} is in use by a process that is not ours"
-                )
-            skip.append(res.port)
-        raise ReservationConflict(
-            f"host {host}: {max_port_tries} free ports in a row were in use by other processes"
+        """Atomically reserve MiB on each GPU (uuid, MiB) and one port of ``host`` for an
+        engine without a record. Raises ``ReservationConflict`` with the reason;
+        nothing is reserved then."""
+        req = ReserveRequest(
+            host,
+            tuple((u, int(m)) for u, m in gpus),
+            port_range,
+            margin_mib,
+            port=port,
+            avoid_ports=tuple(avoid_ports),
         )
-
-    def _reserve_once(
-        self,
-        engine_id: str,
-        host: str,
-        gpus: Sequence[tuple[str, int]],
-        lo: int,
-        hi: int,
-        port: int | None,
-        skip: list[int],
-        margin_mib: int,
-    ) -> Reservation:
-        keys_ = [
-            keys.gpu_capacity(host),
-            keys.port_reservations(host),
-            keys.engine_reservation(engine_id),
-            keys.RESERVED_ENGINES,
-            *(keys.gpu_reservations(host, u) for u, _ in gpus),
-        ]
-        argv: list[Any] = [engine_id, host, margin_mib, lo, hi, port or 0, len(skip), *skip]
-        for u, mib in gpus:
-            argv += [u, int(mib)]
-        status, detail = self._reserve(keys=keys_, args=argv)
-        status, detail = _text(status), _text(detail)
-        if status != "OK":
-            raise ReservationConflict(detail)
-        return Reservation(engine_id, host, int(detail), tuple((u, int(m)) for u, m in gpus))
+        result = self.commit(engine_id, mode="none", reserve=req)
+        assert result.port is not None
+        return Reservation(engine_id, host, result.port, req.gpus)
 
     # ------------------------------------------------------------------ release
     def release(self, engine_id: str) -> bool:
         """Release everything ``engine_id`` holds. True only for the call that did it."""
-        done = self._release(
-            keys=[keys.engine_reservation(engine_id), keys.RESERVED_ENGINES],
-            args=[engine_id, keys.GPU_RESERVATIONS_PREFIX, keys.PORT_RESERVATIONS_PREFIX],
-        )
-        return bool(done)
+        return self.commit(engine_id, mode="none", release=True).released
 
     def forget_host(self, host: str) -> None:
         """Drop a host's GPU capacity (its reservations are released one by one first)."""
-        self.r.delete(keys.gpu_capacity(host))
+        self.r.delete(keys.gpu_capacity(host), keys.capacity_published(host))
 
     # ------------------------------------------------------------------ reading
     def reservation(self, engine_id: str) -> Reservation | None:

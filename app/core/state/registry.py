@@ -1,8 +1,13 @@
 """Engine records and host heartbeats in Redis.
 
-Records are JSON strings; every change goes through ``update``, an optimistic
-WATCH/MULTI loop, so concurrent writers (API, workers, beat) never lose each other's
-changes, and state changes go through ``EngineRecord.transition`` (the state machine).
+Records are JSON strings. Every write goes through the ledger's one atomic script
+(``ledger.Committer``): ``update`` reads the record, applies the caller's change and
+writes it only if the record is still the one it read (compare-and-set, retried), so
+concurrent writers (API, workers, beat) never lose each other's changes. State changes
+go through ``EngineRecord.transition`` (the state machine). The same write takes a
+reservation when the caller grants one and releases the engine's reservation when the
+new record owns nothing (``EngineRecord.owns_nothing``): a record and its reservation
+never disagree, whichever write fails or races.
 """
 
 from __future__ import annotations
@@ -20,6 +25,16 @@ from app.core.errors import NotFoundError
 from app.core.models import EngineRecord, EngineState, GpuInfo
 from app.core.state import keys
 from app.core.state.client import as_text
+from app.core.state.ledger import (
+    PORT_MARK,
+    CommitResult,
+    Committer,
+    RecordExists,
+    ReserveRequest,
+    StaleRecord,
+)
+
+Mutate = Callable[[EngineRecord], None]
 
 
 def new_engine_id() -> str:
@@ -73,16 +88,19 @@ class Registry:
 
     def __init__(self, client: redis.Redis) -> None:
         self.r = client
+        self._commit = Committer(client)
 
     # ------------------------------------------------------------------ engines
-    def create(self, record: EngineRecord) -> EngineRecord:
-        """Store a new record; an existing id is a conflict, never overwritten."""
-        pipe = self.r.pipeline(transaction=True)
-        pipe.set(keys.engine(record.id), json.dumps(record.to_dict()), nx=True)
-        pipe.sadd(keys.ENGINES, record.id)
-        created, _ = pipe.execute()
-        if not created:
-            raise ValueError(f"engine {record.id} already exists")
+    def create(
+        self, record: EngineRecord, *, reserve: ReserveRequest | None = None
+    ) -> EngineRecord:
+        """Store a new record (and take ``reserve`` in the same atomic step); an
+        existing id is a conflict (``RecordExists``), never overwritten. A refused
+        reservation raises ``ReservationConflict`` and writes nothing."""
+        raw = _encode(record, port_from_reservation=_picks_port(reserve))
+        result = self._commit(record.id, mode="create", new=raw, reserve=reserve)
+        if result.port is not None:
+            record.port = result.port
         return record
 
     def get(self, engine_id: str) -> EngineRecord:
@@ -130,29 +148,61 @@ class Registry:
         return sorted(out, key=lambda r: (r.created_at, r.id))
 
     def update(
-        self, engine_id: str, mutate: Callable[[EngineRecord], None], *, retries: int = 50
+        self,
+        engine_id: str,
+        mutate: Mutate,
+        *,
+        reserve: ReserveRequest | Callable[[EngineRecord], ReserveRequest | None] | None = None,
+        require_reserved: bool = False,
+        retries: int = 100,
     ) -> EngineRecord:
-        """Apply ``mutate`` to the current record atomically (WATCH/MULTI, retried).
+        """Apply ``mutate`` to the current record atomically; see ``commit``."""
+        return self.commit(
+            engine_id, mutate, reserve=reserve, require_reserved=require_reserved, retries=retries
+        )[0]
+
+    def commit(
+        self,
+        engine_id: str,
+        mutate: Mutate,
+        *,
+        reserve: ReserveRequest | Callable[[EngineRecord], ReserveRequest | None] | None = None,
+        require_reserved: bool = False,
+        retries: int = 100,
+    ) -> tuple[EngineRecord, CommitResult]:
+        """Apply ``mutate`` to the current record and write it in one atomic step that
+        also takes ``reserve`` (a request, or a function of the mutated record) and
+        releases the reservation when the new record owns nothing.
 
         ``mutate`` may raise (e.g. ``IllegalTransition``): nothing is written then.
+        ``require_reserved``: write only while the engine holds its reservation
+        (``Unreserved`` otherwise). A refused reservation raises
+        ``ReservationConflict``; nothing is written.
         """
         key = keys.engine(engine_id)
         for _ in range(retries):
-            with self.r.pipeline(transaction=True) as pipe:
-                try:
-                    pipe.watch(key)
-                    raw = pipe.get(key)
-                    if raw is None:
-                        raise NotFoundError(f"engine {engine_id!r} not found")
-                    rec = EngineRecord.from_dict(json.loads(raw))
-                    mutate(rec)
-                    rec.updated_at = time.time()
-                    pipe.multi()
-                    pipe.set(key, json.dumps(rec.to_dict()))
-                    pipe.execute()
-                    return rec
-                except redis.WatchError:
-                    continue
+            raw = self.r.get(key)
+            if raw is None:
+                raise NotFoundError(f"engine {engine_id!r} not found")
+            rec = EngineRecord.from_dict(json.loads(raw))
+            mutate(rec)
+            rec.updated_at = time.time()
+            req = reserve(rec) if callable(reserve) else reserve
+            try:
+                result = self._commit(
+                    engine_id,
+                    mode="update",
+                    expected=raw,
+                    new=_encode(rec, port_from_reservation=_picks_port(req)),
+                    release=rec.owns_nothing,
+                    reserve=req,
+                    require_reserved=require_reserved,
+                )
+            except StaleRecord:
+                continue
+            if result.port is not None:
+                rec.port = result.port
+            return rec, result
         raise RuntimeError(f"engine {engine_id}: too much contention updating its record")
 
     def transition(
@@ -167,12 +217,27 @@ class Registry:
 
         return self.update(engine_id, mutate)
 
-    def delete(self, engine_id: str) -> bool:
-        pipe = self.r.pipeline(transaction=True)
-        pipe.delete(keys.engine(engine_id))
-        pipe.srem(keys.ENGINES, engine_id)
-        deleted, _ = pipe.execute()
-        return bool(deleted)
+    def delete(
+        self, engine_id: str, *, only_if: Callable[[EngineRecord], bool] | None = None
+    ) -> bool:
+        """Delete the record and release what the engine holds, in one atomic step.
+
+        ``only_if`` is checked on the record as it is at that step; False: nothing is
+        deleted. Returns whether a record was deleted.
+        """
+        key = keys.engine(engine_id)
+        for _ in range(100):
+            raw = self.r.get(key)
+            if raw is None:
+                return False
+            if only_if is not None and not only_if(EngineRecord.from_dict(json.loads(raw))):
+                return False
+            try:
+                self._commit(engine_id, mode="delete", expected=raw, release=True)
+            except StaleRecord:
+                continue
+            return True
+        raise RuntimeError(f"engine {engine_id}: too much contention deleting its record")
 
     # ------------------------------------------------------------------ hosts
     def put_host(self, record: HostRecord, ttl_s: float) -> None:
@@ -208,3 +273,20 @@ class Registry:
         pipe.delete(keys.host(name), keys.host_last_seen(name))
         pipe.srem(keys.HOSTS, name)
         pipe.execute()
+
+
+def _picks_port(req: ReserveRequest | None) -> bool:
+    return req is not None and req.port is None and not req.reclaim
+
+
+def _encode(rec: EngineRecord, *, port_from_reservation: bool) -> str:
+    """The record's JSON; with the port left for the commit script to fill in when the
+    reservation written in the same step picks it."""
+    d = rec.to_dict()
+    if port_from_reservation:
+        d["port"] = PORT_MARK
+        d["base_url"] = f"http://{rec.address}:{PORT_MARK}" if rec.address else None
+    return json.dumps(d)
+
+
+__all__ = ["HostRecord", "RecordExists", "Registry", "new_engine_id"]
