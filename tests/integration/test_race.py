@@ -1,0 +1,283 @@
+"""A stateful race test of the core's promises (issue 10).
+
+Hypothesis drives random interleavings of everything that changes engines and their
+room — start, stop, restart, task delivery (once, twice, never), engine crash
+(kill -9 of the leader or of a tensor-parallel child whose tag setproctitle wiped),
+health and readiness ticks, rediscovery, heartbeats, prune, ``FLUSHALL``, host down
+and up, worker kill and restart, forget host — against a real redis-server and real
+engine processes (the stand-in ``vllm``) on two mock hosts. The code under test is the
+production code; only Celery's queue is the test's (``inproc.TaskQueue``), so that the
+test chooses when, and how often, each task runs.
+
+After every step ``inproc.check_invariants`` holds: per GPU reservations + outside +
+margin <= total; one port per engine; every reservation belongs to a live record on
+its host; every live record with a live process holds exactly its reservation; no
+engine has two process trees; no ended engine has a live process. At the end, after
+the cluster settles, every engine process has a record that names it.
+
+``RACE_EXAMPLES`` / ``RACE_STEPS`` set the size (``make soak`` runs a long one).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+import redis
+from hypothesis import HealthCheck, Phase, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
+
+from app import control
+from app.core.errors import SagellmError
+from app.core.models import EngineSpec, EngineState
+from tests.integration.inproc import (
+    FAKES,
+    InprocHost,
+    TaskQueue,
+    check_invariants,
+    cluster_of,
+    deliver,
+    host_settings,
+    kill_all_engines,
+    tagged_processes,
+)
+from workers import lifecycle
+from workers.beat_scheduler import mark_lost_engines
+from workers.rediscovery import rediscover
+
+pytestmark = pytest.mark.integration
+S = EngineState
+EXAMPLES = int(os.environ.get("RACE_EXAMPLES", "12"))
+STEPS = int(os.environ.get("RACE_STEPS", "30"))
+HOSTS = {"a": ("127.0.0.2", "2x24", "18300-18309"), "b": ("127.0.0.3", "1x24", "18310-18319")}
+MARGIN_MIB = 1024
+STATS: dict[str, float] = {"examples": 0, "steps": 0}
+
+
+@pytest.fixture
+def race_env(
+    redis_server: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[redis.Redis, Path]]:
+    from app.core.state.client import connect
+
+    monkeypatch.setenv("PATH", f"{FAKES}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_VLLM_WORKERS", "1")
+    monkeypatch.setenv("FAKE_VLLM_RENAME", "1")
+    monkeypatch.setenv("FAKE_VLLM_TEST_RUN", uuid.uuid4().hex)
+    client = connect(redis_server.url)  # type: ignore[attr-defined]
+    yield client, tmp_path
+    kill_all_engines()
+    client.flushall()
+
+
+class CoreRace(RuleBasedStateMachine):
+    client: redis.Redis
+    data_dir: Path
+
+    def __init__(self) -> None:
+        super().__init__()
+        STATS["examples"] += 1
+        self.client.flushall()
+        kill_all_engines()
+        run = self.data_dir / uuid.uuid4().hex[:8]
+        self.queue = TaskQueue()
+        self.hosts = {
+            name: InprocHost(host_settings(name, addr, gpus, ports, run, self.url), self.queue)
+            for name, (addr, gpus, ports) in HOSTS.items()
+        }
+        self.up = dict.fromkeys(self.hosts, True)
+        for h in self.hosts.values():
+            h.heartbeat()
+        self.cluster = cluster_of(self.client, self.hosts["a"].settings, self.queue)  # type: ignore[arg-type]
+
+    url = ""
+
+    # ------------------------------------------------------------------ helpers
+    def _ids(self) -> list[str]:
+        return [r.id for r in self.cluster.registry.engines()]
+
+    def _pick(self, i: int) -> str | None:
+        ids = self._ids()
+        return ids[i % len(ids)] if ids else None
+
+    # ------------------------------------------------------------------ API side
+    @rule(gb=st.sampled_from([4, 9, 20]), host=st.sampled_from([None, "a", "b"]))
+    def start(self, gb: int, host: str | None) -> None:
+        spec = EngineSpec(model="org/m", required_memory_gb=gb, host=host)
+        try:
+            control.start_engine(self.cluster, spec)
+        except SagellmError as exc:
+            assert exc.message  # every refusal says why
+
+    @rule(i=st.integers(0, 50))
+    def stop(self, i: int) -> None:
+        eid = self._pick(i)
+        if eid is not None:
+            with contextlib.suppress(SagellmError):
+                control.stop_engine(self.cluster, eid)
+
+    @rule(i=st.integers(0, 50))
+    def restart(self, i: int) -> None:
+        eid = self._pick(i)
+        if eid is not None:
+            try:
+                control.restart_engine(self.cluster, eid)
+            except SagellmError as exc:
+                assert exc.message
+
+    @rule()
+    def prune(self) -> None:
+        control.prune_records(self.cluster.registry, self.cluster.ledger, 0)
+
+    # ------------------------------------------------------------------ the queue
+    @precondition(lambda self: bool(self.queue.sent))
+    @rule(i=st.integers(0, 50), again=st.booleans())
+    def deliver_task(self, i: int, again: bool) -> None:
+        task = self.queue.sent[i % len(self.queue.sent)]
+        if not again:  # acked; else redelivered later (Redis' emulated acks)
+            self.queue.sent.remove(task)
+        host = self.hosts.get(task.host)
+        if host is not None and self.up[task.host]:
+            deliver(host.ctx, task)
+
+    @precondition(lambda self: bool(self.queue.sent))
+    @rule(i=st.integers(0, 50))
+    def expire_task(self, i: int) -> None:
+        self.queue.sent.pop(i % len(self.queue.sent))
+
+    # ------------------------------------------------------------------ engines
+    @rule(i=st.integers(0, 50), child=st.booleans())
+    def crash(self, i: int, child: bool) -> None:
+        procs = sorted(tagged_processes())
+        if not procs:
+            return
+        pid = procs[i % len(procs)]
+        try:
+            target = psutil.Process(pid)
+            if child:
+                kids = target.children()
+                target = kids[0] if kids else target
+            target.kill()
+        except psutil.Error:
+            pass
+
+    # ------------------------------------------------------------------ workers
+    @rule(host=st.sampled_from(sorted(HOSTS)))
+    def health_tick(self, host: str) -> None:
+        if self.up[host]:
+            lifecycle.check_host(self.hosts[host].ctx)
+
+    @rule(host=st.sampled_from(sorted(HOSTS)))
+    def rediscovery(self, host: str) -> None:
+        if self.up[host]:
+            rediscover(self.hosts[host].ctx)
+
+    @rule(host=st.sampled_from(sorted(HOSTS)))
+    def heartbeat(self, host: str) -> None:
+        if self.up[host]:
+            self.hosts[host].heartbeat()
+
+    @rule(host=st.sampled_from(sorted(HOSTS)))
+    def worker_restart(self, host: str) -> None:
+        self.hosts[host].restart_worker()
+        if self.up[host]:
+            rediscover(self.hosts[host].ctx)  # what a worker does when it starts
+
+    @rule()
+    def flushall(self) -> None:
+        self.client.flushall()
+        self.queue.sent.clear()  # Celery's queues live in the same Redis
+
+    @rule(host=st.sampled_from(sorted(HOSTS)))
+    def host_down(self, host: str) -> None:
+        self.up[host] = False
+        self.hosts[host].down()
+        mark_lost_engines(self.cluster.registry)
+
+    @precondition(lambda self: not all(self.up.values()))
+    @rule(host=st.sampled_from(sorted(HOSTS)))
+    def host_up(self, host: str) -> None:
+        if not self.up[host]:
+            self.up[host] = True
+            self.hosts[host].restart_worker()
+            self.hosts[host].heartbeat()
+
+    @precondition(lambda self: not all(self.up.values()))
+    @rule(host=st.sampled_from(sorted(HOSTS)))
+    def forget_host(self, host: str) -> None:
+        if self.up[host]:
+            return
+        # The machine is gone for good: so are its processes.
+        for pid, (_eid, tag_host) in tagged_processes().items():
+            if tag_host == host:
+                with contextlib.suppress(OSError):
+                    os.killpg(pid, 9) if os.getpgid(pid) == pid else os.kill(pid, 9)
+        with contextlib.suppress(SagellmError):
+            control.forget_host(self.cluster, host)
+
+    # ------------------------------------------------------------------ checks
+    @invariant()
+    def promises_hold(self) -> None:
+        STATS["steps"] += 1
+        check_invariants(self.client, self.hosts, MARGIN_MIB)
+
+    def teardown(self) -> None:
+        try:
+            # Every host back, every worker rediscovers and checks health twice: then
+            # every engine process must be accounted for by a record naming it.
+            for name, h in self.hosts.items():
+                if not self.up[name]:
+                    self.up[name] = True
+                    h.restart_worker()
+            for _ in range(2):
+                for h in self.hosts.values():
+                    rediscover(h.ctx)
+                    lifecycle.check_host(h.ctx)
+                while self.queue.sent:
+                    task = self.queue.sent.pop(0)
+                    if task.task != "sagellm.watch_start":
+                        deliver(self.hosts[task.host].ctx, task)
+            check_invariants(self.client, self.hosts, MARGIN_MIB, settled=True)
+        finally:
+            kill_all_engines()
+
+
+def test_core_promises_hold_under_random_interleavings(race_env: tuple[redis.Redis, Path]) -> None:
+    client, data_dir = race_env
+    CoreRace.client = client
+    CoreRace.data_dir = data_dir
+    CoreRace.url = _url(client)
+    began = time.monotonic()
+    run_settings = settings(
+        max_examples=EXAMPLES,
+        stateful_step_count=STEPS,
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+        phases=[Phase.explicit, Phase.generate]
+        + ([Phase.shrink] if os.environ.get("RACE_SHRINK") else []),
+        derandomize=not os.environ.get("RACE_RANDOM"),
+        database=None,
+    )
+    run_state_machine_as_test(CoreRace, settings=run_settings)
+    print(
+        f"\nrace test: {STATS['examples']:.0f} examples, {STATS['steps']:.0f} checked steps, "
+        f"{time.monotonic() - began:.1f}s"
+    )
+
+
+def _url(client: redis.Redis) -> str:
+    kw = client.connection_pool.connection_kwargs
+    return f"redis://{kw.get('host', '127.0.0.1')}:{kw.get('port', 6379)}/{kw.get('db', 0)}"
