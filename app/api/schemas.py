@@ -130,6 +130,17 @@ class EngineSchema(ma.Schema):
     next_restart_at = fields.Float(allow_none=True)
     health_failures = fields.Integer()
     last_health_at = fields.Float(allow_none=True)
+    running_since = fields.Float(
+        allow_none=True, metadata={"description": "When this process became ready."}
+    )
+    reservation_error = fields.String(
+        allow_none=True,
+        metadata={
+            "description": "Set while a running engine could not re-take its GPU memory or "
+            "port after a lost Redis (someone else took the room): the engine is UNHEALTHY "
+            "and not routed to until it can."
+        },
+    )
 
 
 class EngineAcceptedSchema(ma.Schema):

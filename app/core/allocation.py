@@ -150,6 +150,7 @@ def placement_hosts(registry: Registry, ledger: Ledger) -> list[PlacementHost]:
                 ports_taken=frozenset(ledger.ports(h.name)) | frozenset(h.busy_ports),
                 engine_count=engines_per_host.get(h.name, 0),
                 up=h.up,
+                inventory_gpus=len(h.gpus),
             )
         )
     return out

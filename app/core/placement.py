@@ -29,6 +29,9 @@ class PlacementHost:
     ports_taken: frozenset[int] = frozenset()
     engine_count: int = 0
     up: bool = True
+    # GPUs its heartbeat reports; ``gpus`` can be empty for a moment while the host
+    # re-takes its engines' room after a lost Redis (a full cluster, not bad input).
+    inventory_gpus: int = 0
 
 
 @dataclass(frozen=True)
@@ -232,7 +235,7 @@ def _check_request_fits_cluster(req: PlacementRequest, hosts: Sequence[Placement
         return  # unknown pinned host: reported by ``candidates``
     where = f"host {req.host}" if req.host else "the largest host"
     if req.gpu_count > 0:
-        most = max(len(h.gpus) for h in pool)
+        most = max(max(len(h.gpus), h.inventory_gpus) for h in pool)
         if req.gpu_count > most:
             raise ValidationError(
                 f"tensor_parallel: {req.gpu_count} GPUs needed on one host (tensor_parallel x "

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -34,6 +35,7 @@ from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
+    initialize,
     invariant,
     precondition,
     rule,
@@ -53,6 +55,7 @@ from tests.integration.inproc import (
     host_settings,
     kill_all_engines,
     tagged_processes,
+    wait_for,
 )
 from workers import lifecycle
 from workers.beat_scheduler import mark_lost_engines
@@ -64,7 +67,14 @@ EXAMPLES = int(os.environ.get("RACE_EXAMPLES", "12"))
 STEPS = int(os.environ.get("RACE_STEPS", "30"))
 HOSTS = {"a": ("127.0.0.2", "2x24", "18300-18309"), "b": ("127.0.0.3", "1x24", "18310-18319")}
 MARGIN_MIB = 1024
-STATS: dict[str, float] = {"examples": 0, "steps": 0}
+STATS: dict[str, float] = {
+    "examples": 0,
+    "steps": 0,
+    "granted": 0,
+    "refused": 0,
+    "max_processes": 0,
+    "running": 0,
+}
 
 
 @pytest.fixture
@@ -73,7 +83,8 @@ def race_env(
 ) -> Iterator[tuple[redis.Redis, Path]]:
     from app.core.state.client import connect
 
-    monkeypatch.setenv("PATH", f"{FAKES}{os.pathsep}{os.environ['PATH']}")
+    bin_dir = Path(sys.executable).parent  # the fake's workers import setproctitle
+    monkeypatch.setenv("PATH", f"{FAKES}{os.pathsep}{bin_dir}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("FAKE_VLLM_WORKERS", "1")
     monkeypatch.setenv("FAKE_VLLM_RENAME", "1")
     monkeypatch.setenv("FAKE_VLLM_TEST_RUN", uuid.uuid4().hex)
@@ -114,13 +125,37 @@ class CoreRace(RuleBasedStateMachine):
         return ids[i % len(ids)] if ids else None
 
     # ------------------------------------------------------------------ API side
-    @rule(gb=st.sampled_from([4, 9, 20]), host=st.sampled_from([None, "a", "b"]))
-    def start(self, gb: int, host: str | None) -> None:
+    @initialize()
+    def running_engines(self) -> None:
+        """Two engines RUNNING on host a and one starting on b before the walk."""
+        for gb, host in ((9, "a"), (4, "a"), (9, "b")):
+            self.start(gb, host, deliver_now=True)
+        ids = self._ids()
+        wait_for(
+            lambda: all(
+                lifecycle.check_start(self.hosts["a"].ctx, e) != "waiting" for e in ids[:2]
+            ),
+            15,
+        )
+
+    @rule(
+        gb=st.sampled_from([4, 9, 20]),
+        host=st.sampled_from([None, "a", "b"]),
+        deliver_now=st.booleans(),
+    )
+    def start(self, gb: int, host: str | None, deliver_now: bool) -> None:
         spec = EngineSpec(model="org/m", required_memory_gb=gb, host=host)
         try:
-            control.start_engine(self.cluster, spec)
+            rec = control.start_engine(self.cluster, spec)
+            STATS["granted"] += 1
         except SagellmError as exc:
             assert exc.message  # every refusal says why
+            STATS["refused"] += 1
+            return
+        if deliver_now and rec.host is not None and self.up[rec.host]:
+            task = next(t for t in self.queue.sent if t.args == (rec.id,))
+            self.queue.sent.remove(task)
+            deliver(self.hosts[rec.host].ctx, task)
 
     @rule(i=st.integers(0, 50))
     def stop(self, i: int) -> None:
@@ -173,6 +208,11 @@ class CoreRace(RuleBasedStateMachine):
             target.kill()
         except psutil.Error:
             pass
+
+    @rule()
+    def time_passes(self) -> None:
+        """Engines boot, tasks wait: time is part of every interleaving."""
+        time.sleep(0.4)
 
     # ------------------------------------------------------------------ workers
     @rule(host=st.sampled_from(sorted(HOSTS)))
@@ -233,8 +273,12 @@ class CoreRace(RuleBasedStateMachine):
     def promises_hold(self) -> None:
         STATS["steps"] += 1
         check_invariants(self.client, self.hosts, MARGIN_MIB)
+        STATS["max_processes"] = max(STATS["max_processes"], len(tagged_processes()))
+        STATS["running"] += len(self.cluster.registry.engines(state=S.RUNNING))
 
     def teardown(self) -> None:
+        for r in self.cluster.registry.engines():
+            STATS[r.state.value] = STATS.get(r.state.value, 0) + 1
         try:
             # Every host back, every worker rediscovers and checks health twice: then
             # every engine process must be accounted for by a record naming it.
@@ -274,8 +318,12 @@ def test_core_promises_hold_under_random_interleavings(race_env: tuple[redis.Red
     run_state_machine_as_test(CoreRace, settings=run_settings)
     print(
         f"\nrace test: {STATS['examples']:.0f} examples, {STATS['steps']:.0f} checked steps, "
-        f"{time.monotonic() - began:.1f}s"
+        f"{STATS['granted']:.0f} starts granted, {STATS['refused']:.0f} refused, "
+        f"{STATS['running']:.0f} RUNNING engine-steps, at most {STATS['max_processes']:.0f} "
+        f"engine processes at once, {time.monotonic() - began:.1f}s"
     )
+    print({k: v for k, v in STATS.items() if k.isupper()})
+    assert STATS["granted"] and STATS["running"], "the walk never ran an engine: it proves nothing"
 
 
 def _url(client: redis.Redis) -> str:

@@ -100,6 +100,16 @@ def test_tensor_parallel_above_every_host_is_bad_input() -> None:
         place(req(n=4), [host("a", [80, 80]), host("b", [80])], "binpack", margin_mib=0)
 
 
+def test_host_whose_capacity_is_not_republished_yet_is_full_not_bad_input() -> None:
+    # After a lost Redis a host re-takes its engines' room before it offers capacity
+    # again: for that moment its GPUs are unknown to the ledger, not absent.
+    from dataclasses import replace
+
+    rebuilding = replace(host("a", []), inventory_gpus=2)
+    with pytest.raises(PlacementError):
+        place(req(n=1), [rebuilding], "binpack", margin_mib=0)
+
+
 def test_pinned_host_is_honoured_or_refused_with_reason() -> None:
     hosts = [host("a", [70]), host("b", [15])]
     assert place(req(gb=10, host="b"), hosts, "spread", margin_mib=0).host == "b"
