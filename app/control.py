@@ -126,6 +126,7 @@ def stop_engine(cluster: Cluster, engine_id: str) -> EngineRecord:
             r.next_restart_at = None
             return
         r.transition(S.STOPPING)
+        r.next_restart_at = None  # a pending restart is cancelled by the same write
 
     before = cluster.registry.get(engine_id)
     if before.state is S.STOPPED:

@@ -389,6 +389,7 @@ def stop_engine(ctx: HostContext, engine_id: str) -> EngineRecord | None:
                 r.next_restart_at = None
             elif r.state in (S.STARTING, S.RUNNING, S.UNHEALTHY, S.PENDING, S.LOST):
                 r.transition(S.STOPPING)
+                r.next_restart_at = None
 
         rec = ctx.registry.update(engine_id, stopping)
         if rec.state is S.STOPPED:
@@ -407,7 +408,8 @@ def stop_engine(ctx: HostContext, engine_id: str) -> EngineRecord | None:
                 f"stop refused: pid {pid} does not carry this engine's identity; "
                 "its GPU memory and port stay reserved"
             )
-            note(ctx, engine_id, message)
+            if rec.last_error != message:  # said once, not on every health tick
+                note(ctx, engine_id, message)
             with contextlib.suppress(NotFoundError):
                 ctx.registry.update(engine_id, lambda r: setattr(r, "last_error", message))
             return ctx.registry.find(engine_id)

@@ -105,16 +105,22 @@ class CoreRace(RuleBasedStateMachine):
         kill_all_engines()
         run = self.data_dir / uuid.uuid4().hex[:8]
         self.queue = TaskQueue()
+        # Host names unique to this run: rediscovery stops tagged processes of its host
+        # that it has no record of, so another test's host "a" must not be ours.
+        self.names = {label: f"{label}-{self.run_id}" for label in HOSTS}
         self.hosts = {
-            name: InprocHost(host_settings(name, addr, gpus, ports, run, self.url), self.queue)
-            for name, (addr, gpus, ports) in HOSTS.items()
+            self.names[label]: InprocHost(
+                host_settings(self.names[label], addr, gpus, ports, run, self.url), self.queue
+            )
+            for label, (addr, gpus, ports) in HOSTS.items()
         }
         self.up = dict.fromkeys(self.hosts, True)
         for h in self.hosts.values():
             h.heartbeat()
-        self.cluster = cluster_of(self.client, self.hosts["a"].settings, self.queue)  # type: ignore[arg-type]
+        self.cluster = cluster_of(self.client, self.hosts[self.names["a"]].settings, self.queue)  # type: ignore[arg-type]
 
     url = ""
+    run_id = ""
 
     # ------------------------------------------------------------------ helpers
     def _ids(self) -> list[str]:
@@ -133,7 +139,8 @@ class CoreRace(RuleBasedStateMachine):
         ids = self._ids()
         wait_for(
             lambda: all(
-                lifecycle.check_start(self.hosts["a"].ctx, e) != "waiting" for e in ids[:2]
+                lifecycle.check_start(self.hosts[self.names["a"]].ctx, e) != "waiting"
+                for e in ids[:2]
             ),
             15,
         )
@@ -144,7 +151,9 @@ class CoreRace(RuleBasedStateMachine):
         deliver_now=st.booleans(),
     )
     def start(self, gb: int, host: str | None, deliver_now: bool) -> None:
-        spec = EngineSpec(model="org/m", required_memory_gb=gb, host=host)
+        spec = EngineSpec(
+            model="org/m", required_memory_gb=gb, host=self.names[host] if host else None
+        )
         try:
             rec = control.start_engine(self.cluster, spec)
             STATS["granted"] += 1
@@ -217,21 +226,25 @@ class CoreRace(RuleBasedStateMachine):
     # ------------------------------------------------------------------ workers
     @rule(host=st.sampled_from(sorted(HOSTS)))
     def health_tick(self, host: str) -> None:
+        host = self.names[host]
         if self.up[host]:
             lifecycle.check_host(self.hosts[host].ctx)
 
     @rule(host=st.sampled_from(sorted(HOSTS)))
     def rediscovery(self, host: str) -> None:
+        host = self.names[host]
         if self.up[host]:
             rediscover(self.hosts[host].ctx)
 
     @rule(host=st.sampled_from(sorted(HOSTS)))
     def heartbeat(self, host: str) -> None:
+        host = self.names[host]
         if self.up[host]:
             self.hosts[host].heartbeat()
 
     @rule(host=st.sampled_from(sorted(HOSTS)))
     def worker_restart(self, host: str) -> None:
+        host = self.names[host]
         self.hosts[host].restart_worker()
         if self.up[host]:
             rediscover(self.hosts[host].ctx)  # what a worker does when it starts
@@ -243,6 +256,7 @@ class CoreRace(RuleBasedStateMachine):
 
     @rule(host=st.sampled_from(sorted(HOSTS)))
     def host_down(self, host: str) -> None:
+        host = self.names[host]
         self.up[host] = False
         self.hosts[host].down()
         mark_lost_engines(self.cluster.registry)
@@ -250,6 +264,7 @@ class CoreRace(RuleBasedStateMachine):
     @precondition(lambda self: not all(self.up.values()))
     @rule(host=st.sampled_from(sorted(HOSTS)))
     def host_up(self, host: str) -> None:
+        host = self.names[host]
         if not self.up[host]:
             self.up[host] = True
             self.hosts[host].restart_worker()
@@ -258,6 +273,7 @@ class CoreRace(RuleBasedStateMachine):
     @precondition(lambda self: not all(self.up.values()))
     @rule(host=st.sampled_from(sorted(HOSTS)))
     def forget_host(self, host: str) -> None:
+        host = self.names[host]
         if self.up[host]:
             return
         # The machine is gone for good: so are its processes.
@@ -304,6 +320,7 @@ def test_core_promises_hold_under_random_interleavings(race_env: tuple[redis.Red
     CoreRace.client = client
     CoreRace.data_dir = data_dir
     CoreRace.url = _url(client)
+    CoreRace.run_id = uuid.uuid4().hex[:6]
     began = time.monotonic()
     run_settings = settings(
         max_examples=EXAMPLES,
