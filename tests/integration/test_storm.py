@@ -495,7 +495,6 @@ def _check_orphans(storm: Storm, recs: list[EngineRecord], t0: float) -> dict[in
     return out
 
 
-@pytest.mark.xfail(strict=False, reason="issue 10: being fixed")
 def test_three_host_storm(storm: Storm) -> None:
     url = storm.api.url
     r = redis.Redis.from_url(storm.settings.redis_url)
