@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 TORCH_PIN := torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: up test lint typecheck install clean
+.PHONY: up test soak lint typecheck install clean
 
 $(BIN)/python:
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) on PATH"; exit 1; }
@@ -29,6 +29,10 @@ typecheck: $(STAMP)
 
 test: $(STAMP) lint typecheck
 	$(BIN)/pytest -q
+
+# The race test of the core's promises, longer and with random seeds (about 15 min).
+soak: $(STAMP)
+	RACE_EXAMPLES=200 RACE_STEPS=50 RACE_RANDOM=1 $(BIN)/pytest -q -s tests/integration/test_race.py
 
 up: $(STAMP)
 	FLASK_APP=app $(BIN)/flask sagellm up
