@@ -232,6 +232,12 @@ def _release_leaks(ctx: HostContext, found: dict[str, Found], report: Rediscover
                 report.released.append(eid)
             ctx.manifests.remove(eid)
     for eid in ctx.manifests.ids() - set(found):
+        # Its leader is gone. What it left in its session (renamed TP workers, whose
+        # tags setproctitle wiped) is known only through the manifest when the record
+        # went too (a crash just before Redis was lost): sweep it.
+        m = ctx.manifests.read(eid)
+        if m is not None and m.pid is not None:
+            processes.sweep_session(m.pid, m.process_create_time, ctx.settings.stop_grace_s)
         rec = ctx.registry.find(eid)
         if rec is None or rec.owns_nothing:
             ctx.manifests.remove(eid)

@@ -12,9 +12,11 @@ under test is the production code (``app.control``, ``workers.lifecycle``,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import sys
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -131,6 +133,21 @@ class InprocHost:
         self.ctx.registry.r.delete(keys.host(self.name))
 
 
+def use_fake_engines(monkeypatch: Any, *, workers: int = 1, rename: bool = True) -> None:
+    """Engines of this test are the stand-in ``vllm`` (first on PATH), run by our
+    python (it has setproctitle, which its renamed workers need), with ``workers``
+    tensor-parallel-like children that wipe their tag when ``rename``; tagged with a
+    run id so ``tagged_processes`` sees only this test's engines."""
+    path = os.pathsep.join([str(FAKES), os.path.dirname(sys.executable), os.environ["PATH"]])
+    monkeypatch.setenv("PATH", path)
+    monkeypatch.setenv("FAKE_VLLM_WORKERS", str(workers))
+    if rename:
+        monkeypatch.setenv("FAKE_VLLM_RENAME", "1")
+    else:
+        monkeypatch.delenv("FAKE_VLLM_RENAME", raising=False)
+    monkeypatch.setenv("FAKE_VLLM_TEST_RUN", uuid.uuid4().hex)
+
+
 def cluster_of(client: redis.Redis, settings: Settings, queue: TaskQueue) -> Cluster:
     return Cluster(settings, Registry(client), Ledger(client), queue)  # type: ignore[arg-type]
 
@@ -154,12 +171,42 @@ def tagged_processes() -> dict[int, tuple[str, str | None]]:
     return out
 
 
+# Leader pid -> engine id of every engine session seen in this test run: a renamed
+# worker (setproctitle wiped its tag) is still known by the session its leader opened.
+SESSIONS: dict[int, str] = {}
+
+
+def engine_sessions() -> dict[str, dict[int, list[int]]]:
+    """engine id -> {session id: live pids}: tagged processes and every live member of
+    a session an engine's leader opened, even after the leader died."""
+    for pid, (eid, _host) in tagged_processes().items():
+        with contextlib.suppress(OSError):
+            if os.getsid(pid) == pid:
+                SESSIONS[pid] = eid
+    out: dict[str, dict[int, list[int]]] = {}
+    for proc in psutil.process_iter():
+        try:
+            sid = os.getsid(proc.pid)
+            if sid not in SESSIONS or proc.status() == psutil.STATUS_ZOMBIE:
+                continue
+        except (OSError, psutil.Error):
+            continue
+        out.setdefault(SESSIONS[sid], {}).setdefault(sid, []).append(proc.pid)
+    return out
+
+
 def kill_all_engines() -> None:
-    for pid in tagged_processes():
-        with __import__("contextlib").suppress(psutil.Error, OSError):
-            os.killpg(pid, signal.SIGKILL) if os.getpgid(pid) == pid else os.kill(
-                pid, signal.SIGKILL
-            )
+    """SIGKILL every engine process of this test run (and its group and session)."""
+    victims = set(tagged_processes())
+    for sessions in engine_sessions().values():
+        for members in sessions.values():
+            victims.update(members)
+    for pid in victims:
+        with contextlib.suppress(OSError):
+            if os.getpgid(pid) == pid:
+                os.killpg(pid, signal.SIGKILL)
+            else:
+                os.kill(pid, signal.SIGKILL)
     processes.reap_children()
 
 
@@ -224,28 +271,26 @@ def check_invariants(
         assert rec.host == res.host and rec.port == res.port, (
             f"{eid}: record {rec.host}:{rec.port} vs {res}"
         )
-    # 4. Live processes: no engine has two trees; an ended engine has none; a live
+    # 4. Live processes (tagged, or members of a session an engine's leader opened, as
+    #    renamed workers are): no engine has two trees; an ended engine has none; a live
     #    record with a live process holds exactly its reservation.
-    procs = tagged_processes()
-    leaders: dict[str, set[int]] = {}
-    for pid, (eid, _host) in procs.items():
-        try:
-            sid = os.getsid(pid)
-        except OSError:
-            continue
-        leaders.setdefault(eid, set()).add(sid)
-    for eid, sids in leaders.items():
-        assert len(sids) == 1, f"engine {eid} has {len(sids)} process trees: sessions {sids}"
+    for eid, sessions in engine_sessions().items():
+        sids = set(sessions)
+        assert len(sids) == 1, f"engine {eid} has {len(sids)} process trees: {sessions}"
         rec = records.get(eid)
         if rec is not None and rec.owns_nothing:
-            raise AssertionError(f"engine {eid} is {rec.state.value} but its process {sids} lives")
+            raise AssertionError(
+                f"engine {eid} is {rec.state.value} but its processes {sessions} live"
+            )
+        if rec is not None and rec.pid is not None and rec.pid not in sids:
+            raise AssertionError(f"engine {eid} runs as {rec.pid}, yet {sessions} live")
         if rec is not None and rec.state is not S.STOPPING and not rec.reservation_error:
             res = led.reservation(eid)
             assert res is not None, f"engine {eid} ({rec.state.value}) runs with no reservation"
             assert res.gpus == tuple((g.uuid, g.memory_mib) for g in rec.gpus), (eid, res, rec.gpus)
         if settled:
-            assert rec is not None, f"engine process {sids} of {eid} runs with no record"
-            assert rec.pid in sids, f"engine {eid}: record pid {rec.pid}, processes {sids}"
+            assert rec is not None, f"engine processes {sessions} of {eid} run with no record"
+            assert rec.pid in sids, f"engine {eid}: record pid {rec.pid}, processes {sessions}"
 
 
 def wait_for(pred: Callable[[], bool], timeout_s: float) -> bool:

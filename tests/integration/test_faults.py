@@ -46,7 +46,6 @@ from app.core.state.ledger import Ledger
 from app.core.state.registry import Registry
 from tests.integration.faults import FaultInjector, InjectedFault, Mode
 from tests.integration.inproc import (
-    FAKES,
     InprocHost,
     TaskQueue,
     check_invariants,
@@ -55,6 +54,7 @@ from tests.integration.inproc import (
     host_settings,
     kill_all_engines,
     tagged_processes,
+    use_fake_engines,
     wait_for,
 )
 from workers import lifecycle
@@ -493,10 +493,7 @@ def assert_nothing_leaked(env: FaultEnv) -> None:
 def fault_env(
     redis_server: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[FaultEnv]:
-    monkeypatch.setenv("PATH", f"{FAKES}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.setenv("FAKE_VLLM_WORKERS", "1")
-    monkeypatch.setenv("FAKE_VLLM_RENAME", "1")
-    monkeypatch.setenv("FAKE_VLLM_TEST_RUN", uuid.uuid4().hex)
+    use_fake_engines(monkeypatch)
     url: str = redis_server.url  # type: ignore[attr-defined]
     client = connect(url)
     client.flushall()

@@ -19,7 +19,6 @@ import copy
 import dataclasses
 import os
 import signal
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -38,7 +37,6 @@ from app.core.state.ledger import Ledger
 from app.core.state.registry import Registry
 from app.settings import Settings
 from tests.integration.inproc import (
-    FAKES,
     HOST_ENV,
     InprocHost,
     Sent,
@@ -49,6 +47,7 @@ from tests.integration.inproc import (
     host_settings,
     kill_all_engines,
     tagged_processes,
+    use_fake_engines,
     wait_for,
 )
 from workers import lifecycle, processes
@@ -123,13 +122,7 @@ def make_env(
 ) -> Iterator[Callable[..., Env]]:
     from app.core.state.client import connect
 
-    # The stand-in vllm runs ``env python3``: ours, which has setproctitle for its
-    # renamed workers (a python3 without it makes them die at once).
-    path = os.pathsep.join([str(FAKES), os.path.dirname(sys.executable), os.environ["PATH"]])
-    monkeypatch.setenv("PATH", path)
-    monkeypatch.setenv("FAKE_VLLM_WORKERS", "0")
-    monkeypatch.delenv("FAKE_VLLM_RENAME", raising=False)
-    monkeypatch.setenv("FAKE_VLLM_TEST_RUN", uuid.uuid4().hex)
+    use_fake_engines(monkeypatch, workers=0, rename=False)
     client = connect(redis_server.url)
     client.flushall()
     made: list[Env] = []
@@ -593,6 +586,29 @@ def test_crash_of_engine_leader_takes_its_renamed_tensor_parallel_worker_with_it
     after = env.registry.get(rec.id)
     assert after.pid is None and after.next_restart_at is not None  # restart pending
     invariants(env, settled=False)
+
+
+def test_renamed_worker_of_a_leader_that_crashed_just_before_redis_was_lost_is_swept(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Found by the race test: crash, then FLUSHALL before any health tick. No record,
+    # no tagged process is left; only the manifest knows the leader's pid, and the
+    # renamed worker would hold its GPU memory forever.
+    monkeypatch.setenv("FAKE_VLLM_WORKERS", "1")
+    monkeypatch.setenv("FAKE_VLLM_RENAME", "1")
+    rec = start_running(env, 8)
+    assert rec.pid is not None
+    [child] = psutil.Process(rec.pid).children()
+    env.strays.append(child)
+    assert wait_for(lambda: ENGINE_ID_ENV not in child.environ(), 5)
+    crash(rec)
+    env.registry.r.flushall()
+
+    rediscover(env.ctx)
+
+    assert wait_for(lambda: gone(child.pid, child.create_time()), 1), "orphaned TP worker"
+    assert env.registry.find(rec.id) is None and env.ledger.is_empty()
+    invariants(env, settled=True)
 
 
 def test_stop_whose_kill_is_refused_keeps_the_reservation_and_says_why(env: Env) -> None:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -46,15 +45,16 @@ from app import control
 from app.core.errors import SagellmError
 from app.core.models import EngineSpec, EngineState
 from tests.integration.inproc import (
-    FAKES,
     InprocHost,
     TaskQueue,
     check_invariants,
     cluster_of,
     deliver,
+    engine_sessions,
     host_settings,
     kill_all_engines,
     tagged_processes,
+    use_fake_engines,
     wait_for,
 )
 from workers import lifecycle
@@ -83,11 +83,7 @@ def race_env(
 ) -> Iterator[tuple[redis.Redis, Path]]:
     from app.core.state.client import connect
 
-    bin_dir = Path(sys.executable).parent  # the fake's workers import setproctitle
-    monkeypatch.setenv("PATH", f"{FAKES}{os.pathsep}{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.setenv("FAKE_VLLM_WORKERS", "1")
-    monkeypatch.setenv("FAKE_VLLM_RENAME", "1")
-    monkeypatch.setenv("FAKE_VLLM_TEST_RUN", uuid.uuid4().hex)
+    use_fake_engines(monkeypatch)
     client = connect(redis_server.url)  # type: ignore[attr-defined]
     yield client, tmp_path
     kill_all_engines()
@@ -101,6 +97,7 @@ class CoreRace(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         STATS["examples"] += 1
+        self.trace: list[str] = []  # Hypothesis cannot replay real processes exactly
         self.client.flushall()
         kill_all_engines()
         run = self.data_dir / uuid.uuid4().hex[:8]
@@ -123,6 +120,16 @@ class CoreRace(RuleBasedStateMachine):
     run_id = ""
 
     # ------------------------------------------------------------------ helpers
+    def _check(self, *, settled: bool = False) -> None:
+        try:
+            check_invariants(self.client, self.hosts, MARGIN_MIB, settled=settled)
+        except AssertionError as exc:
+            steps = "\n  ".join(self.trace)
+            states = {r.id: (r.state.value, r.host, r.pid) for r in self.cluster.registry.engines()}
+            message = f"{exc}\nsteps:\n  {steps}\nrecords: {states}"
+            print(message)  # a replay of real processes may differ: keep the first
+            raise AssertionError(message) from None
+
     def _ids(self) -> list[str]:
         return [r.id for r in self.cluster.registry.engines()]
 
@@ -151,6 +158,7 @@ class CoreRace(RuleBasedStateMachine):
         deliver_now=st.booleans(),
     )
     def start(self, gb: int, host: str | None, deliver_now: bool) -> None:
+        self.trace.append(f"start(gb={gb!r}, host={host!r}, deliver_now={deliver_now!r})")
         spec = EngineSpec(
             model="org/m", required_memory_gb=gb, host=self.names[host] if host else None
         )
@@ -168,6 +176,7 @@ class CoreRace(RuleBasedStateMachine):
 
     @rule(i=st.integers(0, 50))
     def stop(self, i: int) -> None:
+        self.trace.append(f"stop(i={i!r})")
         eid = self._pick(i)
         if eid is not None:
             with contextlib.suppress(SagellmError):
@@ -175,6 +184,7 @@ class CoreRace(RuleBasedStateMachine):
 
     @rule(i=st.integers(0, 50))
     def restart(self, i: int) -> None:
+        self.trace.append(f"restart(i={i!r})")
         eid = self._pick(i)
         if eid is not None:
             try:
@@ -184,13 +194,16 @@ class CoreRace(RuleBasedStateMachine):
 
     @rule()
     def prune(self) -> None:
+        self.trace.append("prune()")
         control.prune_records(self.cluster.registry, self.cluster.ledger, 0)
 
     # ------------------------------------------------------------------ the queue
     @precondition(lambda self: bool(self.queue.sent))
     @rule(i=st.integers(0, 50), again=st.booleans())
     def deliver_task(self, i: int, again: bool) -> None:
+        self.trace.append(f"deliver_task(i={i!r}, again={again!r})")
         task = self.queue.sent[i % len(self.queue.sent)]
+        self.trace[-1] += f" -> {task.task}{task.args} on {task.host}"
         if not again:  # acked; else redelivered later (Redis' emulated acks)
             self.queue.sent.remove(task)
         host = self.hosts.get(task.host)
@@ -200,15 +213,19 @@ class CoreRace(RuleBasedStateMachine):
     @precondition(lambda self: bool(self.queue.sent))
     @rule(i=st.integers(0, 50))
     def expire_task(self, i: int) -> None:
+        self.trace.append(f"expire_task(i={i!r})")
         self.queue.sent.pop(i % len(self.queue.sent))
 
     # ------------------------------------------------------------------ engines
     @rule(i=st.integers(0, 50), child=st.booleans())
     def crash(self, i: int, child: bool) -> None:
-        procs = sorted(tagged_processes())
+        self.trace.append(f"crash(i={i!r}, child={child!r})")
+        procs_by_pid = tagged_processes()
+        procs = sorted(procs_by_pid)
         if not procs:
             return
         pid = procs[i % len(procs)]
+        self.trace[-1] += f" -> pid {pid} of {procs_by_pid[pid][0]}"
         try:
             target = psutil.Process(pid)
             if child:
@@ -221,29 +238,34 @@ class CoreRace(RuleBasedStateMachine):
     @rule()
     def time_passes(self) -> None:
         """Engines boot, tasks wait: time is part of every interleaving."""
+        self.trace.append("time_passes()")
         time.sleep(0.4)
 
     # ------------------------------------------------------------------ workers
     @rule(host=st.sampled_from(sorted(HOSTS)))
     def health_tick(self, host: str) -> None:
+        self.trace.append(f"health_tick(host={host!r})")
         host = self.names[host]
         if self.up[host]:
             lifecycle.check_host(self.hosts[host].ctx)
 
     @rule(host=st.sampled_from(sorted(HOSTS)))
     def rediscovery(self, host: str) -> None:
+        self.trace.append(f"rediscovery(host={host!r})")
         host = self.names[host]
         if self.up[host]:
             rediscover(self.hosts[host].ctx)
 
     @rule(host=st.sampled_from(sorted(HOSTS)))
     def heartbeat(self, host: str) -> None:
+        self.trace.append(f"heartbeat(host={host!r})")
         host = self.names[host]
         if self.up[host]:
             self.hosts[host].heartbeat()
 
     @rule(host=st.sampled_from(sorted(HOSTS)))
     def worker_restart(self, host: str) -> None:
+        self.trace.append(f"worker_restart(host={host!r})")
         host = self.names[host]
         self.hosts[host].restart_worker()
         if self.up[host]:
@@ -251,11 +273,13 @@ class CoreRace(RuleBasedStateMachine):
 
     @rule()
     def flushall(self) -> None:
+        self.trace.append("flushall()")
         self.client.flushall()
         self.queue.sent.clear()  # Celery's queues live in the same Redis
 
     @rule(host=st.sampled_from(sorted(HOSTS)))
     def host_down(self, host: str) -> None:
+        self.trace.append(f"host_down(host={host!r})")
         host = self.names[host]
         self.up[host] = False
         self.hosts[host].down()
@@ -264,6 +288,7 @@ class CoreRace(RuleBasedStateMachine):
     @precondition(lambda self: not all(self.up.values()))
     @rule(host=st.sampled_from(sorted(HOSTS)))
     def host_up(self, host: str) -> None:
+        self.trace.append(f"host_up(host={host!r})")
         host = self.names[host]
         if not self.up[host]:
             self.up[host] = True
@@ -273,14 +298,19 @@ class CoreRace(RuleBasedStateMachine):
     @precondition(lambda self: not all(self.up.values()))
     @rule(host=st.sampled_from(sorted(HOSTS)))
     def forget_host(self, host: str) -> None:
+        self.trace.append(f"forget_host(host={host!r})")
         host = self.names[host]
         if self.up[host]:
             return
-        # The machine is gone for good: so are its processes.
-        for pid, (_eid, tag_host) in tagged_processes().items():
-            if tag_host == host:
-                with contextlib.suppress(OSError):
-                    os.killpg(pid, 9) if os.getpgid(pid) == pid else os.kill(pid, 9)
+        # The machine is gone for good: so are its processes (all of each session).
+        on_host = {r.id for r in self.cluster.registry.engines(host=host)}
+        on_host |= {eid for eid, h in tagged_processes().values() if h == host}
+        for eid, sessions in engine_sessions().items():
+            if eid in on_host:
+                for pid in (p for members in sessions.values() for p in members):
+                    with contextlib.suppress(OSError):
+                        os.kill(pid, 9)
+        wait_for(lambda: not any(e in on_host for e in engine_sessions()), 5)
         with contextlib.suppress(SagellmError):
             control.forget_host(self.cluster, host)
 
@@ -288,7 +318,7 @@ class CoreRace(RuleBasedStateMachine):
     @invariant()
     def promises_hold(self) -> None:
         STATS["steps"] += 1
-        check_invariants(self.client, self.hosts, MARGIN_MIB)
+        self._check()
         STATS["max_processes"] = max(STATS["max_processes"], len(tagged_processes()))
         STATS["running"] += len(self.cluster.registry.engines(state=S.RUNNING))
 
@@ -310,7 +340,8 @@ class CoreRace(RuleBasedStateMachine):
                     task = self.queue.sent.pop(0)
                     if task.task != "sagellm.watch_start":
                         deliver(self.hosts[task.host].ctx, task)
-            check_invariants(self.client, self.hosts, MARGIN_MIB, settled=True)
+            self.trace.append("settled")
+            self._check(settled=True)
         finally:
             kill_all_engines()
 
