@@ -35,6 +35,8 @@ from app.core.state.ledger import (
 )
 
 Mutate = Callable[[EngineRecord], None]
+# A reservation to take in the same write: a request, or one made from the new record.
+Reserve = ReserveRequest | Callable[[EngineRecord], ReserveRequest | None] | None
 
 
 def new_engine_id() -> str:
@@ -152,7 +154,7 @@ class Registry:
         engine_id: str,
         mutate: Mutate,
         *,
-        reserve: ReserveRequest | Callable[[EngineRecord], ReserveRequest | None] | None = None,
+        reserve: Reserve = None,
         require_reserved: bool = False,
         retries: int = 100,
     ) -> EngineRecord:
@@ -166,7 +168,7 @@ class Registry:
         engine_id: str,
         mutate: Mutate,
         *,
-        reserve: ReserveRequest | Callable[[EngineRecord], ReserveRequest | None] | None = None,
+        reserve: Reserve = None,
         require_reserved: bool = False,
         retries: int = 100,
     ) -> tuple[EngineRecord, CommitResult]:
