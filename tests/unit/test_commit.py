@@ -1,0 +1,148 @@
+"""The one atomic write of a record and its reservation (``ledger._COMMIT``), on the
+real server and on fakeredis."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import redis
+
+from app.core.errors import ReservationConflict
+from app.core.models import EngineRecord, EngineSpec, EngineState, GpuAssignment, GpuCapacity
+from app.core.state import keys
+from app.core.state.ledger import Ledger, ReserveRequest, Unreserved
+from app.core.state.registry import Registry, new_engine_id
+
+S = EngineState
+GB = 1024
+RANGE = (8100, 8109)
+
+
+def _setup(r: redis.Redis) -> tuple[Registry, Ledger]:
+    led = Ledger(r)
+    led.publish_capacity("a", [GpuCapacity("a", 0, "GPU-a0", 80 * GB, 0)])
+    return Registry(r), led
+
+
+def _req(gb: int, **kw: object) -> ReserveRequest:
+    return ReserveRequest("a", (("GPU-a0", gb * GB),), RANGE, margin_mib=GB, **kw)  # type: ignore[arg-type]
+
+
+def _new(reg: Registry, gb: int) -> EngineRecord:
+    rec = EngineRecord(id=new_engine_id(), spec=EngineSpec(model="m"))
+    rec.host, rec.address = "a", "127.0.0.1"
+    rec.gpus = [GpuAssignment(0, "GPU-a0", gb * GB)]
+    return reg.create(rec, reserve=_req(gb))
+
+
+def test_create_with_reservation_writes_the_port_it_picked_into_the_record(
+    any_redis: redis.Redis,
+) -> None:
+    reg, led = _setup(any_redis)
+    rec = _new(reg, 10)
+    stored = reg.get(rec.id)
+    res = led.reservation(rec.id)
+    assert res is not None and stored.port == res.port == rec.port == 8100
+    assert stored.base_url == "http://127.0.0.1:8100"
+    assert b"@@" not in any_redis.get(keys.engine(rec.id))  # type: ignore[operator]
+
+
+def test_refused_reservation_writes_no_record(any_redis: redis.Redis) -> None:
+    reg, led = _setup(any_redis)
+    _new(reg, 70)
+    with pytest.raises(ReservationConflict, match=r"GPU 0: 9\.0 GB free, 20\.0 GB needed"):
+        _new(reg, 20)
+    assert len(reg.engines()) == 1 and led.reserved_engines() == {reg.engines()[0].id}
+
+
+@pytest.mark.parametrize("end", ["stopped", "failed-final", "deleted"])
+def test_the_write_that_ends_an_engine_releases_its_room_once(
+    any_redis: redis.Redis, end: str
+) -> None:
+    reg, led = _setup(any_redis)
+    rec = _new(reg, 10)
+    if end == "deleted":
+        assert reg.delete(rec.id)
+    else:
+
+        def finish(r: EngineRecord) -> None:
+            if end == "stopped":
+                r.transition(S.STOPPING)
+                r.transition(S.STOPPED)
+            else:
+                r.transition(S.FAILED)
+
+        _, result = reg.commit(rec.id, finish)
+        assert result.released
+        _, again = reg.commit(rec.id, lambda r: None)
+        assert not again.released  # exactly once
+    assert led.is_empty()
+
+
+def test_failed_with_a_restart_pending_keeps_its_room(any_redis: redis.Redis) -> None:
+    reg, led = _setup(any_redis)
+    rec = _new(reg, 10)
+
+    def crashed(r: EngineRecord) -> None:
+        r.transition(S.FAILED)
+        r.next_restart_at = 1.0
+
+    reg.update(rec.id, crashed)
+    assert led.reservation(rec.id) is not None
+
+
+def test_a_process_is_never_recorded_for_an_engine_whose_room_is_gone(
+    any_redis: redis.Redis,
+) -> None:
+    reg, led = _setup(any_redis)
+    rec = _new(reg, 10)
+    led.release(rec.id)
+    with pytest.raises(Unreserved):
+        reg.update(rec.id, lambda r: r.transition(S.STARTING), require_reserved=True)
+    assert reg.get(rec.id).state is S.PENDING
+
+
+def test_reclaim_retakes_a_running_engines_room_before_capacity_is_back(
+    any_redis: redis.Redis,
+) -> None:
+    reg, led = _setup(any_redis)
+    rec = _new(reg, 10)
+    any_redis.delete(keys.engine_reservation(rec.id), keys.gpu_reservations("a", "GPU-a0"))
+    any_redis.delete(keys.port_reservations("a"), keys.gpu_capacity("a"))
+    reg.update(rec.id, lambda r: None, reserve=_req(10, port=rec.port, reclaim=True))
+    res = led.reservation(rec.id)
+    assert res is not None and res.port == rec.port
+    # Already held: a second reclaim is a no-op, not a conflict.
+    reg.update(rec.id, lambda r: None, reserve=_req(10, port=rec.port, reclaim=True))
+
+
+def test_capacity_is_published_only_while_the_named_engines_hold_their_room(
+    any_redis: redis.Redis,
+) -> None:
+    reg, led = _setup(any_redis)
+    rec = _new(reg, 10)
+    cap = [GpuCapacity("a", 0, "GPU-a0", 80 * GB, 5 * GB)]
+    assert led.publish_capacity("a", cap, held_by=[rec.id]) == []
+    assert led.capacity("a")[0].outside_mib == 5 * GB
+    led.release(rec.id)
+    any_redis.delete(keys.gpu_capacity("a"), keys.capacity_published("a"))
+    assert led.publish_capacity("a", cap, held_by=[rec.id]) == [rec.id]
+    assert not led.has_capacity("a") and led.capacity("a") == []
+
+
+def test_concurrent_writers_never_lose_an_update(real_redis: redis.Redis) -> None:
+    reg, _ = _setup(real_redis)
+    rec = _new(reg, 1)
+
+    def bump() -> None:
+        mine = Registry(real_redis)
+        for _ in range(25):
+            mine.update(rec.id, lambda r: setattr(r, "health_failures", r.health_failures + 1))
+
+    threads = [threading.Thread(target=bump) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert reg.get(rec.id).health_failures == 100
