@@ -70,6 +70,29 @@ SETTINGS_DOC: dict[str, tuple[str, str]] = {
     "SAGELLM_API_CONNECTIONS": ("1000", "Concurrent requests and streams per gunicorn worker."),
     "SAGELLM_FLOWER_BASIC_AUTH": ("", "user:password for Flower's UI and API."),
     "SAGELLM_API_URL": ("http://127.0.0.1:8000", "Where the CLI finds the API."),
+    "SAGELLM_ALLOW_OPEN_API": (
+        "0",
+        "1 = serve the API without SAGELLM_ADMIN_TOKEN on a non-loopback address.",
+    ),
+    "SAGELLM_ALLOWED_HOSTS": (
+        "",
+        "Host header values the API answers (comma-separated, host or host:port, * = any); "
+        "empty: loopback names when bound to loopback, else any.",
+    ),
+    "SAGELLM_ENGINE_UNSAFE_FLAGS": (
+        "",
+        "Engine flags that run model-repo code or read host files, allowed anyway "
+        "(e.g. --trust-remote-code,--chat-template).",
+    ),
+    "SAGELLM_MODEL_ROOTS": (
+        "",
+        "Directories a local model path must be under (comma-separated); empty: the Hugging "
+        "Face cache and $SAGELLM_DATA_DIR/models.",
+    ),
+    "SAGELLM_REQUEST_HEAD_TIMEOUT_S": ("30", "Deadline for reading a request's line and headers."),
+    "SAGELLM_REQUEST_BODY_TIMEOUT_S": ("60", "Deadline for reading a request's body."),
+    "SAGELLM_MAX_BODY_MB": ("32", "Largest request body the API and gateway accept (413 above)."),
+    "SAGELLM_METRICS_REQUIRE_TOKEN": ("0", "1 = /metrics requires the admin token."),
 }
 
 
@@ -126,6 +149,10 @@ def _bool(env: Mapping[str, str], name: str) -> bool:
     raise ConfigError(f"{name}={raw!r}: expected 1/0, true/false", field=name)
 
 
+def _list(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in _get(env, name).split(",") if x.strip())
+
+
 @dataclass(frozen=True)
 class Settings:
     redis_url: str
@@ -161,6 +188,18 @@ class Settings:
     api_workers: int = 2
     api_connections: int = 1000
     flower_basic_auth: str = ""
+    allow_open_api: bool = False
+    allowed_hosts: tuple[str, ...] = ()
+    engine_unsafe_flags: tuple[str, ...] = ()
+    model_roots: tuple[str, ...] = ()
+    request_head_timeout_s: float = 30.0
+    request_body_timeout_s: float = 60.0
+    max_body_mb: float = 32.0
+    metrics_require_token: bool = False
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * 1024 * 1024)
 
     @property
     def gpu_safety_margin_mib(self) -> int:
@@ -241,6 +280,14 @@ class Settings:
             api_workers=_int(env, "SAGELLM_API_WORKERS", 1),
             api_connections=_int(env, "SAGELLM_API_CONNECTIONS", 1),
             flower_basic_auth=_get(env, "SAGELLM_FLOWER_BASIC_AUTH"),
+            allow_open_api=_bool(env, "SAGELLM_ALLOW_OPEN_API"),
+            allowed_hosts=_list(env, "SAGELLM_ALLOWED_HOSTS"),
+            engine_unsafe_flags=_list(env, "SAGELLM_ENGINE_UNSAFE_FLAGS"),
+            model_roots=_list(env, "SAGELLM_MODEL_ROOTS"),
+            request_head_timeout_s=_float(env, "SAGELLM_REQUEST_HEAD_TIMEOUT_S", 0.1),
+            request_body_timeout_s=_float(env, "SAGELLM_REQUEST_BODY_TIMEOUT_S", 0.1),
+            max_body_mb=_float(env, "SAGELLM_MAX_BODY_MB", 0.001),
+            metrics_require_token=_bool(env, "SAGELLM_METRICS_REQUIRE_TOKEN"),
         )
         if settings.flower_basic_auth and ":" not in settings.flower_basic_auth:
             raise ConfigError(
