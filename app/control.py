@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from celery import Celery
 
 from app.core.allocation import Allocation, allocate, placement_hosts, plan
+from app.core.engine_policy import EnginePolicy
 from app.core.errors import IllegalTransition, NoWorkerError
 from app.core.models import EngineRecord, EngineSpec, EngineState
 from app.core.state.client import connect
@@ -48,8 +49,19 @@ def _require_worker(cluster: Cluster) -> None:
         )
 
 
+def check_engine_spec(cluster: Cluster, spec: EngineSpec) -> None:
+    """The engine policy at the edge (``app.core.engine_policy``: env, flags, model
+    roots, unsafe flags per the settings), with the flags ``spec``'s runtime owns.
+    ``ValidationError`` naming the field; called before anything is reserved or queued.
+    """
+    from workers.runtimes import get_runtime
+
+    get_runtime(spec.effective_runtime).validate(spec, EnginePolicy.from_settings(cluster.settings))
+
+
 def plan_engine(cluster: Cluster, spec: EngineSpec, policy: str | None = None) -> Allocation:
     """Dry run: where ``spec`` would land now. Reserves nothing."""
+    check_engine_spec(cluster, spec.validate())
     hosts = placement_hosts(cluster.registry, cluster.ledger)
     return plan(
         spec,
@@ -66,7 +78,7 @@ def reserve_engine(cluster: Cluster, spec: EngineSpec, policy: str | None = None
     The record and its reservation are written in one atomic step: on any error
     nothing is left behind, neither a record nor a reservation.
     """
-    spec.validate()
+    check_engine_spec(cluster, spec.validate())
     _require_worker(cluster)
     engine_id = new_engine_id()
     _, rec = allocate(
@@ -195,6 +207,7 @@ def restart_engine(cluster: Cluster, engine_id: str) -> EngineRecord:
     rec = cluster.registry.get(engine_id)
     if rec.state in (S.STOPPING, S.STOPPED):
         raise IllegalTransition(f"engine {engine_id} is {rec.state.value}: start a new one instead")
+    check_engine_spec(cluster, rec.spec)  # the settings may have changed since its start
     if rec.state is S.FAILED and rec.next_restart_at is None:
         # Its reservation was released when it failed: place and reserve again, in
         # the same atomic write as the new placement and the pending restart.

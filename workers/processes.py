@@ -49,6 +49,7 @@ import subprocess
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -119,18 +120,36 @@ os.register_at_fork(after_in_child=_forget_children)
 # ---------------------------------------------------------------------------- spawn
 
 
+# The control plane's own variables: an engine never inherits them from the worker
+# (the admin token, API keys, the Redis URL, Celery's and Flower's settings, the API's
+# metrics directory). The tags an engine does carry come from ``plan.env``.
+_CONTROL_PLANE_PREFIXES = ("SAGELLM_", "CELERY_", "FLOWER_")
+_CONTROL_PLANE_NAMES = frozenset({"PROMETHEUS_MULTIPROC_DIR", "PROMETHEUS_MULTIPROC"})
+
+
+def inherited_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """What an engine inherits of the worker's ``environ``: all but the control plane's."""
+    return {
+        k: v
+        for k, v in environ.items()
+        if not k.upper().startswith(_CONTROL_PLANE_PREFIXES)
+        and k.upper() not in _CONTROL_PLANE_NAMES
+    }
+
+
 def spawn(plan: LaunchPlan, log_path: Path) -> SpawnedProcess:
     """Start ``plan`` in its own session, stdout and stderr appended to ``log_path``.
 
-    The environment is the worker's with ``plan.env`` on top; argv is executed directly
-    (never through a shell). ``RuntimeUnavailable`` if the executable cannot be run.
+    The environment is the worker's less the control plane's variables
+    (``inherited_env``), with ``plan.env`` on top; argv is executed directly (never
+    through a shell). ``RuntimeUnavailable`` if the executable cannot be run.
     """
     engine_id = plan.env.get(ENGINE_ID_ENV)
     if not engine_id:
         # Invariant "ours only": an untagged process could never be found or stopped.
         raise ValueError(f"refusing to spawn without {ENGINE_ID_ENV}: {plan.argv[:3]}")
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, **plan.env}
+    env = {**inherited_env(os.environ), **plan.env}
     with open(log_path, "ab") as log:  # append: one log across restarts of an engine
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
         log.write(f"\n=== sagellm {stamp} engine {engine_id}: {shlex.join(plan.argv)}\n".encode())

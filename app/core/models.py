@@ -13,6 +13,7 @@ from collections.abc import Set as AbstractSet
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from app.core.engine_policy import check_env
 from app.core.errors import IllegalTransition, ValidationError
 
 MIB_PER_GB = 1024
@@ -228,13 +229,7 @@ class EngineSpec:
                 )
         if not all(isinstance(a, str) for a in self.extra_args):
             raise ValidationError("extra_args: must be a list of strings", field="extra_args")
-        for key in self.env:
-            if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key) or key == "SAGELLM_ENGINE_ID":
-                raise ValidationError(f"env: {key!r} is not an allowed variable name", field="env")
-            if key == "CUDA_VISIBLE_DEVICES":
-                raise ValidationError(
-                    "env: CUDA_VISIBLE_DEVICES is set by placement; use gpu_ids", field="env"
-                )
+        check_env(self.env)  # the allow-list: app.core.engine_policy
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -38,6 +38,22 @@ FAST = {
 }
 
 
+def model_roots_for_tests(data_dir: Path) -> str:
+    """SAGELLM_MODEL_ROOTS of test clusters: where tests keep models (the fixtures, the
+    MiniLM wheel, the demo model under the data dir, and pytest's temp root, where
+    ``tiny_llm_path`` is built: ``data_dir`` is ``<temp root>/<test dir>/data``)."""
+    from app.core.presets import minilm_dir
+
+    roots = [REPO / "tests" / "fixtures" / "models", data_dir / "models", data_dir.parents[1]]
+    minilm = minilm_dir()
+    return ",".join(str(r) for r in [*roots, *([minilm] if minilm else [])])
+
+
+# Engines do not inherit SAGELLM_* (workers.processes.inherited_env): this marks the
+# engines of one test cluster for kill_engines.
+CLUSTER_MARK = "TEST_SAGELLM_DATA_DIR"
+
+
 def base_env(redis_url: str, data_dir: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SAGELLM_")}
     env.update(FAST)
@@ -45,6 +61,8 @@ def base_env(redis_url: str, data_dir: Path, **extra: str) -> dict[str, str]:
         {
             "SAGELLM_REDIS_URL": redis_url,
             "SAGELLM_DATA_DIR": str(data_dir),
+            "SAGELLM_MODEL_ROOTS": model_roots_for_tests(data_dir),
+            CLUSTER_MARK: str(data_dir),
             "PATH": f"{FAKES}{os.pathsep}{BIN}{os.pathsep}{env.get('PATH', '')}",
             "HF_HUB_OFFLINE": "1",
             "TRANSFORMERS_OFFLINE": "1",
@@ -134,7 +152,7 @@ def kill_engines(data_dir: Path) -> int:
             env = proc.environ()
         except (psutil.Error, OSError):
             continue
-        if env.get("SAGELLM_ENGINE_ID") and env.get("SAGELLM_DATA_DIR") == str(data_dir):
+        if env.get("SAGELLM_ENGINE_ID") and env.get(CLUSTER_MARK) == str(data_dir):
             try:
                 proc.kill()
                 killed += 1
@@ -175,7 +193,14 @@ class ClusterEnv:
         e = base_env(
             server.url,
             tmp / "data",
-            **{"SAGELLM_MOCK_GPUS": "2x80", "SAGELLM_PORT_RANGE": "18100-18149", **extra},
+            **{
+                "SAGELLM_MOCK_GPUS": "2x80",
+                "SAGELLM_PORT_RANGE": "18100-18149",
+                # the stand-in vllm's record of its starts; in the worker's environment,
+                # which engines inherit (a spec's env may not name it)
+                "FAKE_VLLM_RECORD": str(tmp / "vllm-calls.jsonl"),
+                **extra,
+            },
         )
         settings = Settings.from_env({k: v for k, v in e.items() if k.startswith("SAGELLM_")})
         return cls(server, e, tmp, connect_cluster(settings))

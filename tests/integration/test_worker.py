@@ -26,12 +26,10 @@ QWEN = str(FIXTURES / "Qwen2.5-1.5B-Instruct")
 LLAMA = str(FIXTURES / "Llama-3.1-8B-Instruct")
 
 
-def _fake_vllm_spec(tmp: Path, model: str = QWEN, **env: str) -> EngineSpec:
-    return EngineSpec(
-        model=model,
-        served_model_name="qwen-mini",
-        env={"FAKE_VLLM_RECORD": str(tmp / "vllm-calls.jsonl"), **env},
-    )
+def _fake_vllm_spec(tmp: Path, model: str = QWEN) -> EngineSpec:
+    # The fake's FAKE_VLLM_* settings come from the worker's environment (the harness
+    # sets FAKE_VLLM_RECORD to tmp/vllm-calls.jsonl): a spec's env may not name them.
+    return EngineSpec(model=model, served_model_name="qwen-mini")
 
 
 def _calls(tmp: Path) -> list[dict[str, object]]:
@@ -104,9 +102,9 @@ def test_killed_engine_is_detected_and_restarted(env: Env) -> None:
 
 
 def test_engine_that_crashes_at_once_ends_failed_with_nothing_reserved(env: Env) -> None:
-    env.start_worker("a")
+    env.start_worker("a", FAKE_VLLM_EXIT_AT_START="3")
     env.start_beat()
-    rec = start_engine(env.cluster, _fake_vllm_spec(env.tmp, FAKE_VLLM_EXIT_AT_START="3"))
+    rec = start_engine(env.cluster, _fake_vllm_spec(env.tmp))
     rec = wait_until(
         lambda: (r := env.get(rec.id)).state is S.FAILED and r.next_restart_at is None and r,
         60,

@@ -163,6 +163,46 @@ def test_vllm_refuses_extra_args_that_set_placement_owned_flags(
         VllmRuntime().validate(spec)  # also callable at the API edge, before placement
 
 
+@pytest.mark.parametrize(
+    ("extra", "owned"),
+    [
+        (("--po", "9000"), "--port"),
+        (("--ho=0.0.0.0",), "--host"),
+        (("--served", "x"), "--served-model-name"),
+        (("--tensor-p", "8"), "--tensor-parallel-size"),
+    ],
+)
+def test_vllm_refuses_owned_flags_abbreviated_as_argparse_would_read_them(
+    extra: tuple[str, ...], owned: str
+) -> None:
+    spec = EngineSpec(model="Qwen/Qwen2.5-1.5B-Instruct", extra_args=extra)
+    with pytest.raises(ValidationError) as err:
+        VllmRuntime().build(placed(spec, gpus=1))
+    assert err.value.field == "extra_args" and owned in err.value.message
+
+
+def test_worker_build_with_its_policy_refuses_a_model_outside_the_roots(tmp_path: Path) -> None:
+    from app.core.engine_policy import EnginePolicy
+
+    pol = EnginePolicy(model_roots=(str(tmp_path),))
+    with pytest.raises(ValidationError) as err:
+        VllmRuntime().build(placed(EngineSpec(model="/etc"), gpus=1), pol)
+    assert err.value.field == "model"
+    (tmp_path / "m").mkdir()
+    VllmRuntime().build(placed(EngineSpec(model=str(tmp_path / "m")), gpus=1), pol)
+
+
+def test_own_server_pythonpath_is_the_checkout_then_the_workers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("PYTHONPATH", "/opt/site")
+    plan = EmbeddingRuntime().build(placed(EngineSpec(model="org/m", kind=EngineKind.EMBEDDING)))
+    assert plan.env["PYTHONPATH"].split(os.pathsep) == [
+        str(Path(__file__).resolve().parents[2]),
+        "/opt/site",
+    ]
+
+
 def test_vllm_missing_executable_is_runtime_unavailable_naming_it(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

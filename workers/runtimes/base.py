@@ -20,6 +20,7 @@ from pathlib import Path
 
 import httpx
 
+from app.core.engine_policy import EnginePolicy, check_spec
 from app.core.errors import SagellmError, ValidationError
 from app.core.models import EngineRecord, EngineSpec
 
@@ -55,11 +56,12 @@ class Readiness:
 def engine_env(record: EngineRecord) -> dict[str, str]:
     """Environment added on top of the worker's own for ``record``'s process.
 
-    The worker's environment passes through untouched (``HF_HOME``, ``HF_HUB_OFFLINE``,
-    proxies...); then the user's ``spec.env``; then the keys that pin and tag the
-    process, which the user cannot override (``EngineSpec.validate`` already refuses
-    ``SAGELLM_ENGINE_ID`` and ``CUDA_VISIBLE_DEVICES``; ``CUDA_DEVICE_ORDER`` is part of
-    pinning, so it is forced too).
+    The worker's environment passes through (``HF_HOME``, ``HF_HUB_OFFLINE``,
+    proxies...), less the control plane's own variables (``processes.spawn``); then the
+    user's ``spec.env`` (the allow-list of ``app.core.engine_policy``); then the keys
+    that pin and tag the process, which the user cannot override (the allow-list
+    already refuses ``SAGELLM_ENGINE_ID``, ``CUDA_VISIBLE_DEVICES`` and
+    ``CUDA_DEVICE_ORDER``; they are forced here all the same).
 
     ``CUDA_VISIBLE_DEVICES`` lists GPU UUIDs exactly as NVML reports them
     (``GPU-xxxxxxxx-...``) because NVML's index order is not CUDA's. An engine without
@@ -113,28 +115,6 @@ def user_flags(extra_args: Iterable[str], *, underscores_are_dashes: bool = Fals
     return out
 
 
-def refuse_owned_flags(
-    extra_args: Iterable[str],
-    owned: Mapping[str, str],
-    *,
-    underscores_are_dashes: bool = False,
-) -> None:
-    """Raise ``ValidationError`` if ``extra_args`` sets a flag that placement owns.
-
-    ``owned`` maps a flag to the spec field to use instead. A user ``--port`` would
-    listen on a port the ledger never reserved and readiness would probe the wrong one;
-    ``--tensor-parallel-size`` would use GPUs never reserved.
-    """
-    given = user_flags(extra_args, underscores_are_dashes=underscores_are_dashes)
-    clash = sorted(given & set(owned))
-    if clash:
-        flag = clash[0]
-        raise ValidationError(
-            f"extra_args: {flag} is set by sagellm; use {owned[flag]} instead",
-            field="extra_args",
-        )
-
-
 def probe_openai(
     record: EngineRecord, client: httpx.Client, timeout_s: float, *, check_models: bool = True
 ) -> Readiness:
@@ -175,25 +155,33 @@ def probe_openai(
 
 
 class Runtime:
-    """Base class; subclasses set ``name`` and implement ``argv``.
+    """Base class; subclasses set ``name`` and ``owned_flags`` and implement ``argv``.
 
-    ``build`` = ``argv`` + ``engine_env``; ``probe`` = ``probe_openai``. A subclass
-    overrides ``validate`` to refuse specs it cannot run (called by ``build``, and
-    callable at the API edge so a bad spec fails before anything is reserved).
+    ``build`` = ``validate`` + ``argv`` + ``engine_env``; ``probe`` = ``probe_openai``.
+    ``validate`` applies ``app.core.engine_policy`` with this runtime's ``owned_flags``;
+    it runs at the API edge (``app.control``, before anything is reserved) and again
+    in ``build`` on the worker.
     """
 
     name = ""
+    # The flags argv sets itself, each mapped to the spec field to use instead. A user
+    # --port would listen on a port the ledger never reserved and readiness would probe
+    # the wrong one; --tensor-parallel-size would use GPUs never reserved.
+    owned_flags: Mapping[str, str] = {}
 
-    def validate(self, spec: EngineSpec) -> None:
-        """Raise ``ValidationError`` if this runtime cannot run ``spec``."""
+    def validate(self, spec: EngineSpec, policy: EnginePolicy | None = None) -> None:
+        """Raise ``ValidationError`` if this runtime may not run ``spec``: the engine
+        policy (env, flags; model roots and unsafe flags when ``policy`` is given)."""
+        check_spec(spec, policy, self.owned_flags)
 
     def argv(self, record: EngineRecord) -> list[str]:
         """The command line for ``record`` (placed: address, port and GPUs are set)."""
         raise NotImplementedError
 
-    def build(self, record: EngineRecord) -> LaunchPlan:
-        """Argv and environment for ``record`` (placed: host, port and GPUs are set)."""
-        self.validate(record.spec)
+    def build(self, record: EngineRecord, policy: EnginePolicy | None = None) -> LaunchPlan:
+        """Argv and environment for ``record`` (placed: host, port and GPUs are set),
+        after ``validate`` (defence in depth: the edge checked it already)."""
+        self.validate(record.spec, policy)
         return LaunchPlan(argv=self.argv(record), env=engine_env(record))
 
     def probe(self, record: EngineRecord, client: httpx.Client, timeout_s: float) -> Readiness:
@@ -222,10 +210,6 @@ class ServerModuleRuntime(Runtime):
         "--device": "use_gpu (cuda when GPUs are reserved, else cpu)",
     }
 
-    def validate(self, spec: EngineSpec) -> None:
-        """Refuse ``extra_args`` that set a flag placement owns."""
-        refuse_owned_flags(spec.extra_args, self.owned_flags)
-
     def argv(self, record: EngineRecord) -> list[str]:
         """``python -m <module> ...`` for ``record``."""
         spec = record.spec
@@ -247,9 +231,9 @@ class ServerModuleRuntime(Runtime):
             *spec.extra_args,
         ]
 
-    def build(self, record: EngineRecord) -> LaunchPlan:
+    def build(self, record: EngineRecord, policy: EnginePolicy | None = None) -> LaunchPlan:
         """``argv`` and ``engine_env``, with this checkout first on ``PYTHONPATH``."""
-        plan = super().build(record)
-        inherited = record.spec.env.get("PYTHONPATH", os.environ.get("PYTHONPATH", ""))
+        plan = super().build(record, policy)
+        inherited = os.environ.get("PYTHONPATH", "")  # a spec may not set PYTHONPATH
         pythonpath = os.pathsep.join(p for p in (_PROJECT_ROOT, inherited) if p)
         return LaunchPlan(argv=plan.argv, env={**plan.env, "PYTHONPATH": pythonpath})

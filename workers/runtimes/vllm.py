@@ -2,11 +2,13 @@
 
 Flags sagellm sets, and who wins when ``spec.extra_args`` names them too:
 
-* Owned by placement, refused in ``extra_args`` (``ValidationError``): ``--host``,
-  ``--port``, ``--tensor-parallel-size``/``-tp``, ``--pipeline-parallel-size``/``-pp``,
-  ``--served-model-name``, ``--model``. Another value would listen on a port the
-  ledger never reserved, use GPUs never reserved, or make readiness look for the
-  wrong name; the spec has a field for each.
+* Owned by placement (``OWNED_FLAGS``), refused in ``extra_args`` in any spelling
+  argparse accepts (``--po``, ``--port=1``, ``--tensor_p``, ``-tp8``; the rule is
+  ``app.core.engine_policy``'s, which also refuses ``--config``, a lone ``--`` and
+  unsafe flags): ``--host``, ``--port``, ``--tensor-parallel-size``/``-tp``,
+  ``--pipeline-parallel-size``/``-pp``, ``--served-model-name``, ``--model``. Another
+  value would listen on a port the ledger never reserved, use GPUs never reserved, or
+  make readiness look for the wrong name; the spec has a field for each.
 * Tunables, the user's value wins and ours is dropped: ``--gpu-memory-utilization``
   and ``--max-model-len`` (from ``record.launch``, which the memory estimate derived
   from the reservation), ``--dtype``, ``--quantization``/``-q``. Either ``--flag value``
@@ -25,13 +27,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from app.core.models import EngineRecord, EngineSpec
+from app.core.models import EngineRecord
 from workers.runtimes.base import (
     Runtime,
     RuntimeUnavailable,
     bind_address,
     bind_port,
-    refuse_owned_flags,
     user_flags,
 )
 
@@ -78,17 +79,14 @@ class VllmRuntime(Runtime):
     """``vllm serve MODEL`` pinned to the record's GPUs, sized by ``record.launch``."""
 
     name = "vllm"
-
-    def validate(self, spec: EngineSpec) -> None:
-        """Refuse ``extra_args`` that set a flag placement owns (see module docstring)."""
-        refuse_owned_flags(spec.extra_args, OWNED_FLAGS, underscores_are_dashes=True)
+    owned_flags = OWNED_FLAGS
 
     def argv(self, record: EngineRecord) -> list[str]:
-        """``vllm serve`` argv; the executable is resolved now, with the engine's PATH."""
+        """``vllm serve`` argv; the executable is resolved now, on the worker's PATH (a
+        spec may not set PATH)."""
         spec = record.spec
-        path = spec.env.get("PATH", os.environ.get("PATH"))
         argv = [
-            find_vllm(path),
+            find_vllm(),
             "serve",
             spec.model,
             "--host",

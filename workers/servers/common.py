@@ -68,7 +68,8 @@ def resolve_device(choice: str) -> str:
 
 def parse_args(description: str, argv: Sequence[str] | None = None) -> ServerArgs:
     """Parse the flags every engine server takes (see ``--help``)."""
-    parser = argparse.ArgumentParser(description=description)
+    # No abbreviations: "--po" must never be read as "--port" (see app.core.engine_policy).
+    parser = argparse.ArgumentParser(description=description, allow_abbrev=False)
     parser.add_argument("--model", required=True, help="Hugging Face model id or local path")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s)")
     parser.add_argument("--port", type=int, required=True, help="port to bind")
