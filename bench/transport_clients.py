@@ -105,6 +105,20 @@ def http_client_pool() -> Send:
     return send
 
 
+def sagellm_transport() -> Send:
+    """The gateway's own client (``app/gateway/transport.py``), as the proxy uses it:
+    ``open``, then ``chunks`` (relay) or ``read`` (whole reply)."""
+    from app.gateway.transport import Transport
+
+    transport = Transport(read_timeout_s=600)
+
+    def send(base: str, body: bytes) -> int:
+        up = transport.open(base, "/v1/chat/completions", body, HEADERS)
+        return sum(len(c) for c in transport.chunks(up))
+
+    return send
+
+
 def httpx2_client() -> Send:
     """pydantic's httpx fork (same API); its pool fixes the quadratic assignment pass
     (pydantic/httpx2#974, #1075; encode/httpcore#1035 is the unmerged upstream fix)."""
@@ -118,7 +132,9 @@ CLIENTS: dict[str, Callable[[], Send]] = {
     "httpx2": httpx2_client,
     "urllib3": urllib3_client,
     "http.client": http_client_pool,
+    "sagellm": sagellm_transport,
 }
+_MODULES = {"sagellm": "app"}
 
 
 def measure(send: Send, base: str, body: bytes, n: int, threads: int) -> dict[str, float]:
@@ -148,6 +164,11 @@ def measure(send: Send, base: str, body: bytes, n: int, threads: int) -> dict[st
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=3000, help="requests per measurement")
+    parser.add_argument(
+        "--clients",
+        default=",".join(CLIENTS),
+        help=f"comma-separated subset of {', '.join(CLIENTS)} (default: all installed)",
+    )
     args = parser.parse_args(argv)
     procs: list[subprocess.Popen[bytes]] = []
     bases: dict[float, str] = {}
@@ -166,8 +187,9 @@ def main(argv: list[str] | None = None) -> None:
             ("32 threads, 20 ms backend", 20.0, 32, args.n),
         ):
             for mode, body in (("non-stream", BODY), ("stream (16 chunks)", STREAM_BODY)):
-                for name, make in CLIENTS.items():
-                    if importlib.util.find_spec(name.split(".")[0]) is None:
+                for name in args.clients.split(","):
+                    make = CLIENTS[name]
+                    if importlib.util.find_spec(_MODULES.get(name, name.split(".")[0])) is None:
                         continue  # httpx2 / urllib3 not installed here
                     r = measure(make(), bases[service_ms], body, n, threads)
                     rows.append({"scene": scene, "mode": mode, "client": name, **r})

@@ -161,6 +161,9 @@ class GatewayProxy:
                 # engine would run the request twice.
                 self._failed(backend, "upstream_connect")
                 return _error(start, 502, f"{backend.engine_id}: {exc}", kind="upstream_error")
+            except BaseException:  # a bug or a kill: still never leave the count stuck
+                gw.in_flight.dec(backend.engine_id)
+                raise
             if up.status_code >= 500 and not final:
                 with contextlib.suppress(UpstreamError):
                     gw.transport.read(up)
@@ -208,12 +211,21 @@ class GatewayProxy:
             except UpstreamError as exc:
                 self._failed(backend, "upstream_connect")
                 return _error(start, 502, f"{backend.engine_id}: {exc}", kind="upstream_error")
+            except BaseException:
+                up.conn.close()
+                self.gw.in_flight.dec(backend.engine_id)
+                raise
             self._done(backend, code, started)
             headers.append(("Content-Length", str(len(content))))
             start(_status(code), headers)
             return [content]
         headers += [("Cache-Control", "no-cache"), ("X-Accel-Buffering", "no")]
-        start(_status(code), headers)
+        try:
+            start(_status(code), headers)
+        except BaseException:  # the relay below never starts: release here
+            up.conn.close()
+            self.gw.in_flight.dec(backend.engine_id)
+            raise
         return self._relay(up, backend, code, started)
 
     def _relay(self, up: Upstream, backend: Backend, code: int, started: float) -> Iterator[bytes]:

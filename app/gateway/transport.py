@@ -31,16 +31,12 @@ from collections import deque
 from collections.abc import Iterator
 from urllib.parse import urlsplit
 
+import httptools
+
 # Connecting must be quick (or we fail over); engines may take long for a first token.
 CONNECT_TIMEOUT_S = 3.0
 RECV_BYTES = 65536
 MAX_HEAD_BYTES = 65536  # status line and headers of one response
-MAX_LINE_BYTES = 4096  # one chunk-size or trailer line
-
-# Body framing (RFC 9112 section 6.3).
-_LENGTH, _CHUNKED, _UNTIL_CLOSE = 0, 1, 2
-# Chunked decoder states.
-_SIZE, _DATA, _DATA_END, _TRAILER, _DONE = range(5)
 
 
 class UpstreamError(Exception):
@@ -63,17 +59,73 @@ class _Closed(NoAnswer):
 
 
 class _Conn:
-    """One socket to an engine and the bytes received on it but not yet consumed."""
+    """One socket to an engine, its llhttp response parser, and the response being read.
 
-    __slots__ = ("buf", "key", "sock")
+    The parser persists across the responses of a keep-alive connection; its callbacks
+    (``on_*``) fill in the current response as ``fill`` feeds it received bytes."""
+
+    __slots__ = (
+        "body",
+        "complete",
+        "extra",
+        "head_bytes",
+        "head_done",
+        "headers",
+        "keep_alive",
+        "key",
+        "parser",
+        "received",
+        "sock",
+        "status",
+    )
 
     def __init__(self, sock: socket.socket, key: tuple[str, int]) -> None:
         self.sock = sock
         self.key = key
-        self.buf = bytearray()
+        self.parser = httptools.HttpResponseParser(self)
+        self.extra = False  # bytes past the end of a response: never reused
+        self.reset()
+
+    def reset(self) -> None:
+        """Expect the next response."""
+        self.status = 0
+        self.headers: list[tuple[str, str]] = []
+        self.head_done = False
+        self.keep_alive = False
+        self.head_bytes = 0
+        self.body: list[bytes] = []
+        self.complete = False
+        self.received = 0  # bytes of this answer received (interim 1xx included)
+
+    # llhttp callbacks
+    def on_message_begin(self) -> None:
+        if self.complete and not 100 <= self.status < 200:
+            self.extra = True  # past the end of a final response
+        elif self.complete:  # the answer after an interim 1xx
+            received = self.received
+            self.reset()
+            self.received = received
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self.head_done:  # not a chunked trailer
+            self.headers.append((name.decode("latin-1"), value.decode("latin-1")))
+
+    def on_headers_complete(self) -> None:
+        if not self.extra:
+            self.head_done = True
+            self.status = self.parser.get_status_code()
+            # Now: once the message is complete, llhttp has reset what this reads.
+            self.keep_alive = self.parser.should_keep_alive()
+
+    def on_body(self, data: bytes) -> None:
+        if not self.extra:
+            self.body.append(data)
+
+    def on_message_complete(self) -> None:
+        self.complete = True
 
     def fill(self) -> None:
-        """Wait for more bytes (at least one) and append them to the buffer."""
+        """Wait for more bytes (at least one) and parse them."""
         try:
             data = self.sock.recv(RECV_BYTES)
         except ConnectionError as exc:  # reset: for a stale keep-alive socket, retried
@@ -82,7 +134,20 @@ class _Conn:
             raise UpstreamError(f"receiving from {self.key[0]}:{self.key[1]}: {exc!r}") from exc
         if not data:
             raise _Closed(f"{self.key[0]}:{self.key[1]} closed the connection")
-        self.buf += data
+        self.received += len(data)
+        if not self.head_done:
+            self.head_bytes += len(data)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            raise UpstreamError("the engine switched protocols") from None
+        except httptools.HttpParserError as exc:
+            # Anything malformed (framing, a length like "²"): the engine's fault, a 502.
+            raise UpstreamError(
+                f"malformed response from {self.key[0]}:{self.key[1]}: {exc}"
+            ) from None
+        if not self.head_done and self.head_bytes > MAX_HEAD_BYTES:
+            raise UpstreamError(f"response head over {MAX_HEAD_BYTES} bytes")
 
     def close(self) -> None:
         self.sock.close()
@@ -91,26 +156,16 @@ class _Conn:
 class Upstream:
     """An engine's response: status and headers read, body still on the wire."""
 
-    def __init__(
-        self,
-        conn: _Conn,
-        status: int,
-        headers: list[tuple[str, str]],
-        framing: int,
-        length: int,
-        keep_alive: bool,
-    ) -> None:
+    def __init__(self, conn: _Conn, until_close: bool) -> None:
         self.conn = conn
-        self.status_code = status
-        self._headers = headers
-        self._framing = framing
-        self._left = length  # _LENGTH: body bytes still to come; _CHUNKED: of this chunk
-        self._state = _DONE if framing == _LENGTH and length == 0 else _SIZE
-        self.keep_alive = keep_alive
+        self.status_code = conn.status
+        self._headers = conn.headers
+        self._until_close = until_close  # no length, not chunked: the body ends at close
+        self.keep_alive = conn.keep_alive and not until_close
 
     @property
     def complete(self) -> bool:
-        return self._state == _DONE
+        return self.conn.complete
 
     def headers(self) -> list[tuple[str, str]]:
         return self._headers
@@ -126,130 +181,28 @@ class Upstream:
         """The body as it arrives: each piece is everything received so far that has
         not been yielded yet (at least one byte); ends when the body is complete."""
         conn = self.conn
-        while self._state != _DONE:
-            if self._framing == _CHUNKED:
-                piece = self._decode_chunked()
-            elif self._framing == _LENGTH:
-                piece = self._take(self._left)
-                self._left -= len(piece)
-                if not self._left:
-                    self._state = _DONE
-            else:
-                piece = self._take(len(conn.buf))
-            if piece:
+        body = conn.body
+        while True:
+            if body:
+                piece = body[0] if len(body) == 1 else b"".join(body)
+                body.clear()
                 yield piece
-                continue
-            if self._state == _DONE:
+            if conn.complete:
                 return
             try:
                 conn.fill()
             except _Closed:
-                if self._framing != _UNTIL_CLOSE:
+                if not self._until_close:
                     raise UpstreamError("the engine closed the connection mid-body") from None
-                self._state = _DONE
-
-    def _take(self, n: int) -> bytes:
-        buf = self.conn.buf
-        if not buf or n <= 0:
-            return b""
-        if n >= len(buf):
-            piece = bytes(buf)
-            buf.clear()
-        else:
-            piece = bytes(buf[:n])
-            del buf[:n]
-        return piece
-
-    def _decode_chunked(self) -> bytes:
-        """Decode as much of the buffer as is complete; returns the payload bytes."""
-        buf = self.conn.buf
-        out = bytearray()
-        pos, end = 0, len(buf)
-        state = self._state
-        while state != _DONE:
-            if state == _DATA:
-                take = min(self._left, end - pos)
-                if not take:
-                    break
-                out += buf[pos : pos + take]
-                pos += take
-                self._left -= take
-                if not self._left:
-                    state = _DATA_END
-            elif state == _DATA_END:
-                if end - pos < 2:
-                    break
-                if buf[pos : pos + 2] != b"\r\n":
-                    raise UpstreamError("malformed chunked body: no CRLF after chunk data")
-                pos += 2
-                state = _SIZE
-            else:  # _SIZE or _TRAILER: one line
-                eol = buf.find(b"\r\n", pos)
-                if eol < 0:
-                    if end - pos > MAX_LINE_BYTES:
-                        raise UpstreamError("malformed chunked body: line too long")
-                    break
-                line = buf[pos:eol]
-                pos = eol + 2
-                if state == _TRAILER:
-                    if not line:
-                        state = _DONE
-                    continue
-                try:
-                    size = int(line.split(b";", 1)[0], 16)
-                except ValueError:
-                    size = -1
-                if size < 0:
-                    raise UpstreamError(f"malformed chunked body: chunk size {bytes(line)!r}")
-                if size:
-                    self._left, state = size, _DATA
-                else:
-                    state = _TRAILER
-        self._state = state
-        del buf[:pos]
-        return bytes(out)
+                conn.complete = True
 
 
-def _parse_head(head: bytes) -> tuple[int, list[tuple[str, str]], bool]:
-    """Status, headers and whether the response was HTTP/1.1."""
-    lines = head.split(b"\r\n")
-    parts = lines[0].split(b" ", 2)
-    if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
-        raise UpstreamError(f"malformed status line {bytes(lines[0][:100])!r}")
-    headers = []
-    for line in lines[1:]:
-        name, sep, value = line.partition(b":")
-        if not sep or not name or name != name.strip():
-            raise UpstreamError(f"malformed header line {bytes(line[:100])!r}")
-        headers.append((name.decode("latin-1"), value.strip().decode("latin-1")))
-    return int(parts[1]), headers, parts[0] == b"HTTP/1.1"
-
-
-def _framing(status: int, headers: list[tuple[str, str]], http11: bool) -> tuple[int, int, bool]:
-    """(framing, content length, keep-alive) per RFC 9112 section 6.3."""
-    length: int | None = None
-    chunked = False
-    connection = ""
-    for name, value in headers:
-        lname = name.lower()
-        if lname == "transfer-encoding":
-            chunked = value.lower().rsplit(",", 1)[-1].strip() == "chunked"
-            if not chunked:
-                raise UpstreamError(f"unsupported transfer-encoding {value!r}")
-        elif lname == "content-length":
-            if not value.isdigit() or (length is not None and int(value) != length):
-                raise UpstreamError(f"malformed content-length {value!r}")
-            length = int(value)
-        elif lname == "connection":
-            connection = value.lower()
-    keep_alive = "keep-alive" in connection if not http11 else "close" not in connection
-    if status in (204, 304):
-        return _LENGTH, 0, keep_alive
-    if chunked:
-        return _CHUNKED, 0, keep_alive
-    if length is not None:
-        return _LENGTH, length, keep_alive
-    return _UNTIL_CLOSE, 0, False
+def _until_close(status: int, headers: list[tuple[str, str]]) -> bool:
+    """Whether the body is delimited by the connection closing (RFC 9112 section 6.3):
+    no Content-Length and no Transfer-Encoding on a response that has a body."""
+    if status in (204, 304) or 100 <= status < 200:
+        return False
+    return not any(k.lower() in ("content-length", "transfer-encoding") for k, _ in headers)
 
 
 class Transport:
@@ -279,7 +232,7 @@ class Transport:
 
     def _checkin(self, up: Upstream) -> None:
         conn = up.conn
-        if up.keep_alive and up.complete and not conn.buf:
+        if up.keep_alive and up.complete and not conn.extra:
             with self._lock:
                 idle = self._idle.setdefault(conn.key, deque())
                 if len(idle) < self.max_idle:
@@ -327,29 +280,20 @@ class Transport:
         raise UpstreamError(f"{key[0]}:{key[1]}{path}: no connection")  # pragma: no cover
 
     def _response(self, conn: _Conn) -> Upstream:
-        interim = False  # a 1xx was read: the answer has begun, though buf is empty
-        while True:  # interim 1xx responses are skipped
-            while (end := conn.buf.find(b"\r\n\r\n")) < 0:
-                if len(conn.buf) > MAX_HEAD_BYTES:
-                    raise UpstreamError(f"response head over {MAX_HEAD_BYTES} bytes")
-                try:
-                    conn.fill()
-                except _Closed as exc:
-                    if conn.buf or interim:  # not a NoAnswer: never sent again
-                        raise UpstreamError(
-                            f"{exc} after the answer had begun "
-                            f"({bytes(conn.buf[:40])!r}); not retried"
-                        ) from None
-                    raise
-            status, headers, http11 = _parse_head(bytes(conn.buf[:end]))
-            del conn.buf[: end + 4]
-            if not 100 <= status < 200:
-                break
-            if status == 101:
-                raise UpstreamError("the engine switched protocols")
-            interim = True
-        framing, length, keep_alive = _framing(status, headers, http11)
-        return Upstream(conn, status, headers, framing, length, keep_alive)
+        conn.reset()
+        # Interim 1xx responses are skipped (``on_message_begin`` starts over after one).
+        while not conn.head_done or 100 <= conn.status < 200:
+            try:
+                conn.fill()
+            except _Closed as exc:
+                if conn.received:  # not a NoAnswer: never sent again
+                    raise UpstreamError(f"{exc} after the answer had begun; not retried") from None
+                raise
+        for name, value in conn.headers:
+            # llhttp reads a response with another coding until close; we decode none.
+            if name.lower() == "transfer-encoding" and value.strip().lower() != "chunked":
+                raise UpstreamError(f"unsupported Transfer-Encoding {value!r}")
+        return Upstream(conn, _until_close(conn.status, conn.headers))
 
     def read(self, up: Upstream) -> bytes:
         """The whole body; the connection goes back to the pool."""
