@@ -21,6 +21,10 @@ from workers.manifests import Manifests
 # Engines carry this besides SAGELLM_ENGINE_ID so that several workers on one
 # machine (simulated hosts, tests) each adopt only their own host's processes.
 ENGINE_HOST_ENV = "SAGELLM_ENGINE_HOST"
+# ...and the worker's own directory (its manifests and logs): two clusters on one
+# machine that happen to use the same host name (two users' `make up`) never adopt or
+# stop each other's engines.
+ENGINE_OWNER_ENV = "SAGELLM_ENGINE_OWNER"
 
 
 @dataclass

@@ -31,7 +31,7 @@ from app.core.health import Verdict, pending_restart_state
 from app.core.models import EngineRecord, EngineState
 from app.core.state.ledger import ReserveRequest, Unreserved, port_is_bindable
 from workers import processes
-from workers.context import ENGINE_HOST_ENV, HostContext
+from workers.context import ENGINE_HOST_ENV, ENGINE_OWNER_ENV, HostContext
 from workers.runtimes import get_runtime
 from workers.runtimes.base import LaunchPlan
 
@@ -147,7 +147,8 @@ def _spawn_locked(ctx: HostContext, engine_id: str, count_restart: bool) -> Engi
     except SagellmError as exc:
         fail_final(ctx, engine_id, f"cannot start runtime {rec.spec.effective_runtime}: {exc}")
         return None
-    plan = LaunchPlan(plan.argv, {**plan.env, ENGINE_HOST_ENV: ctx.host}, plan.cwd)
+    tags = {ENGINE_HOST_ENV: ctx.host, ENGINE_OWNER_ENV: str(ctx.host_dir)}
+    plan = LaunchPlan(plan.argv, {**plan.env, **tags}, plan.cwd)
     log_path = ctx.log_path(engine_id)  # spawn() writes a header with time and argv
     # The host's copy first: a process whose record never gets written is still known.
     ctx.manifests.write(rec)

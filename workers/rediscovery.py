@@ -33,7 +33,7 @@ from app.core.errors import NotFoundError, ReservationConflict
 from app.core.models import LIVE_STATES, EngineRecord, EngineState
 from app.core.state.registry import RecordExists
 from workers import lifecycle, processes
-from workers.context import ENGINE_HOST_ENV, HostContext
+from workers.context import ENGINE_HOST_ENV, ENGINE_OWNER_ENV, HostContext
 from workers.heartbeat import publish_heartbeat
 from workers.runtimes import get_runtime
 
@@ -62,22 +62,28 @@ class Found:
     create_time: float
 
 
-def _engine_host(pid: int) -> str | None:
+def _owner_tags(pid: int) -> tuple[str | None, str | None]:
+    """The host and owner (worker directory) an engine process was started for."""
     try:
-        return psutil.Process(pid).environ().get(ENGINE_HOST_ENV)
+        env = psutil.Process(pid).environ()
     except (psutil.Error, OSError):
-        return None
+        return None, None
+    return env.get(ENGINE_HOST_ENV), env.get(ENGINE_OWNER_ENV)
 
 
 def host_engine_processes(ctx: HostContext) -> dict[str, Found]:
-    """Live engine processes of this host, by engine id: tagged ones (for this host, or
-    untagged-host ones we have a manifest for) and the exact processes our manifests
-    name (a leader whose tag setproctitle wiped)."""
+    """Live engine processes of this worker, by engine id: tagged ones started by this
+    worker's directory (or, from an older version without that tag, for this host
+    name), untagged-host ones we have a manifest for, and the exact processes our
+    manifests name (a leader whose tag setproctitle wiped). Another cluster's engines
+    on this machine, even under the same host name, are never ours."""
     manifest_ids = ctx.manifests.ids()
+    me = str(ctx.host_dir)
     found: dict[str, Found] = {}
     for eid, proc in processes.find_tagged_processes().items():
-        host = _engine_host(proc.pid)
-        if host == ctx.host or (host is None and eid in manifest_ids):
+        host, owner = _owner_tags(proc.pid)
+        legacy = owner is None and (host == ctx.host or (host is None and eid in manifest_ids))
+        if owner == me or legacy:
             found[eid] = Found(proc.pid, proc.create_time)
     for eid in manifest_ids - set(found):
         m = ctx.manifests.read(eid)

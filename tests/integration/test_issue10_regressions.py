@@ -667,6 +667,29 @@ def test_rediscovery_stops_tagged_engine_without_record_or_manifest_and_adopts_o
     invariants(env)
 
 
+def test_rediscovery_leaves_alone_an_engine_of_another_cluster_with_the_same_host_name(
+    env: Env,
+) -> None:
+    # Two users' stacks on one machine, both with the default host name: each worker
+    # adopts or stops only engines its own directory started.
+    other_id = "eng-" + uuid.uuid4().hex[:12]
+    port = str(PORT_RANGE[1])
+    other = processes.spawn(
+        LaunchPlan(
+            ["vllm", "serve", "org/other", "--host", ADDRESS, "--port", port],
+            {ENGINE_ID_ENV: other_id, HOST_ENV: HOST, "SAGELLM_ENGINE_OWNER": "/elsewhere"},
+        ),
+        env.ctx.log_path(other_id),
+    )
+    env.strays.append(psutil.Process(other.pid))
+    assert wait_for(lambda: bool(trees(other_id)), 5)
+
+    rediscover(env.ctx)
+
+    assert not gone(other.pid, other.create_time), "another cluster's engine was stopped"
+    assert env.registry.find(other_id) is None
+
+
 # ------------------------------------------------------------------------- case 10
 
 
