@@ -26,6 +26,7 @@ import logging
 import time
 from pathlib import Path
 
+from app.core.engine_policy import EnginePolicy
 from app.core.errors import IllegalTransition, NotFoundError, ReservationConflict, SagellmError
 from app.core.health import Verdict, pending_restart_state
 from app.core.models import EngineRecord, EngineState
@@ -143,7 +144,9 @@ def _spawn_locked(ctx: HostContext, engine_id: str, count_restart: bool) -> Engi
         )
         return None
     try:
-        plan = get_runtime(rec.spec.effective_runtime).build(rec)
+        plan = get_runtime(rec.spec.effective_runtime).build(
+            rec, EnginePolicy.from_settings(ctx.settings)
+        )
     except SagellmError as exc:
         fail_final(ctx, engine_id, f"cannot start runtime {rec.spec.effective_runtime}: {exc}")
         return None

@@ -171,27 +171,34 @@ def tagged_processes() -> dict[int, tuple[str, str | None]]:
     return out
 
 
-# Leader pid -> engine id of every engine session seen in this test run: a renamed
-# worker (setproctitle wiped its tag) is still known by the session its leader opened.
-SESSIONS: dict[int, str] = {}
+# Leader (pid, create time) -> engine id of every engine session seen in this run: a
+# renamed worker (setproctitle wiped its tag) is still known by the session its leader
+# opened. The create time tells a reused pid (a new session of another program) apart.
+SESSIONS: dict[int, tuple[float, str]] = {}
 
 
 def engine_sessions() -> dict[str, dict[int, list[int]]]:
     """engine id -> {session id: live pids}: tagged processes and every live member of
     a session an engine's leader opened, even after the leader died."""
     for pid, (eid, _host) in tagged_processes().items():
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, psutil.Error):
             if os.getsid(pid) == pid:
-                SESSIONS[pid] = eid
+                SESSIONS[pid] = (psutil.Process(pid).create_time(), eid)
     out: dict[str, dict[int, list[int]]] = {}
-    for proc in psutil.process_iter():
+    for proc in psutil.process_iter(["pid", "create_time", "status"]):
         try:
             sid = os.getsid(proc.pid)
-            if sid not in SESSIONS or proc.status() == psutil.STATUS_ZOMBIE:
-                continue
-        except (OSError, psutil.Error):
+        except OSError:
             continue
-        out.setdefault(SESSIONS[sid], {}).setdefault(sid, []).append(proc.pid)
+        known = SESSIONS.get(sid)
+        if known is None or proc.info["status"] == psutil.STATUS_ZOMBIE:
+            continue
+        born, eid = known
+        if proc.info["create_time"] < born - 0.01 or (
+            proc.pid == sid and abs(proc.info["create_time"] - born) > 0.01
+        ):
+            continue  # the pid was handed out again: another program's session
+        out.setdefault(eid, {}).setdefault(sid, []).append(proc.pid)
     return out
 
 

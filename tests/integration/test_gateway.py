@@ -43,7 +43,7 @@ def _replica(env: ClusterEnv, name: str = "rep", delay: str = "0") -> str:
         model="org/Rep-1B",
         served_model_name=name,
         required_memory_gb=8,
-        env={"FAKE_VLLM_REPLY_DELAY_S": delay},
+        extra_args=("--fake-reply-delay-s", delay),
     )
     rec = wait_for_state(env.cluster, start_engine(env.cluster, spec).id, [S.RUNNING], 60)
     assert rec.state is S.RUNNING, rec.last_error

@@ -43,7 +43,7 @@ from app import create_app
 from app.core.models import EngineRecord, EngineState
 from app.core.state import keys
 from app.settings import Settings
-from tests.integration.harness import AppServer, ClusterEnv, Proc, wait_until, worker
+from tests.integration.harness import CLUSTER_MARK, AppServer, ClusterEnv, Proc, wait_until, worker
 
 pytestmark = pytest.mark.integration
 
@@ -114,7 +114,7 @@ def _tagged(data_dir: Path) -> dict[int, dict[str, str]]:
                 continue
         except (psutil.Error, OSError):
             continue
-        if env.get(TAG) and env.get("SAGELLM_DATA_DIR") == str(data_dir):
+        if env.get(TAG) and env.get(CLUSTER_MARK) == str(data_dir):
             out[proc.pid] = env
     return out
 
