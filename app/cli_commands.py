@@ -670,7 +670,8 @@ def preset_list() -> None:
 @preset.command("show")
 @click.argument("name")
 def preset_show(name: str) -> None:
-    """A built-in preset with its variables expanded and every engine's full spec."""
+    """A built-in preset, its model locations filled in by the API, with every engine's
+    full spec."""
     data = _client().get(f"{PRESETS}/{name}")
     for eng in data.get("engines") or []:
         # Unset fields and the preset's own bookkeeping say nothing to a reader.
@@ -710,19 +711,24 @@ def plan_table(plan: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _local_preset_name(path: str) -> tuple[str, str]:
-    """(text, preset name) of the file at ``path``, parsed here so that a malformed file
-    fails at once with the file, engine and field named."""
+def _local_preset(path: str) -> tuple[str, str]:
+    """(text to send, preset name) of the file at ``path``: ``${VAR}`` expanded here
+    from the user's environment (the API never expands them), then parsed so that a
+    malformed file fails at once with the file, engine and field named."""
     from app.core.errors import ValidationError
-    from app.core.presets import parse_preset
+    from app.core.presets import LOCATION_NAMES, expand_variables, parse_preset
 
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
-    except OSError as exc:
-        raise InvalidInput(f"{path}: cannot read: {exc.strerror}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) else str(exc)
+        raise InvalidInput(f"{path}: cannot read: {why}") from None
+    # The API fills its model locations; any path stands in for them in this check.
+    stand_ins = {name: f"/{name}" for name in LOCATION_NAMES}
     try:
-        return text, parse_preset(text, path).name
+        expanded = expand_variables(text, path, os.environ)
+        return expanded, parse_preset(expanded, path, locations=stand_ins).name
     except ValidationError as exc:
         raise InvalidInput(exc.message) from None
 
@@ -779,7 +785,7 @@ def preset_apply(
     if (name is None) == (path is None):
         raise click.UsageError("give exactly one of -n/--name NAME or --file PATH")
     if path is not None:
-        text, preset_name = _local_preset_name(path)
+        text, preset_name = _local_preset(path)
         route = f"{PRESETS}/apply"
         body: Any = {"yaml": text}
         # The API names this source in its validation errors instead of "request body".

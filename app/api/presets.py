@@ -12,7 +12,13 @@ from flask_smorest import Blueprint
 
 from app.api.context import cluster
 from app.core.errors import ValidationError
-from app.core.presets import Preset, builtin_preset_files, get_builtin, parse_preset
+from app.core.presets import (
+    Preset,
+    builtin_preset_files,
+    get_builtin,
+    parse_preset,
+    server_locations,
+)
 from app.preset_apply import apply_preset
 
 blp = Blueprint(
@@ -78,6 +84,15 @@ def _validate_runtime(spec: Any) -> None:
     get_runtime(spec.effective_runtime).validate(spec)
 
 
+def _locations() -> dict[str, str]:
+    # From the API's settings, never its environment: a preset must not read secrets.
+    return server_locations(cluster().settings.data_dir)
+
+
+def _builtin(name: str) -> Preset:
+    return get_builtin(name, locations=_locations(), validate_spec=_validate_runtime)
+
+
 def _apply(preset: Preset, args: dict[str, Any]) -> dict[str, Any]:
     result = apply_preset(
         cluster(),
@@ -98,7 +113,7 @@ class Presets(MethodView):
         out = []
         for name, path in sorted(builtin_preset_files().items()):
             try:
-                p = get_builtin(name, validate_spec=_validate_runtime)
+                p = _builtin(name)
                 out.append(
                     {
                         "name": name,
@@ -126,8 +141,8 @@ class PresetOne(MethodView):
     @blp.response(200, PresetSchema)
     @blp.doc(responses={"404": {"description": "Unknown preset"}})
     def get(self, name: str) -> dict[str, Any]:
-        """One built-in preset, variables expanded."""
-        return get_builtin(name, validate_spec=_validate_runtime).to_dict()
+        """One built-in preset, its model locations filled in."""
+        return _builtin(name).to_dict()
 
 
 @blp.route("/<name>/apply")
@@ -144,7 +159,7 @@ class PresetApply(MethodView):
     def post(self, args: dict[str, Any], name: str) -> dict[str, Any]:
         """Apply a built-in preset: place all, start all, wait for RUNNING, roll back on
         failure. Engines of the preset that already run are left alone."""
-        return _apply(get_builtin(name, validate_spec=_validate_runtime), args)
+        return _apply(_builtin(name), args)
 
 
 @blp.route("/apply")
@@ -154,13 +169,23 @@ class PresetApplyBody(MethodView):
     @blp.response(200, ApplyResultSchema)
     @blp.doc(
         responses={
-            "400": {"description": "Invalid preset (file, engine and field named)"},
+            "400": {
+                "description": "Invalid preset (file, engine and field named), or a "
+                "${VAR} the client did not expand (line named)"
+            },
             "409": {"description": "An engine cannot be placed; nothing started"},
             "502": {"description": "An engine failed to start; rolled back"},
         }
     )
     def post(self, body: dict[str, Any], args: dict[str, Any]) -> dict[str, Any]:
-        """Apply a preset given in the body (``yaml`` text or a ``preset`` object)."""
+        """Apply a preset given in the body (``yaml`` text or a ``preset`` object).
+
+        ``${VAR}`` must already be expanded by the client (``sagellm preset apply
+        --file`` does it from the user's environment): this API never reads its own
+        environment for a preset, and text that still holds ``${VAR}`` is a 400. Only
+        ``${SAGELLM_MINILM_PATH}`` and ``${SAGELLM_DEMO_LLM_PATH}``, model locations on
+        the API's side, are filled here."""
         text = body["yaml"] if "yaml" in body else json.dumps(body["preset"])
         source = request.headers.get("X-Preset-Source", "request body")[:200]
-        return _apply(parse_preset(text, source, validate_spec=_validate_runtime), args)
+        preset = parse_preset(text, source, locations=_locations(), validate_spec=_validate_runtime)
+        return _apply(preset, args)

