@@ -265,7 +265,7 @@ ERROR_CASES = [
     ),
     pytest.param(
         doc_with(chat(env={"CUDA_VISIBLE_DEVICES": "0"})),
-        "presets/x.yaml: engine 'chat': env: CUDA_VISIBLE_DEVICES is set by placement",
+        "presets/x.yaml: engine 'chat': env: 'CUDA_VISIBLE_DEVICES' is not allowed: placement sets",
         "engines[0].env",
         id="env-cuda-visible-devices",
     ),
