@@ -11,6 +11,10 @@ if TYPE_CHECKING:
     from app.settings import Settings
 
 DOCS_STATIC = "/docs/static"
+# OpenAPI security schemes: the admin token (/v1/management, /metrics when asked) and
+# the gateway's API keys (/v1/* of the OpenAI-style routes).
+ADMIN_SCHEME = "adminToken"
+GATEWAY_SCHEME = "apiKey"
 
 
 def create_app(
@@ -42,10 +46,14 @@ def create_app(
         # Served from the swagger-ui-bundle wheel: the docs work offline (no CDN).
         OPENAPI_SWAGGER_UI_URL=f"{DOCS_STATIC}/",
         JSON_SORT_KEYS=False,
+        # Every documented operation is /v1/management unless it says otherwise (the
+        # gateway's routes do): Swagger UI's Authorize button then sends the token.
+        API_SPEC_OPTIONS={"security": [{ADMIN_SCHEME: []}]},
     )
     if config:
         flask_app.config.update(config)
     settings = settings or Settings.from_env()
+    allowed_hosts = check_exposure(settings)
     flask_app.extensions["sagellm"] = connect_cluster(settings, celery)
     flask_app.extensions["sagellm.settings"] = settings
 
@@ -54,6 +62,11 @@ def create_app(
     api.register_blueprint(cluster_api.blp)
     api.register_blueprint(presets_api.blp)
     register_domain_errors(flask_app)
+    from app.api.openapi import document_security_and_gateway
+
+    document_security_and_gateway(
+        api.spec, ADMIN_SCHEME, GATEWAY_SCHEME, gateway_open=not settings.api_keys
+    )
 
     import swagger_ui_bundle
 
@@ -78,8 +91,45 @@ def create_app(
 
     _install_gateway(flask_app, settings)
     _install_auth(flask_app, settings)
+    from app.access import HostGuard
+
+    # Outermost: the Host check runs before the gateway's proxy and every Flask route.
+    flask_app.wsgi_app = HostGuard(  # type: ignore[method-assign,assignment]
+        flask_app.wsgi_app, allowed_hosts
+    )
 
     return flask_app
+
+
+def check_exposure(settings: Settings) -> tuple[str, ...]:
+    """Refuse to serve management open on a non-loopback address; return the ``Host``
+    values the API answers.
+
+    The listen address is the one ``sagellm up`` binds: the host of
+    ``SAGELLM_API_URL`` (``app.stack.api_bind``). Management access is code execution
+    on every GPU host, so without ``SAGELLM_ADMIN_TOKEN`` only loopback is served,
+    unless ``SAGELLM_ALLOW_OPEN_API=1`` says the open API is intended.
+    """
+    from app.access import hosts_allowed_by_default, is_loopback
+    from app.core.errors import ConfigError
+    from app.stack import api_listen_host
+
+    host = api_listen_host(settings.api_url)
+    if not settings.admin_token and not settings.allow_open_api and not is_loopback(host):
+        raise ConfigError(
+            f"the API listens on {host} (SAGELLM_API_URL={settings.api_url}) and "
+            "SAGELLM_ADMIN_TOKEN is unset: anyone who reaches it could start processes on "
+            "every GPU host. Set SAGELLM_ADMIN_TOKEN, or SAGELLM_ALLOW_OPEN_API=1 to serve "
+            "it without a token anyway",
+            field="SAGELLM_ADMIN_TOKEN",
+        )
+    if settings.metrics_require_token and not settings.admin_token:
+        raise ConfigError(
+            "SAGELLM_METRICS_REQUIRE_TOKEN=1 needs SAGELLM_ADMIN_TOKEN (the token /metrics "
+            "then requires)",
+            field="SAGELLM_METRICS_REQUIRE_TOKEN",
+        )
+    return settings.allowed_hosts or hosts_allowed_by_default(host)
 
 
 def _install_gateway(flask_app: Flask, settings: Settings) -> None:
@@ -109,8 +159,9 @@ def _install_gateway(flask_app: Flask, settings: Settings) -> None:
 
 
 def _install_auth(flask_app: Flask, settings: Settings) -> None:
-    """Optional bearer tokens: API keys for the gateway, an admin token for management.
-    (The proxied POST routes check the same tokens in ``app.gateway.proxy``.)"""
+    """Bearer tokens: API keys for the gateway, the admin token for management (and
+    /metrics when SAGELLM_METRICS_REQUIRE_TOKEN=1). The proxied POST routes check the
+    same tokens in ``app.gateway.proxy``, through ``app.access``."""
     from flask import request
 
     from app.access import gateway_tokens, token_allowed
@@ -118,12 +169,13 @@ def _install_auth(flask_app: Flask, settings: Settings) -> None:
 
     admin = settings.admin_token
     gateway = gateway_tokens(settings.api_keys, admin)
+    metrics_need_admin = settings.metrics_require_token
 
     @flask_app.before_request
     def _check() -> Any:
         path = request.path
         auth = request.headers.get("Authorization", "")
-        if path.startswith("/v1/management"):
+        if path.startswith("/v1/management") or (metrics_need_admin and path == "/metrics"):
             if admin and not token_allowed(auth, (admin,)):
                 return (
                     {

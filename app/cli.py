@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import MutableMapping
 
 import click
 
@@ -97,22 +98,46 @@ def beat(loglevel: str) -> None:
         raise click.ClickException(lock.reason)
 
 
+FLOWER_OPEN_API_VAR = "FLOWER_UNAUTHENTICATED_API"
+
+
+def flower_argv(
+    port: int, address: str, basic_auth: str, env: MutableMapping[str, str]
+) -> list[str]:
+    """Flower's command line; refuses (``ClickException``) a non-loopback address
+    without basic auth. Flower's API can queue any task (start or stop an engine) and
+    shut workers down, so it is never opened without auth: ``FLOWER_UNAUTHENTICATED_API``
+    is removed from ``env``. On loopback without auth the UI shows tasks and the API
+    answers 401."""
+    from app.access import is_loopback
+
+    if not basic_auth and not is_loopback(address):
+        raise click.ClickException(
+            f"Flower on {address} would let anyone who reaches it queue tasks (start and "
+            "stop engines) and shut workers down: set SAGELLM_FLOWER_BASIC_AUTH=user:password, "
+            "or bind it to loopback (--address 127.0.0.1)"
+        )
+    env.pop(FLOWER_OPEN_API_VAR, None)
+    argv = ["flower", f"--port={port}", f"--address={address}"]
+    if basic_auth:
+        argv.append(f"--basic-auth={basic_auth}")
+    return argv
+
+
 @sagellm.command()
 @click.option("--port", default=5555, show_default=True, type=int)
-@click.option("--address", default="0.0.0.0", show_default=True)
+@click.option(
+    "--address",
+    default="127.0.0.1",
+    show_default=True,
+    help="Another address needs SAGELLM_FLOWER_BASIC_AUTH.",
+)
 def flower(port: int, address: str) -> None:
     """Flower (Celery task monitor) on the project's Celery app: every host's worker."""
-    import os
-
     settings = _settings()
+    argv = flower_argv(port, address, settings.flower_basic_auth, os.environ)
     from workers.celery_app import celery_app
 
-    argv = ["flower", f"--port={port}", f"--address={address}"]
-    if settings.flower_basic_auth:
-        argv.append(f"--basic-auth={settings.flower_basic_auth}")
-    else:
-        # Flower 2 refuses API calls without auth unless told; the UI is open anyway.
-        os.environ.setdefault("FLOWER_UNAUTHENTICATED_API", "true")
     celery_app.start(argv)
 
 
@@ -129,21 +154,24 @@ def up(keep_engines: bool) -> None:
     from app.stack import run_up
 
     try:
-        run_up(keep_engines=keep_engines)
+        errors = run_up(keep_engines=keep_engines)
     except RuntimeError as exc:
         raise click.ClickException(str(exc)) from None
+    if errors:
+        raise click.ClickException("stopped with errors:\n  " + "\n  ".join(errors))
 
 
 @sagellm.command()
 def down() -> None:
     """Stop the stack started by `up` (its engines first)."""
     _settings()
-    from app.stack import run_down
+    from app.stack import StackNotStopped, run_down
 
-    if run_down():
-        click.echo("sagellm stack stopped")
-    else:
-        click.echo("no sagellm stack is running")
+    try:
+        stopped = run_down()
+    except StackNotStopped as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo("sagellm stack stopped" if stopped else "no sagellm stack is running")
 
 
 def main() -> None:

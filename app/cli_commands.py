@@ -8,8 +8,8 @@ the CLI never decides anything the API would decide differently.
 
 The API is found at ``SAGELLM_API_URL`` (default from ``app.settings.SETTINGS_DOC``),
 read straight from the environment: ``Settings.from_env`` would also validate worker
-settings a CLI user has no reason to set. When ``SAGELLM_ADMIN_TOKEN`` is set, it is
-sent as ``Authorization: Bearer <token>``.
+settings a CLI user has no reason to set. ``SAGELLM_ADMIN_TOKEN`` (else the token
+``sagellm up`` generated on this machine) is sent as ``Authorization: Bearer <token>``.
 
 Exit codes:
 
@@ -117,13 +117,27 @@ def api_url() -> str:
     return raw.rstrip("/")
 
 
+def admin_token() -> str:
+    """``SAGELLM_ADMIN_TOKEN``, else the token ``sagellm up`` generated on this machine
+    (``$SAGELLM_DATA_DIR/admin-token``), else ``""``."""
+    from pathlib import Path
+
+    from app.access import read_admin_token
+
+    token = os.environ.get(TOKEN_VAR, "").strip()
+    if token:
+        return token
+    data_dir = os.environ.get("SAGELLM_DATA_DIR", "").strip() or SETTINGS_DOC["SAGELLM_DATA_DIR"][0]
+    return read_admin_token(Path(data_dir).expanduser())
+
+
 class ApiClient:
     """A small JSON client of the management API; every failure becomes a ``CliError``."""
 
     def __init__(self, base_url: str | None = None) -> None:
         self.base_url = base_url or api_url()
         headers = {"User-Agent": "sagellm-cli", "Accept": "application/json"}
-        token = os.environ.get(TOKEN_VAR, "").strip()
+        token = admin_token()
         if token:
             headers["Authorization"] = f"Bearer {token}"
         self._client = httpx.Client(base_url=self.base_url, headers=headers)

@@ -48,7 +48,11 @@ class RedisProcess:
         port: int | None = None,
         host: str = "127.0.0.1",
         persist: bool = True,
+        own_session: bool = False,
     ) -> None:
+        # own_session: out of the caller's process group, so a terminal's Ctrl-C reaches
+        # the caller only (`sagellm up` stops Redis last, after the engines).
+        self.own_session = own_session
         self.host = host
         self.port = port or free_port(host)
         self.data_dir = Path(data_dir)
@@ -81,7 +85,12 @@ class RedisProcess:
             argv += ["--appendonly", "yes", "--appendfsync", "everysec"]
         else:
             argv += ["--save", "", "--appendonly", "no"]
-        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.proc = subprocess.Popen(
+            argv,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=self.own_session,
+        )
         client = redis.Redis(host=self.host, port=self.port, socket_timeout=1)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

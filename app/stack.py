@@ -3,6 +3,13 @@
 Redis (the embedded ``redis-server`` unless ``SAGELLM_REDIS_URL`` is set), one worker
 for this host, beat, and the API under gunicorn on 127.0.0.1:8000. Ctrl-C (or
 ``flask sagellm down``) stops the engines it runs, then the API, beat, worker and Redis.
+
+Every child runs in a session of its own: Ctrl-C in the terminal (SIGINT to its
+foreground process group) reaches ``up`` alone, which then stops things in order;
+otherwise Redis would die first and the engines could no longer be stopped. Without
+``SAGELLM_ADMIN_TOKEN``, ``up`` generates one (``app.access.ensure_admin_token``), gives
+it to the API, and uses it itself. What could not be stopped is reported, by ``up`` and
+by ``down``, never hidden behind "stopped".
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from typing import Any
 import httpx
 
 from app.redis_server import RedisProcess
-from app.settings import Settings
+from app.settings import SETTINGS_DOC, Settings
 
 API_BIND = "127.0.0.1:8000"
 GUNICORN_TIMEOUT_S = 960  # a preset apply waits up to 900 s for its engines
@@ -82,21 +89,42 @@ class Child:
     def start(self, env: dict[str, str]) -> None:
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(self.argv, env=env, stdout=out, stderr=subprocess.STDOUT)
+            # Its own session (and process group, pgid == pid): see the module docstring.
+            self.proc = subprocess.Popen(
+                self.argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def stop(self, timeout: float = 30) -> None:
-        if not self.alive():
-            return
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+    def stop(self, timeout: float = 30) -> str | None:
+        """SIGTERM to its process group (gunicorn's workers too), SIGKILL after
+        ``timeout``; None when all of it is gone, else why not."""
+        if self.proc is None:
+            return None
+        pgid = self.proc.pid
+        if self.alive():
+            _killpg(pgid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                _killpg(pgid, signal.SIGKILL)
+                try:
+                    self.proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    return f"{self.name} (pid {pgid}) did not exit after SIGKILL"
+        # Members of its group that outlived it (a gunicorn worker): the group id stays
+        # taken while any member lives, so it still names only ours.
+        _killpg(pgid, signal.SIGKILL)
+        return None
+
+
+def _killpg(pgid: int, sig: int) -> None:
+    try:
+        if pgid != os.getpgrp():
+            os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 @dataclass
@@ -105,6 +133,7 @@ class Stack:
     redis_url_given: bool
     api_bind: str = API_BIND
     keep_engines: bool = False
+    admin_token: str = ""
     redis: RedisProcess | None = None
     children: list[Child] = field(default_factory=list)
     stopping: bool = False
@@ -116,13 +145,45 @@ class Stack:
     def _say(self, msg: str) -> None:
         print(f"[sagellm up] {msg}", flush=True)
 
-    def _env(self, redis_url: str) -> dict[str, str]:
+    @property
+    def metrics_dir(self) -> Path:
+        return self.settings.data_dir / "prometheus"
+
+    def child_env(self, name: str, redis_url: str) -> dict[str, str]:
+        """The environment of one child. Only the API gets the admin token and the
+        metrics folder: the worker hands its environment on to engines (vLLM's own
+        metrics would land in the API's /metrics), and neither it nor beat needs them."""
         env = dict(os.environ)
+        for var in ("PROMETHEUS_MULTIPROC_DIR", "SAGELLM_ADMIN_TOKEN", "SAGELLM_API_KEYS"):
+            env.pop(var, None)
         env["SAGELLM_REDIS_URL"] = redis_url
-        # gunicorn runs several API processes: /metrics sums them through this folder.
-        env["PROMETHEUS_MULTIPROC_DIR"] = str(self.settings.data_dir / "prometheus")
         env.setdefault("SAGELLM_API_URL", f"http://{self.api_bind}")
+        if name == "api":
+            # gunicorn runs several API processes: /metrics sums them through this folder.
+            env["PROMETHEUS_MULTIPROC_DIR"] = str(self.metrics_dir)
+            env["SAGELLM_ADMIN_TOKEN"] = self.admin_token
+            if os.environ.get("SAGELLM_API_KEYS"):
+                env["SAGELLM_API_KEYS"] = os.environ["SAGELLM_API_KEYS"]
         return env
+
+    def _auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.admin_token}"} if self.admin_token else {}
+
+    def _ensure_admin_token(self) -> None:
+        """Use SAGELLM_ADMIN_TOKEN, else the one kept for this machine (made once)."""
+        if self.admin_token:
+            return
+        from app.access import admin_token_path, ensure_admin_token
+
+        self.admin_token, created = ensure_admin_token(self.settings.data_dir)
+        path = admin_token_path(self.settings.data_dir)
+        if created:
+            self._say(
+                f"generated an admin token (kept in {path}, mode 0600; the CLI on this "
+                f"machine reads it): {self.admin_token}"
+            )
+        else:
+            self._say(f"admin token: {path}")
 
     def start(self) -> None:
         data = self.settings.data_dir
@@ -133,19 +194,20 @@ class Stack:
                 raise RuntimeError(
                     f"a stack is already up (pid {old['pid']}); run `flask sagellm down` first"
                 )
+        self._ensure_admin_token()
         redis_url = self.settings.redis_url
         if not self.redis_url_given:
-            self.redis = RedisProcess(data / "redis", port=_redis_port()).start()
+            self.redis = RedisProcess(data / "redis", port=_redis_port(), own_session=True)
+            self.redis.start()
             redis_url = self.redis.url
             self._say(f"Redis {redis_url} (embedded, data in {data / 'redis'})")
         else:
             self._say(f"Redis {redis_url} (SAGELLM_REDIS_URL)")
         self._build_demo_model()
-        env = self._env(redis_url)
         import shutil
 
-        shutil.rmtree(env["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)  # stale counts
-        Path(env["PROMETHEUS_MULTIPROC_DIR"]).mkdir(parents=True)
+        shutil.rmtree(self.metrics_dir, ignore_errors=True)  # stale counts
+        self.metrics_dir.mkdir(parents=True)
         logs = data / "logs"
         self.children = [
             Child("worker", [*_script("sagellm"), "worker"], logs / "worker.log"),
@@ -159,16 +221,12 @@ class Stack:
             ),
         ]
         for child in self.children:
-            child.start(env)
+            child.start(self.child_env(child.name, redis_url))
             self._say(
                 f"{child.name} started (pid {child.proc.pid if child.proc else '?'}), "
                 f"log {child.log}"
             )
-        self.state_file.write_text(
-            json.dumps(
-                {"pid": os.getpid(), "redis_url": redis_url, "api": f"http://{self.api_bind}"}
-            )
-        )
+        self._write_state({"redis_url": redis_url, "api": f"http://{self.api_bind}"})
         self._wait_api()
         self._say(f"API http://{self.api_bind}  docs http://{self.api_bind}/docs")
         cli = Path(sys.executable).parent / "sagellm"
@@ -212,39 +270,116 @@ class Stack:
                     self._say(f"{child.name} exited ({code}); restarting in {delay}s")
                     time.sleep(delay)
                     if not self.stopping:
-                        child.start(self._env(self._redis_url()))
+                        child.start(self.child_env(child.name, self._redis_url()))
             time.sleep(0.5)
 
     def _redis_url(self) -> str:
         return self.redis.url if self.redis else self.settings.redis_url
 
-    def stop(self) -> None:
+    def _write_state(self, extra: dict[str, Any]) -> None:
+        self.state_file.write_text(json.dumps({"pid": os.getpid(), **extra}))
+
+    def stop(self) -> list[str]:
+        """Engines (unless ``keep_engines``), then the API, beat, the worker and Redis.
+        Returns what went wrong (also printed, and left in the state file for `down`)."""
         self.stopping = True
-        if not self.keep_engines:
-            self._stop_engines()
+        self._say("stopping")
+        errors: list[str] = []
+        if not self.keep_engines and self.children:
+            errors += self._stop_engines()
         for child in reversed(self.children):  # api, beat, then the worker
-            child.stop()
-            self._say(f"{child.name} stopped")
+            error = child.stop()
+            if error:
+                errors.append(error)
+            self._say(error if error else f"{child.name} stopped")
         if self.redis:
             self.redis.stop()
             self._say("Redis stopped")
-        self.state_file.unlink(missing_ok=True)
+        for error in errors:
+            self._say(f"ERROR: {error}")
+        if errors:
+            self._write_state({"stopped": True, "errors": errors})
+        else:
+            self.state_file.unlink(missing_ok=True)
+        return errors
 
-    def _stop_engines(self) -> None:
-        api = f"http://{self.api_bind}/v1/management/engines"
+    def _stop_engines(self) -> list[str]:
+        """Stop every engine through the API (so their records say STOPPED and the next
+        `up` does not start them again); what cannot be stopped so is stopped directly."""
         try:
-            engines = httpx.get(api, timeout=10).json()
-        except (httpx.HTTPError, ValueError):
-            return
-        live = [e for e in engines if e["state"] not in ("STOPPED", "FAILED", "STOPPING")]
+            return self._stop_engines_through_api()
+        except (httpx.HTTPError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+            reason = f"could not stop the engines through the API ({exc})"
+            self._say(f"{reason}; stopping their processes directly")
+            left = self._stop_engine_processes()
+            if left:
+                return [f"{reason}; still running: {', '.join(left)}"]
+            return [
+                f"{reason}; their processes were stopped directly, but their records still "
+                "say they run: the next `up` starts them again unless you "
+                "`sagellm engine stop` them"
+            ]
+
+    def _api_json(self, method: str, path: str) -> Any:
+        url = f"http://{self.api_bind}/v1/management{path}"
+        resp = httpx.request(method, url, headers=self._auth(), timeout=30)
+        if resp.status_code >= 400:
+            raise RuntimeError(f"{method} {path}: HTTP {resp.status_code}: {resp.text[:200]}")
+        return resp.json()
+
+    def _stop_engines_through_api(self) -> list[str]:
+        engines = self._api_json("GET", "/engines")
+        if not isinstance(engines, list):
+            raise RuntimeError(f"GET /engines: unexpected answer {str(engines)[:200]}")
+        # Ours: the engines of this host (a shared Redis may hold other hosts' engines).
+        mine = [e for e in engines if e.get("host") == self.settings.host_name]
+        live = [e for e in mine if e["state"] not in ("STOPPED", "FAILED")]
         for e in live:
-            self._say(f"stopping engine {e['id']} ({e['spec']['model']})")
-            httpx.delete(f"{api}/{e['id']}", timeout=10)
+            if e["state"] != "STOPPING":
+                self._say(f"stopping engine {e['id']} ({e['spec']['model']})")
+                self._api_json("DELETE", f"/engines/{e['id']}")
         deadline = time.monotonic() + self.settings.stop_grace_s + 15
         while live and time.monotonic() < deadline:
-            states = {e["id"]: e["state"] for e in httpx.get(api, timeout=10).json()}
-            live = [e for e in live if states.get(e["id"]) not in ("STOPPED", "FAILED", None)]
             time.sleep(0.5)
+            states = {e["id"]: e["state"] for e in self._api_json("GET", "/engines")}
+            live = [e for e in live if states.get(e["id"]) not in ("STOPPED", "FAILED", None)]
+        if live:
+            return [
+                f"engine {e['id']} did not stop within {self.settings.stop_grace_s + 15:g}s"
+                for e in live
+            ]
+        return []
+
+    def _stop_engine_processes(self) -> list[str]:
+        """Engines whose processes carry this stack's data folder, stopped by the one
+        module that signals engines (``workers.processes``: ours only)."""
+        import psutil
+
+        from workers import processes
+
+        left = []
+        for engine_id, found in processes.find_tagged_processes().items():
+            try:
+                env = psutil.Process(found.pid).environ()
+            except (psutil.Error, OSError):
+                continue
+            data_dir = env.get("SAGELLM_DATA_DIR") or SETTINGS_DOC["SAGELLM_DATA_DIR"][0]
+            host = env.get("SAGELLM_ENGINE_HOST", self.settings.host_name)
+            if Path(data_dir).expanduser() != self.settings.data_dir:
+                continue
+            if host != self.settings.host_name:
+                continue
+            self._say(f"stopping engine {engine_id} (pid {found.pid}) directly")
+            try:
+                result = processes.stop(
+                    found.pid, found.create_time, self.settings.stop_grace_s, engine_id=engine_id
+                )
+            except processes.NotOurProcess as exc:
+                left.append(f"{engine_id} ({exc.message})")
+                continue
+            if not result.exited:
+                left.append(f"{engine_id} (pid {found.pid})")
+        return left
 
 
 def _pid_alive(pid: int) -> bool:
@@ -267,21 +402,31 @@ def _redis_port() -> int:
     return 6379 if port_is_bindable("127.0.0.1", 6379) else free_port()
 
 
+def api_listen_host(api_url: str) -> str:
+    """The address the API listens on: the host of ``SAGELLM_API_URL``."""
+    from urllib.parse import urlsplit
+
+    return urlsplit(api_url).hostname or "127.0.0.1"
+
+
 def api_bind(api_url: str) -> str:
     """host:port for the API server, from ``SAGELLM_API_URL`` (default 127.0.0.1:8000)."""
     from urllib.parse import urlsplit
 
-    parts = urlsplit(api_url)
-    return f"{parts.hostname or '127.0.0.1'}:{parts.port or 8000}"
+    host = api_listen_host(api_url)
+    port = urlsplit(api_url).port or 8000
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def run_up(keep_engines: bool = False) -> None:
+def run_up(keep_engines: bool = False) -> list[str]:
+    """Run the stack until Ctrl-C or `down`; returns what could not be stopped."""
     settings = Settings.from_env()
     stack = Stack(
         settings,
         redis_url_given=bool(os.environ.get("SAGELLM_REDIS_URL")),
         api_bind=api_bind(settings.api_url),
         keep_engines=keep_engines,
+        admin_token=settings.admin_token,
     )
 
     def on_signal(signum: int, _: Any) -> None:
@@ -296,21 +441,40 @@ def run_up(keep_engines: bool = False) -> None:
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        stack.stop()
+        errors = stack.stop()
+    return errors
+
+
+class StackNotStopped(RuntimeError):
+    """`down` asked, but something `up` started is still running."""
 
 
 def run_down(timeout: float = 120) -> bool:
-    """Ask a running ``up`` to stop (it stops engines first); True if one was running."""
+    """Ask a running ``up`` to stop (it stops engines first) and wait for it; True if
+    one was running. Raises ``StackNotStopped`` with what `up` reported it could not
+    stop, or when it did not exit within ``timeout``."""
     settings = Settings.from_env()
     state = settings.data_dir / "stack.json"
     if not state.exists():
         return False
     pid = int(json.loads(state.read_text()).get("pid", 0))
-    if not _pid_alive(pid):
-        state.unlink(missing_ok=True)
-        return False
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while _pid_alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.3)
-    return True
+    if _pid_alive(pid):
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while _pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.3)
+        if _pid_alive(pid):
+            raise StackNotStopped(f"`sagellm up` (pid {pid}) did not exit within {timeout:g}s")
+        was_running = True
+    else:
+        was_running = False
+    try:
+        last = json.loads(state.read_text()) if state.exists() else {}
+    except ValueError:
+        last = {}
+    errors = last.get("errors") or []
+    state.unlink(missing_ok=True)
+    if errors:
+        # Reported once, by the `down` after the `up` that could not stop them.
+        raise StackNotStopped("the stack stopped with errors:\n  " + "\n  ".join(errors))
+    return was_running

@@ -1,14 +1,20 @@
 """The CLI against the real stack started by `sagellm up`: gunicorn API, worker, beat
-and embedded Redis as real processes, real engines on CPU."""
+and embedded Redis as real processes, real engines on CPU. And how `up` ends: `down`
+or Ctrl-C, with and without SAGELLM_ADMIN_TOKEN, leave no process of ours running."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import stat
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 from app.redis_server import free_port
@@ -34,7 +40,7 @@ class Stack:
         )
 
     def api(self, path: str) -> object:
-        return httpx.get(f"{self.url}{path}", timeout=10).json()
+        return httpx.get(f"{self.url}{path}", headers=_auth(self.env), timeout=10).json()
 
     def engines(self, preset: str | None = None) -> list[dict[str, object]]:
         out = self.api("/v1/management/engines")
@@ -61,29 +67,104 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         SAGELLM_PORT_RANGE="18300-18349",
     )
     env.pop("SAGELLM_REDIS_URL")  # up starts its embedded Redis
-    up = Proc("up", [str(BIN / "sagellm"), "up"], env, tmp / "logs").start()
+    up = _start_up(env, tmp)
+    ours: set[psutil.Process] = set()
     try:
-        wait_until(
-            lambda: _get(f"{url}/v1/management/hosts"),
-            90,
-            interval=0.5,
-            what=f"the stack to come up; log:\n{up.output()}",
-        )
         yield Stack(url, env, tmp)
+        ours = _our_processes(up, env)
     finally:
-        down = subprocess.run(
-            [str(BIN / "sagellm"), "down"], env=env, capture_output=True, text=True, timeout=120
-        )
-        assert down.returncode == 0, down.stderr
+        down = _down(env)
+        assert down.returncode == 0, down.stdout + down.stderr
+        assert "sagellm stack stopped" in down.stdout
         assert not up.alive(), up.output()[-3000:]
         up.stop()
+        _assert_all_gone(ours, env, up)
 
 
-def _get(url: str) -> object:
+def _auth(env: dict[str, str]) -> dict[str, str]:
+    """The admin token `up` was given, else the one it generated on this machine."""
+    token = env.get("SAGELLM_ADMIN_TOKEN") or (
+        (Path(env["SAGELLM_DATA_DIR"]) / "admin-token").read_text().strip()
+    )
+    return {"Authorization": f"Bearer {token}"}
+
+
+def _start_up(env: dict[str, str], tmp: Path) -> Proc:
+    """`sagellm up` in a process group of its own, as a shell's job control runs it."""
+    up = Proc("up", [str(BIN / "sagellm"), "up"], env, tmp / "logs")
+    up.log.parent.mkdir(parents=True, exist_ok=True)
+    with up.log.open("ab") as out:
+        up.proc = subprocess.Popen(
+            up.argv, env=env, stdout=out, stderr=subprocess.STDOUT, process_group=0
+        )
+    url = env["SAGELLM_API_URL"]
     try:
-        r = httpx.get(url, timeout=2)
+        wait_until(
+            lambda: up.alive() and _get(f"{url}/v1/management/hosts", env),
+            90,
+            interval=0.5,
+            what="the stack to come up",
+        )
+    except AssertionError:
+        os.killpg(up.pid, signal.SIGKILL)
+        for p in _by_data_dir(env):
+            p.kill()
+        raise AssertionError(f"the stack did not come up; log:\n{up.output()}") from None
+    return up
+
+
+def _down(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(BIN / "sagellm"), "down"], env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+def _our_processes(up: Proc, env: dict[str, str]) -> set[psutil.Process]:
+    """Everything `up` started (Redis, worker, beat, gunicorn and its workers, engines
+    and their children), and any process that carries this stack's data folder."""
+    procs = set(psutil.Process(up.pid).children(recursive=True))
+    procs |= _by_data_dir(env)
+    names = " ".join(" ".join(p.cmdline()) for p in procs if p.is_running())
+    for part in ("redis-server", "worker", "beat", "gunicorn"):
+        assert part in names, (part, names)
+    return procs
+
+
+def _by_data_dir(env: dict[str, str]) -> set[psutil.Process]:
+    found = set()
+    for p in psutil.process_iter():
+        try:
+            if p.environ().get("SAGELLM_DATA_DIR") == env["SAGELLM_DATA_DIR"]:
+                found.add(p)
+        except (psutil.Error, OSError):
+            continue
+    return found
+
+
+def _assert_all_gone(ours: set[psutil.Process], env: dict[str, str], up: Proc) -> None:
+    def alive() -> list[str]:
+        left = {
+            p
+            for p in ours | _by_data_dir(env)
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+        }
+        return [f"{p.pid} {' '.join(p.cmdline())[:120]}" for p in left]
+
+    try:
+        wait_until(lambda: not alive(), 10, interval=0.3, what="nothing of ours running")
+    except AssertionError:
+        left = alive()
+        for p in ours | _by_data_dir(env):
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        raise AssertionError(f"left running: {left}\nup log:\n{up.output()[-3000:]}") from None
+
+
+def _get(url: str, env: dict[str, str]) -> object:
+    try:
+        r = httpx.get(url, headers=_auth(env), timeout=2)
         return r.json() if r.status_code == 200 and r.json() else None
-    except httpx.HTTPError:
+    except (httpx.HTTPError, OSError):
         return None
 
 
@@ -174,3 +255,62 @@ def test_bad_input_through_the_cli_reserves_nothing(stack: Stack) -> None:
         assert r.returncode != 0, args
         assert r.stderr.strip(), args
     assert stack.reservations() == before
+
+
+def test_up_generated_an_admin_token_that_the_api_requires(stack: Stack) -> None:
+    token_file = Path(stack.env["SAGELLM_DATA_DIR"]) / "admin-token"
+    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+    token = token_file.read_text().strip()
+    log = (stack.tmp / "logs" / "up.log").read_text()
+    assert log.count(token) == 1  # printed once, at its creation
+    assert httpx.get(f"{stack.url}/v1/management/engines", timeout=10).status_code == 401
+    r = stack.cli("status")  # the CLI on this machine finds the token by itself
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize(
+    ("token", "how"),
+    [("set", "ctrl-c"), ("generated", "ctrl-c"), ("set", "down")],
+)
+def test_up_stops_everything_it_started(tmp_path: Path, token: str, how: str) -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    env = base_env(
+        "redis://unused",
+        tmp_path / "data",
+        SAGELLM_API_URL=url,
+        SAGELLM_MOCK_GPUS="1x24",
+        SAGELLM_MAX_RESTARTS="0",
+        SAGELLM_HOST_NAME="cpu2",
+        SAGELLM_PORT_RANGE="18350-18399",
+        SAGELLM_STOP_GRACE_S="3",
+    )
+    env.pop("SAGELLM_REDIS_URL")
+    if token == "set":
+        env["SAGELLM_ADMIN_TOKEN"] = "tok-" + os.urandom(8).hex()
+    up = _start_up(env, tmp_path)
+    try:
+        r = subprocess.run(
+            [str(BIN / "sagellm"), "engine", "start", "org/Fake-1B", "--memory-gb", "8",
+             "--timeout", "60"],
+            env=env, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        assert r.returncode == 0, r.stdout + r.stderr
+        ours = _our_processes(up, env)
+        assert any("vllm" in " ".join(p.cmdline()) for p in ours)
+        if how == "ctrl-c":
+            os.killpg(up.pid, signal.SIGINT)  # what a terminal sends to its job
+            assert up.proc is not None
+            up.proc.wait(90)
+        else:
+            down = _down(env)
+            assert down.returncode == 0, down.stdout + down.stderr
+            assert "sagellm stack stopped" in down.stdout
+        assert not up.alive()
+        _assert_all_gone(ours, env, up)
+        assert "Traceback" not in up.output(), up.output()[-3000:]
+    finally:
+        if up.alive():
+            os.killpg(up.pid, signal.SIGKILL)
+        for p in _by_data_dir(env):
+            with contextlib.suppress(psutil.Error):
+                p.kill()

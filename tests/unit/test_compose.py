@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import click
 import pytest
 import yaml
 
@@ -314,3 +315,33 @@ def test_worker_image_extras_exist_in_pyproject(services: dict[str, Any]) -> Non
     engines = services["worker"]["build"]["args"]["ENGINES"].split(",")
     assert "vllm" in engines
     assert set(engines) <= set(extras), f"unknown extras: {set(engines) - set(extras)}"
+
+
+def test_flower_listens_for_the_published_port_only_with_basic_auth(
+    services: dict[str, Any],
+) -> None:
+    """Flower's API can queue any task and shut workers down: on 0.0.0.0 (needed for
+    the published port) `sagellm flower` refuses to start without basic auth."""
+    from app.cli import flower_argv
+
+    flower = services["flower"]
+    argv = _argv(flower)
+    address = argv[argv.index("--address") + 1]
+    assert address == "0.0.0.0"
+    assert "FLOWER_UNAUTHENTICATED_API" not in _env(flower)
+    with pytest.raises(click.ClickException, match="SAGELLM_FLOWER_BASIC_AUTH"):
+        flower_argv(5555, address, "", {})
+
+
+def test_api_refuses_to_start_open_on_its_published_address(services: dict[str, Any]) -> None:
+    """The API binds 0.0.0.0 and says so in SAGELLM_API_URL: without an admin token
+    (and no SAGELLM_ALLOW_OPEN_API) it refuses to start."""
+    from app import check_exposure
+    from app.core.errors import ConfigError
+
+    env = _defined(_env(services["api"]))
+    assert env["SAGELLM_API_URL"] == "http://0.0.0.0:8000"
+    open_env = {k: v for k, v in env.items() if k != "SAGELLM_ADMIN_TOKEN"}
+    with pytest.raises(ConfigError, match="SAGELLM_ADMIN_TOKEN"):
+        check_exposure(Settings.from_env(open_env))
+    assert check_exposure(Settings.from_env({**open_env, "SAGELLM_ADMIN_TOKEN": "t"})) == ("*",)
