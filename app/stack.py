@@ -235,7 +235,7 @@ class Stack:
     def _build_demo_model(self) -> None:
         from app.core.presets import demo_llm_dir
 
-        path = demo_llm_dir()
+        path = demo_llm_dir(self.settings.data_dir)
         try:
             from app.demo_model import ensure_demo_llm
         except ImportError:  # transformers not installed: cpu-demo's LLM is unavailable

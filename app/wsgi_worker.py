@@ -106,11 +106,21 @@ class Rejected(Exception):
 class _Request:
     """One request as llhttp reports it."""
 
-    __slots__ = ("body", "body_bytes", "chunked", "done", "head_done", "headers", "target")
+    __slots__ = (
+        "body",
+        "body_bytes",
+        "chunked",
+        "done",
+        "head_done",
+        "head_size",
+        "headers",
+        "target",
+    )
 
     def __init__(self) -> None:
         self.target = b""
         self.headers: list[tuple[bytes, bytes]] = []
+        self.head_size = 0  # bytes of header fields so far
         self.head_done = False
         self.chunked = False
         self.body: list[bytes] = []
@@ -164,6 +174,10 @@ class RequestReader:
         if len(req.headers) >= MAX_HEADER_FIELDS:
             raise Rejected(400, f"more than {MAX_HEADER_FIELDS} header fields")
         req.headers.append((name, value))
+        # Counted here too: a head that arrives in one receive completes in one feed.
+        req.head_size += len(name) + len(value) + 4
+        if req.head_size + len(req.target) > MAX_HEAD_BYTES:
+            raise Rejected(400, f"the request head is over {MAX_HEAD_BYTES} bytes")
 
     def on_headers_complete(self) -> None:
         req = self._queue[-1]

@@ -48,7 +48,6 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import math
-import os
 import re
 import reprlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -62,7 +61,6 @@ from app.core.allocation import Allocation, plan
 from app.core.errors import NotFoundError, PlacementError, ValidationError
 from app.core.models import EngineRecord, EngineSpec, EngineState, mib_to_gb
 from app.core.placement import PlacementHost, PlacementPolicy, apply_placement, make_policy
-from app.settings import SETTINGS_DOC
 
 PRESET_VERSION = 1
 PRESETS_DIR = Path(__file__).resolve().parents[2] / "presets"
@@ -168,17 +166,8 @@ def minilm_dir() -> Path | None:
     return Path(spec.origin).parent / "model"
 
 
-def demo_llm_dir(data_dir: Path | None = None) -> Path:
-    """Where the tiny demo chat model lives: ``<data_dir>/models/tiny-chat``.
-
-    Without ``data_dir``, ``SAGELLM_DATA_DIR`` from the environment (or its default):
-    for ``flask sagellm up``, which builds the model before the API runs. The API
-    passes its own ``Settings.data_dir``.
-    """
-    if data_dir is None:
-        # The same default and expansion as Settings.data_dir; SETTINGS_DOC owns it.
-        raw = os.environ.get("SAGELLM_DATA_DIR", "").strip()
-        data_dir = Path(raw or SETTINGS_DOC["SAGELLM_DATA_DIR"][0]).expanduser()
+def demo_llm_dir(data_dir: Path) -> Path:
+    """Where the tiny demo chat model lives: ``<data_dir>/models/tiny-chat``."""
     return data_dir / "models" / "tiny-chat"
 
 

@@ -140,18 +140,21 @@ def _raw_exchange(port: int, request: bytes) -> bytes:
 @pytest.mark.parametrize(
     ("request_bytes", "status"),
     [
-        (b"GET /v1/models HTTP/1.1\r\nHost: x\r\n" + b"X-H: v\r\n" * 150 + b"\r\n", b"400"),
-        (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", b"414"),
+        (b"GET /v1/models HTTP/1.1\r\nHost: localhost\r\n" + b"X-H: v\r\n" * 150 + b"\r\n", b"400"),
+        (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: localhost\r\n\r\n", b"414"),
         (b"garbage\r\n\r\n", b"400"),
         (
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
             b"Content-Length: 2\r\nContent-Length: 40\r\n\r\n{}",
             b"400",
         ),
         (b"GET /v1/models HTTP/1.1\r\nHost : x\r\n\r\n", b"400"),
-        (b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-A: 1\r\n  folded\r\n\r\n", b"400"),
-        (b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX(A): 1\r\n\r\n", b"400"),
-        (b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-A: " + b"a" * 70000 + b"\r\n\r\n", b"400"),
+        (b"GET /v1/models HTTP/1.1\r\nHost: localhost\r\nX-A: 1\r\n  folded\r\n\r\n", b"400"),
+        (b"GET /v1/models HTTP/1.1\r\nHost: localhost\r\nX(A): 1\r\n\r\n", b"400"),
+        (
+            b"GET /v1/models HTTP/1.1\r\nHost: localhost\r\nX-A: " + b"a" * 70000 + b"\r\n\r\n",
+            b"400",
+        ),
     ],
     ids=[
         "too-many-headers",
@@ -175,7 +178,7 @@ def test_malformed_requests_get_a_4xx_and_the_server_keeps_serving(
 def test_a_chunked_request_body_is_proxied(served: Served) -> None:
     body = json.dumps(_chat(False)).encode()
     request = (
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
         b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
         + b"%x\r\n%s\r\n0\r\n\r\n"
         % (len(body), body)

@@ -6,6 +6,7 @@ engines stay PENDING (nothing consumes their start task)."""
 
 from __future__ import annotations
 
+import re
 import socket
 import threading
 import time
@@ -143,7 +144,8 @@ def test_engine_start_wait_shows_progress_then_times_out_still_starting(
     res = run("engine", "start", "m", "--memory-gb", "1", "--wait", "--timeout", "2")
     assert res.exit_code == 1
     eid = _only_engine_id(real_redis)
-    assert "0.0s PENDING on host a, GPUs 0, port 8100" in res.output
+    # The elapsed time depends on the machine's load; the progress line does not.
+    assert re.search(r"\d+\.\ds PENDING on host a, GPUs 0, port 8100", res.output), res.output
     assert f"engine {eid} is still PENDING after 2s" in res.output
     assert f"sagellm engine logs {eid}" in res.output
     # a timeout of the CLI's wait leaves the engine alone

@@ -514,9 +514,8 @@ def test_server_locations_come_from_the_data_dir_not_the_environment(
     assert set(got) <= set(presets.LOCATION_NAMES)
 
 
-def test_demo_llm_dir_defaults_to_home_sagellm(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("SAGELLM_DATA_DIR")
-    assert presets.demo_llm_dir() == Path("~/.sagellm/models/tiny-chat").expanduser()
+def test_demo_llm_dir_is_under_the_data_dir(tmp_path: Path) -> None:
+    assert presets.demo_llm_dir(tmp_path) == tmp_path / "models" / "tiny-chat"
 
 
 # ---------------------------------------------------------------------------- dry-run plan
