@@ -32,6 +32,7 @@ STANDARD_ENV = {
     "HF_HUB_OFFLINE",
     "HF_TOKEN",
     "NVIDIA_VISIBLE_DEVICES",
+    "PROMETHEUS_MULTIPROC_DIR",
     "NVIDIA_DRIVER_CAPABILITIES",
     "CUDA_DEVICE_ORDER",
     "PYTHONUNBUFFERED",
@@ -345,3 +346,14 @@ def test_api_refuses_to_start_open_on_its_published_address(services: dict[str, 
     with pytest.raises(ConfigError, match="SAGELLM_ADMIN_TOKEN"):
         check_exposure(Settings.from_env(open_env))
     assert check_exposure(Settings.from_env({**open_env, "SAGELLM_ADMIN_TOKEN": "t"})) == ("*",)
+
+
+def test_only_the_api_sums_metrics_across_its_processes(raw: dict[str, Any]) -> None:
+    # gunicorn's workers share gateway counters through this folder; a worker must not
+    # have it (engines inherit the worker's environment).
+    services = raw["services"]
+    assert "PROMETHEUS_MULTIPROC_DIR" in _env(services["api"])
+    folder = _env(services["api"])["PROMETHEUS_MULTIPROC_DIR"]
+    assert folder in services["api"].get("tmpfs", [])  # exists, and empty at each start
+    others = [n for n in services if n != "api" and "PROMETHEUS_MULTIPROC_DIR" in _env(services[n])]
+    assert not others
