@@ -54,6 +54,9 @@ def create_app(
         flask_app.config.update(config)
     settings = settings or Settings.from_env()
     allowed_hosts = check_exposure(settings)
+    from app.core.engine_policy import EnginePolicy
+
+    EnginePolicy.from_settings(settings)  # a bad SAGELLM_ENGINE_UNSAFE_FLAGS stops start-up
     flask_app.extensions["sagellm"] = connect_cluster(settings, celery)
     flask_app.extensions["sagellm.settings"] = settings
 

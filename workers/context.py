@@ -83,6 +83,9 @@ def health_policy(settings: Settings) -> HealthPolicy:
 
 
 def build_context(settings: Settings, celery: Celery) -> HostContext:
+    from app.core.engine_policy import EnginePolicy
+
+    EnginePolicy.from_settings(settings)  # a bad SAGELLM_ENGINE_UNSAFE_FLAGS stops start-up
     client = connect(settings.redis_url)
     host_dir = settings.data_dir / "hosts" / settings.host_name
     return HostContext(

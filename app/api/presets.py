@@ -10,6 +10,7 @@ from flask import request
 from flask.views import MethodView
 from flask_smorest import Blueprint
 
+from app import control
 from app.api.context import cluster
 from app.core.errors import ValidationError
 from app.core.presets import (
@@ -79,9 +80,9 @@ class ApplyResultSchema(ma.Schema):
 
 
 def _validate_runtime(spec: Any) -> None:
-    from workers.runtimes import get_runtime
-
-    get_runtime(spec.effective_runtime).validate(spec)
+    # The same engine policy as a direct start: a refused field is a 400 when the
+    # preset is read, naming the engine, not a 409 from the apply.
+    control.check_engine_spec(cluster(), spec)
 
 
 def _locations() -> dict[str, str]:

@@ -212,3 +212,19 @@ def test_forgetting_a_down_host_ends_its_engines_and_releases_everything(
     assert _ledger(api).reserved_engines() == {other["id"]}
     assert [h["name"] for h in api.get("/v1/management/hosts").json] == ["a"]
     assert api.delete("/v1/management/hosts/b").status_code == 404
+
+
+def test_preset_with_a_refused_engine_field_is_400_before_anything_is_placed(
+    api: FlaskClient, real_redis: redis.Redis
+) -> None:
+    add_host(real_redis, "a", "1x80")
+    text = (
+        "version: 1\nname: p\nengines:\n  - name: chat\n    model: org/m\n"
+        '    extra_args: ["--trust-remote-code"]\n'
+    )
+    resp = api.post(
+        "/v1/management/presets/apply", query_string={"dry_run": "false"}, json={"yaml": text}
+    )
+    assert resp.status_code == 400, resp.get_json()
+    assert "--trust-remote-code" in resp.get_json()["message"]
+    assert Ledger(real_redis).is_empty() and Registry(real_redis).engines() == []

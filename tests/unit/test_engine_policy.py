@@ -334,3 +334,13 @@ def test_start_refuses_before_reserving_or_queueing_anything(
         control.start_engine(cluster, spec)  # no worker is alive: a 503 if it got that far
     assert err.value.field == field
     assert cluster.registry.engines() == [] and cluster.ledger.is_empty()
+
+
+def test_an_unknown_unsafe_flag_setting_stops_the_api_at_start_up() -> None:
+    from app import create_app
+    from app.core.errors import ConfigError
+    from app.settings import Settings
+
+    settings = Settings.from_env({"SAGELLM_ENGINE_UNSAFE_FLAGS": "--port"})
+    with pytest.raises(ConfigError, match="SAGELLM_ENGINE_UNSAFE_FLAGS"):
+        create_app(settings)
