@@ -63,8 +63,8 @@ from workers.rediscovery import rediscover
 
 pytestmark = pytest.mark.integration
 S = EngineState
-EXAMPLES = int(os.environ.get("RACE_EXAMPLES", "12"))
-STEPS = int(os.environ.get("RACE_STEPS", "30"))
+EXAMPLES = int(os.environ.get("RACE_EXAMPLES", "25"))
+STEPS = int(os.environ.get("RACE_STEPS", "35"))
 HOSTS = {"a": ("127.0.0.2", "2x24", "18300-18309"), "b": ("127.0.0.3", "1x24", "18310-18319")}
 MARGIN_MIB = 1024
 STATS: dict[str, float] = {
