@@ -32,7 +32,7 @@ test: $(STAMP) lint typecheck
 
 # The race test of the core's promises, longer and with random seeds (about 15 min).
 soak: $(STAMP)
-	RACE_EXAMPLES=200 RACE_STEPS=50 RACE_RANDOM=1 $(BIN)/pytest -q -s tests/integration/test_race.py
+	RACE_EXAMPLES=200 RACE_STEPS=50 RACE_RANDOM=1 $(BIN)/pytest -q -s --timeout=3600 tests/integration/test_race.py
 
 up: $(STAMP)
 	FLASK_APP=app $(BIN)/flask sagellm up
