@@ -421,7 +421,14 @@ def stop_engine(ctx: HostContext, engine_id: str) -> EngineRecord | None:
 
 
 def finalize_stop(ctx: HostContext, engine_id: str) -> EngineRecord | None:
-    """STOPPING -> STOPPED, releasing in the same write; safe from racing paths."""
+    """STOPPING -> STOPPED, releasing in the same write; safe from racing paths.
+
+    The leader is gone by now; whatever it left in its session (renamed TP workers,
+    when the stop is finished by rediscovery after a crash) is swept first, so a
+    STOPPED engine has no process left."""
+    current = ctx.registry.find(engine_id)
+    if current is not None and current.pid is not None:
+        processes.sweep_session(current.pid, current.process_create_time, ctx.settings.stop_grace_s)
     rec: EngineRecord | None = None
     released = False
 

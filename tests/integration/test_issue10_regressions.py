@@ -422,6 +422,32 @@ def test_stop_requested_while_host_is_down_finishes_when_the_host_returns(env: E
     invariants(env)
 
 
+def test_engine_stopped_while_its_host_was_down_and_whose_leader_died_leaves_no_worker(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Found by the race test's soak: the stop is finished by rediscovery (the leader
+    # is gone), which must sweep the renamed TP worker the leader left in its session.
+    monkeypatch.setenv("FAKE_VLLM_WORKERS", "1")
+    monkeypatch.setenv("FAKE_VLLM_RENAME", "1")
+    rec = start_running(env, 8)
+    assert rec.pid is not None
+    [child] = psutil.Process(rec.pid).children()
+    env.strays.append(child)
+    assert wait_for(lambda: ENGINE_ID_ENV not in child.environ(), 5)
+    env.host.down()
+    mark_lost_engines(env.registry)
+    control.stop_engine(env.cluster, rec.id)
+    env.queue.sent.clear()
+    crash(rec)
+
+    env.host.restart_worker()
+    rediscover(env.ctx)
+
+    assert env.registry.get(rec.id).state is S.STOPPED
+    assert wait_for(lambda: gone(child.pid, child.create_time()), 1), "orphaned TP worker"
+    invariants(env)
+
+
 # ------------------------------------------------------------------------- case 4
 
 
