@@ -129,21 +129,10 @@ def stop_engine(cluster: Cluster, engine_id: str) -> EngineRecord:
     host's worker comes back.
     """
 
-    def stop(r: EngineRecord) -> None:
-        if r.state in (S.STOPPED, S.STOPPING):
-            return
-        if r.state is S.FAILED:
-            if r.next_restart_at is not None:
-                r.transition(S.STOPPED, error="stopped while a restart was pending")
-            r.next_restart_at = None
-            return
-        r.transition(S.STOPPING)
-        r.next_restart_at = None  # a pending restart is cancelled by the same write
-
     before = cluster.registry.get(engine_id)
     if before.state is S.STOPPED:
         return before
-    rec = cluster.registry.update(engine_id, stop)
+    rec = cluster.registry.update(engine_id, EngineRecord.request_stop)
     if rec.state is not S.STOPPING or rec.host is None or before.state is S.STOPPING:
         return rec
     from workers.dispatch import send_to_host

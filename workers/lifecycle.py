@@ -87,20 +87,8 @@ def note(ctx: HostContext, engine_id: str, message: str) -> None:
 def _reserve_again(ctx: HostContext, rec: EngineRecord) -> bool:
     """A restart-pending engine whose room is gone takes it again (as a new request,
     margin included) before anything is spawned; False when it no longer fits."""
-    assert rec.host is not None
     try:
-        ctx.registry.update(
-            rec.id,
-            lambda r: None,
-            reserve=ReserveRequest(
-                rec.host,
-                tuple((g.uuid, g.memory_mib) for g in rec.gpus),
-                port_range=ctx.settings.port_range,
-                margin_mib=ctx.settings.gpu_safety_margin_mib,
-                port=rec.port,
-                reclaim=False,
-            ),
-        )
+        ctx.registry.update(rec.id, lambda r: None, reserve=room_of(ctx, rec, reclaim=False))
     except ReservationConflict as exc:
         fail_final(ctx, rec.id, f"its GPU memory or port was taken while it was down: {exc}")
         return False
@@ -386,16 +374,7 @@ def stop_engine(ctx: HostContext, engine_id: str) -> EngineRecord | None:
         if rec is None:
             ctx.ledger.release(engine_id)
             return None
-
-        def stopping(r: EngineRecord) -> None:
-            if r.state is S.FAILED and r.next_restart_at is not None:
-                r.transition(S.STOPPED, error="stopped while a restart was pending")
-                r.next_restart_at = None
-            elif r.state in (S.STARTING, S.RUNNING, S.UNHEALTHY, S.PENDING, S.LOST):
-                r.transition(S.STOPPING)
-                r.next_restart_at = None
-
-        rec = ctx.registry.update(engine_id, stopping)
+        rec = ctx.registry.update(engine_id, EngineRecord.request_stop)
         if rec.state is S.STOPPED:
             ctx.manifests.remove(engine_id)
             return rec
@@ -534,17 +513,18 @@ def reconcile_lost(ctx: HostContext, rec: EngineRecord) -> None:
         ctx.registry.update(rec.id, back)
 
 
-def reclaim_request(ctx: HostContext, rec: EngineRecord) -> ReserveRequest | None:
-    """What a running engine holds, as a request to take it again (see ``ReserveRequest``)."""
-    if rec.port is None or rec.host is None:
-        return None
+def room_of(ctx: HostContext, rec: EngineRecord, *, reclaim: bool) -> ReserveRequest:
+    """What ``rec`` holds (its GPUs and port) as a request to take it again: as a new
+    request (margin included), or ``reclaim`` for an engine that already runs (see
+    ``ReserveRequest``)."""
+    assert rec.host is not None and rec.port is not None
     return ReserveRequest(
         rec.host,
         tuple((g.uuid, g.memory_mib) for g in rec.gpus),
         port_range=ctx.settings.port_range,
-        margin_mib=0,
+        margin_mib=ctx.settings.gpu_safety_margin_mib,
         port=rec.port,
-        reclaim=True,
+        reclaim=reclaim,
     )
 
 
@@ -553,9 +533,9 @@ def ensure_reserved(ctx: HostContext, rec: EngineRecord) -> bool:
     in the same write as its record. When someone else took the room meanwhile, the
     engine is UNHEALTHY with ``reservation_error`` saying why (not routed to), and
     rediscovery tries again. True when the engine holds its reservation."""
-    req = reclaim_request(ctx, rec)
-    if req is None or rec.owns_nothing:
+    if rec.port is None or rec.host is None or rec.owns_nothing:
         return False
+    req = room_of(ctx, rec, reclaim=True)
 
     def clear(r: EngineRecord) -> None:
         if r.reservation_error:

@@ -187,7 +187,10 @@ def _adopt(ctx: HostContext, rec: EngineRecord, proc: Found, report: Rediscovery
     rec.reservation_error = None
     rec.last_error = "re-adopted by rediscovery after the registry lost it"
     try:
-        ctx.registry.create(rec, reserve=lifecycle.reclaim_request(ctx, rec))
+        holds = rec.host is not None and rec.port is not None
+        ctx.registry.create(
+            rec, reserve=lifecycle.room_of(ctx, rec, reclaim=True) if holds else None
+        )
     except RecordExists:
         return  # adopted concurrently
     except ReservationConflict as exc:  # the room is taken: adopt without it, visibly

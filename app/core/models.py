@@ -355,6 +355,19 @@ class EngineRecord:
     # the room while Redis was lost): the engine is UNHEALTHY until it can.
     reservation_error: str | None = None
 
+    def request_stop(self) -> None:
+        """A stop was asked for: live engines become STOPPING; a FAILED engine with a
+        restart pending is STOPPED at once. Either way a pending restart is cancelled
+        (in the caller's write). Already stopping or stopped: nothing changes."""
+        if self.state in (EngineState.STOPPED, EngineState.STOPPING):
+            return
+        if self.state is EngineState.FAILED:
+            if self.next_restart_at is not None:
+                self.transition(EngineState.STOPPED, error="stopped while a restart was pending")
+        else:
+            self.transition(EngineState.STOPPING)
+        self.next_restart_at = None
+
     @property
     def owns_nothing(self) -> bool:
         """STOPPED, or FAILED with no restart pending: holds no GPU memory, no port.
