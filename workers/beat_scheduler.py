@@ -25,9 +25,9 @@ from redis.lock import Lock
 
 from app.core.errors import SagellmError
 from app.core.models import LIVE_STATES, EngineState
-from app.core.state import keys
-from app.core.state.client import connect
-from app.core.state.registry import Registry
+from app.state import keys
+from app.state.client import connect
+from app.state.registry import Registry
 
 log = logging.getLogger(__name__)
 S = EngineState

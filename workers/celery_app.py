@@ -18,7 +18,7 @@ Why the ack and visibility settings are what they are:
   ``task_time_limit``; the bound comes from the code, not a kill.)
 * ``worker_prefetch_multiplier = 1``: a worker reserves only what it runs, so an
   unacked backlog never sits in a dead worker's memory.
-* Every send carries ``expires`` (see ``workers.dispatch``): a task for a host
+* Every send carries ``expires`` (see ``app.state.queues``): a task for a host
   whose worker is gone is dropped rather than run much later on stale intent.
 """
 
@@ -28,13 +28,9 @@ from celery import Celery
 
 from app.core.errors import ConfigError
 from app.settings import Settings
+from app.state.queues import CONTROL_QUEUE
 
 VISIBILITY_TIMEOUT_S = 900
-CONTROL_QUEUE = "control"
-
-
-def host_queue_name(host: str) -> str:
-    return f"host.{host}"
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -46,7 +42,7 @@ def make_celery(settings: Settings) -> Celery:
             f"broker visibility timeout ({VISIBILITY_TIMEOUT_S}s); use a shorter grace",
             field="SAGELLM_STOP_GRACE_S",
         )
-    app = Celery("sagellm", include=["workers.tasks", "workers.worker_boot"])
+    app = Celery("sagellm", include=["workers.tasks", "workers.agent.boot"])
     transport = {
         "visibility_timeout": VISIBILITY_TIMEOUT_S,
         # redis-py 8 defaults to a 5 s socket timeout; BRPOP-style waits need more.

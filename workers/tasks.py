@@ -11,14 +11,14 @@ import time
 from typing import Any
 
 from app.core.models import EngineRecord, EngineState
-from app.core.state.client import connect
-from app.core.state.ledger import Ledger
-from app.core.state.registry import Registry
-from workers import lifecycle
+from app.state.client import connect
+from app.state.ledger import Ledger
+from app.state.queues import send_to_host
+from app.state.registry import Registry
+from workers.agent import lifecycle
+from workers.agent.context import HostContext, host_context
+from workers.agent.reconcile import rediscover
 from workers.celery_app import celery_app, settings
-from workers.context import HostContext, host_context
-from workers.dispatch import send_to_host
-from workers.rediscovery import rediscover
 
 log = logging.getLogger(__name__)
 S = EngineState
@@ -145,7 +145,7 @@ def tick_rediscovery() -> list[str]:
 @celery_app.task(name="sagellm.prune")
 def prune(older_than_s: float | None = None) -> list[str]:
     """Delete STOPPED/FAILED records past retention; release anything they still hold."""
-    from app.control import prune_records
+    from app.services.engines import prune_records
 
     registry, ledger = _state()
     age = settings.prune_after_s if older_than_s is None else older_than_s

@@ -7,7 +7,6 @@ from typing import Any
 from flask.views import MethodView
 from flask_smorest import Blueprint
 
-from app import control
 from app.api.context import cluster
 from app.api.schemas import (
     EngineAcceptedSchema,
@@ -21,7 +20,9 @@ from app.api.schemas import (
     WaitArgsSchema,
 )
 from app.core.errors import SagellmError
-from app.core.models import EngineSpec, EngineState
+from app.core.models import EngineState
+from app.core.spec import EngineSpec
+from app.services import engines as control
 
 blp = Blueprint(
     "engines",

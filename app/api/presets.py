@@ -10,7 +10,6 @@ from flask import request
 from flask.views import MethodView
 from flask_smorest import Blueprint
 
-from app import control
 from app.api.context import cluster
 from app.core.errors import ValidationError
 from app.core.presets import (
@@ -20,7 +19,8 @@ from app.core.presets import (
     parse_preset,
     server_locations,
 )
-from app.preset_apply import apply_preset
+from app.services import engines as control
+from app.services.presets import apply_preset
 
 blp = Blueprint(
     "presets",

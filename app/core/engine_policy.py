@@ -8,7 +8,7 @@ which of those choices pass:
   that names a path, a cache, a plugin or a module (``*_PATH``, ``*_DIR``, ``*_HOME``,
   ``*PLUGIN*``...), since those load code or files; values without NUL or newline.
   The worker's own environment still passes through to engines (minus the control
-  plane's variables, see ``workers.processes.spawn``): an operator sets the rest there.
+  plane's variables, see ``workers.host.processes.spawn``): an operator sets the rest there.
 * ``extra_args``: no flag the runtime sets itself (``owned``, from the runtime: one
   owner), in any spelling argparse accepts (``--po``, ``--port=1``, ``--tensor_p``,
   ``-tp8``); no ``--config`` (a YAML of more flags, past these checks); no lone ``--``
@@ -342,7 +342,7 @@ class EngineSpecLike(Protocol):
 def check_spec(spec: EngineSpecLike, policy: EnginePolicy | None, owned: Mapping[str, str]) -> None:
     """Every rule of this module for ``spec``; ``owned`` = the runtime's own flags.
 
-    Called at the edge (``app.control``: start, restart, preset apply) with the policy
+    Called at the edge (``app.services.engines``: start, restart, preset apply) with the policy
     from the settings, and by the worker's runtime when it builds the argv.
     """
     check_env(spec.env)

@@ -59,8 +59,9 @@ import yaml
 
 from app.core.allocation import Allocation, plan
 from app.core.errors import NotFoundError, PlacementError, ValidationError
-from app.core.models import EngineRecord, EngineSpec, EngineState, mib_to_gb
+from app.core.models import EngineRecord, EngineState, mib_to_gb
 from app.core.placement import PlacementHost, PlacementPolicy, apply_placement, make_policy
+from app.core.spec import EngineSpec
 
 PRESET_VERSION = 1
 PRESETS_DIR = Path(__file__).resolve().parents[2] / "presets"

@@ -14,7 +14,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from app.core.errors import SagellmError, ValidationError
-from app.core.models import EngineKind, EngineRecord, EngineState
+from app.core.models import EngineRecord, EngineState
+from app.core.spec import EngineKind
 
 
 class NoBackend(SagellmError):

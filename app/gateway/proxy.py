@@ -16,13 +16,13 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from app.access import gateway_tokens, token_allowed
+from app.api.auth import gateway_tokens, token_allowed
+from app.api.metrics import GATEWAY_ERRORS, GATEWAY_LATENCY, GATEWAY_REQUESTS
 from app.core.errors import SagellmError
-from app.core.models import EngineKind
+from app.core.spec import EngineKind
 from app.gateway.discovery import Backend, NoBackend
 from app.gateway.routes import RETRY_AFTER_S, Gateway, openai_error_body
 from app.gateway.transport import NoAnswer, Upstream, UpstreamError
-from app.metrics import GATEWAY_ERRORS, GATEWAY_LATENCY, GATEWAY_REQUESTS
 
 StartResponse = Callable[..., Any]
 WsgiApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]

@@ -14,8 +14,8 @@ from flask import Blueprint, Response, current_app
 
 from app.gateway.balancing import BalancingPolicy
 from app.gateway.discovery import Backend, BackendDirectory
-from app.gateway.inflight import InFlight
 from app.gateway.transport import Transport
+from app.state.inflight import InFlight
 
 bp = Blueprint("gateway", __name__)
 RETRY_AFTER_S = 10

@@ -10,12 +10,13 @@ import httpx
 import psutil
 import pytest
 
-from app.core.models import EngineRecord, EngineSpec, GpuAssignment
-from app.core.state.ledger import port_is_bindable
-from app.redis_server import free_port
+from app.core.models import EngineRecord, GpuAssignment
+from app.core.spec import EngineSpec
+from app.dev.redis_server import free_port
 from app.settings import Settings
-from workers import processes
-from workers.gpu_inventory import our_engine_pids, read_inventory
+from app.state.ledger import port_is_bindable
+from workers.host import processes
+from workers.host.gpu_inventory import our_engine_pids, read_inventory
 from workers.runtimes import get_runtime
 
 pytestmark = pytest.mark.gpu
@@ -24,7 +25,7 @@ pytestmark = pytest.mark.gpu
 def test_transformers_engine_pinned_by_uuid_uses_only_its_gpu(
     tmp_path: Path, torch_cuda: None
 ) -> None:
-    from app.demo_model import build_tiny_llm
+    from app.dev.demo_model import build_tiny_llm
 
     model = build_tiny_llm(tmp_path / "tiny")
     inv = read_inventory(Settings.from_env({}))

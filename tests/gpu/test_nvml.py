@@ -19,7 +19,7 @@ import pytest
 
 from app.core.models import GpuInfo
 from app.settings import Settings
-from workers.gpu_inventory import ENGINE_ID_ENV, Inventory, our_engine_pids, read_inventory
+from workers.host.gpu_inventory import ENGINE_ID_ENV, Inventory, our_engine_pids, read_inventory
 
 pytestmark = pytest.mark.gpu
 

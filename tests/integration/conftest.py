@@ -13,7 +13,7 @@ from tests.integration.harness import ClusterEnv
 @pytest.fixture(scope="session")
 def tiny_llm_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random causal LM with a chat template, built locally once per session."""
-    from app.demo_model import build_tiny_llm  # imports torch: only for tests that need it
+    from app.dev.demo_model import build_tiny_llm  # imports torch: only for tests that need it
 
     return build_tiny_llm(tmp_path_factory.mktemp("tiny-llm"))
 

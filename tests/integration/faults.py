@@ -28,7 +28,7 @@ from typing import Any, Literal, TypeVar
 
 import redis
 
-from workers.context import HostContext
+from workers.agent.context import HostContext
 
 T = TypeVar("T")
 Mode = Literal["before", "after"]

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from app.control import Cluster, connect_cluster
 from app.core.models import EngineRecord
-from app.redis_server import RedisProcess
+from app.dev.redis_server import RedisProcess
+from app.services.engines import Cluster, connect_cluster
 from app.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -49,7 +49,7 @@ def model_roots_for_tests(data_dir: Path) -> str:
     return ",".join(str(r) for r in [*roots, *([minilm] if minilm else [])])
 
 
-# Engines do not inherit SAGELLM_* (workers.processes.inherited_env): this marks the
+# Engines do not inherit SAGELLM_* (workers.host.processes.inherited_env): this marks the
 # engines of one test cluster for kill_engines.
 CLUSTER_MARK = "TEST_SAGELLM_DATA_DIR"
 

@@ -4,8 +4,8 @@ Each ``InprocHost`` is a real worker's ``HostContext`` (real redis-server, real 
 processes: the stand-in ``vllm``), except that Celery is replaced by ``TaskQueue``: a
 task sent to a host is kept until the test delivers it (once, twice, or never: Redis'
 emulated acks redeliver, expiry drops). The test decides the interleaving; the code
-under test is the production code (``app.control``, ``workers.lifecycle``,
-``workers.rediscovery``, ``workers.beat_scheduler``).
+under test is the production code (``app.services.engines``, ``workers.agent.lifecycle``,
+``workers.agent.reconcile``, ``workers.beat_scheduler``).
 
 ``check_invariants`` states, in one place, what must hold after every step.
 """
@@ -27,14 +27,15 @@ from typing import Any
 import psutil
 import redis
 
-from app.control import Cluster
 from app.core.models import EngineState
-from app.core.state import keys
-from app.core.state.ledger import Ledger
-from app.core.state.registry import Registry
+from app.services.engines import Cluster
 from app.settings import Settings
-from workers import lifecycle, processes
-from workers.context import HostContext, build_context
+from app.state import keys
+from app.state.ledger import Ledger
+from app.state.registry import Registry
+from workers.agent import lifecycle
+from workers.agent.context import HostContext, build_context
+from workers.host import processes
 from workers.runtimes.base import ENGINE_ID_ENV
 
 REPO = Path(__file__).resolve().parents[2]
@@ -124,7 +125,7 @@ class InprocHost:
         self.ctx = build_context(self.settings, self.queue)  # type: ignore[arg-type]
 
     def heartbeat(self) -> None:
-        from workers.rediscovery import heartbeat_or_rediscover
+        from workers.agent.reconcile import heartbeat_or_rediscover
 
         heartbeat_or_rediscover(self.ctx)
 

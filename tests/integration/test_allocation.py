@@ -8,13 +8,15 @@ from pathlib import Path
 import pytest
 import redis
 
-from app.core.allocation import Allocation, allocate, placement_hosts, plan
+from app.core.allocation import Allocation, plan
 from app.core.errors import PlacementError, UnknownPolicyError, ValidationError
 from app.core.inventory_spec import parse_mock_gpus
-from app.core.models import EngineKind, EngineRecord, EngineSpec
-from app.core.state.ledger import Ledger
-from app.core.state.registry import HostRecord, Registry
-from workers.gpu_inventory import Inventory, gpu_capacities
+from app.core.models import EngineRecord
+from app.core.spec import EngineKind, EngineSpec
+from app.services.allocation import allocate, placement_hosts
+from app.state.ledger import Ledger
+from app.state.registry import HostRecord, Registry
+from workers.host.gpu_inventory import Inventory, gpu_capacities
 
 pytestmark = pytest.mark.integration
 GB = 1024

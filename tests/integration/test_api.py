@@ -18,11 +18,11 @@ from flask.testing import FlaskClient
 from app import create_app
 from app.core.inventory_spec import parse_mock_gpus
 from app.core.models import EngineState
-from app.core.state.ledger import Ledger
-from app.core.state.registry import HostRecord, Registry
-from app.redis_server import RedisProcess
+from app.dev.redis_server import RedisProcess
 from app.settings import Settings
-from workers.gpu_inventory import Inventory, gpu_capacities
+from app.state.ledger import Ledger
+from app.state.registry import HostRecord, Registry
+from workers.host.gpu_inventory import Inventory, gpu_capacities
 
 pytestmark = pytest.mark.integration
 E = "/v1/management/engines"

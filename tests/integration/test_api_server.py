@@ -1,5 +1,5 @@
-"""The API as production serves it: gunicorn with ``app.stack.gunicorn_argv`` (the
-``app.wsgi_worker.ApiWorker`` class), proxying to a paced OpenAI-style backend."""
+"""The API as production serves it: gunicorn with ``app.dev.stack.gunicorn_argv`` (the
+``app.gateway.server.ApiWorker`` class), proxying to a paced OpenAI-style backend."""
 
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.core.models import EngineRecord, EngineSpec, EngineState
-from app.redis_server import free_port
-from app.stack import gunicorn_argv
+from app.core.models import EngineRecord, EngineState
+from app.core.spec import EngineSpec
+from app.dev.redis_server import free_port
+from app.dev.stack import gunicorn_argv
 from bench.fake_openai_backend import FakeBackend, serve_in_thread
 from tests.integration.harness import ClusterEnv, wait_until
 

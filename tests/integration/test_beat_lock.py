@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from app.core.state import keys
+from app.state import keys
 from tests.integration.harness import ClusterEnv as Env
 from tests.integration.harness import beat, wait_until
 

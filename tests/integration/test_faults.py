@@ -38,12 +38,13 @@ import psutil
 import pytest
 import redis
 
-from app import control
-from app.core.models import EngineRecord, EngineSpec, EngineState
-from app.core.state import keys
-from app.core.state.client import as_text, connect
-from app.core.state.ledger import Ledger
-from app.core.state.registry import Registry
+from app.core.models import EngineRecord, EngineState
+from app.core.spec import EngineSpec
+from app.services import engines as control
+from app.state import keys
+from app.state.client import as_text, connect
+from app.state.ledger import Ledger
+from app.state.registry import Registry
 from tests.integration.faults import FaultInjector, InjectedFault, Mode
 from tests.integration.inproc import (
     InprocHost,
@@ -57,8 +58,8 @@ from tests.integration.inproc import (
     use_fake_engines,
     wait_for,
 )
-from workers import lifecycle
-from workers.rediscovery import rediscover
+from workers.agent import lifecycle
+from workers.agent.reconcile import rediscover
 
 pytestmark = pytest.mark.integration
 S = EngineState

@@ -16,8 +16,9 @@ import openai
 import pytest
 
 from app import create_app
-from app.control import start_engine, wait_for_state
-from app.core.models import EngineKind, EngineSpec, EngineState
+from app.core.models import EngineState
+from app.core.spec import EngineKind, EngineSpec
+from app.services.engines import start_engine, wait_for_state
 from app.settings import Settings
 from tests.integration.harness import AppServer, ClusterEnv, wait_until
 

@@ -1,5 +1,5 @@
-"""Hostile clients against the API as ``sagellm up`` serves it (``app.stack.gunicorn_argv``:
-``app.wsgi_worker.ApiWorker``, 2 workers x 1000 connections), with short request
+"""Hostile clients against the API as ``sagellm up`` serves it (``app.dev.stack.gunicorn_argv``:
+``app.gateway.server.ApiWorker``, 2 workers x 1000 connections), with short request
 deadlines and a small body limit from the environment: slow clients are cut off at
 their deadline without delaying anyone else, ambiguous framing is one 400 and a closed
 connection, and an oversized body is refused before it is read."""
@@ -18,9 +18,10 @@ import httpx
 import psutil
 import pytest
 
-from app.core.models import EngineRecord, EngineSpec, EngineState
-from app.redis_server import free_port
-from app.stack import gunicorn_argv
+from app.core.models import EngineRecord, EngineState
+from app.core.spec import EngineSpec
+from app.dev.redis_server import free_port
+from app.dev.stack import gunicorn_argv
 from bench.fake_openai_backend import serve_in_thread
 from tests.integration.harness import ClusterEnv, wait_until
 

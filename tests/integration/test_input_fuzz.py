@@ -28,10 +28,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from app import create_app
-from app.core.state.ledger import Ledger
-from app.core.state.registry import Registry
-from app.redis_server import RedisProcess
+from app.dev.redis_server import RedisProcess
 from app.settings import Settings
+from app.state.ledger import Ledger
+from app.state.registry import Registry
 from tests.integration.test_api import add_host
 
 pytestmark = pytest.mark.integration

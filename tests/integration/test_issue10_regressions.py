@@ -2,11 +2,11 @@
 
 Every test drives a real worker ``HostContext`` (``tests/integration/inproc.py``): a
 real redis-server, real engine processes (the stand-in ``vllm``), the production code
-of ``app.control`` and ``workers.*``, and a task queue the test delivers by hand. They
+of ``app.services.engines`` and ``workers.*``, and a task queue the test delivers by hand. They
 assert what a user can observe: record state, ledger contents, live processes.
 
-They use only paths that exist before and after the fix (``app.control``,
-``workers.lifecycle``, ``workers.rediscovery.rediscover``, ``Ledger``), so that each
+They use only paths that exist before and after the fix (``app.services.engines``,
+``workers.agent.lifecycle``, ``workers.agent.reconcile.rediscover``, ``Ledger``), so that each
 one, run against the code of ca78684, fails on the defect it names. Cases 7 (gateway
 retry) and 8 (beat lock) are covered by ``tests/unit/test_transport.py`` and
 ``tests/unit/test_beat.py``.
@@ -30,12 +30,13 @@ import psutil
 import pytest
 import redis
 
-from app import control
 from app.core.errors import ReservationConflict
-from app.core.models import EngineRecord, EngineSpec, EngineState, GpuInfo, GpuProcess
-from app.core.state.ledger import Ledger
-from app.core.state.registry import Registry
+from app.core.models import EngineRecord, EngineState, GpuInfo, GpuProcess
+from app.core.spec import EngineSpec
+from app.services import engines as control
 from app.settings import Settings
+from app.state.ledger import Ledger
+from app.state.registry import Registry
 from tests.integration.inproc import (
     HOST_ENV,
     InprocHost,
@@ -50,10 +51,11 @@ from tests.integration.inproc import (
     use_fake_engines,
     wait_for,
 )
-from workers import lifecycle, processes
+from workers.agent import lifecycle
+from workers.agent.reconcile import rediscover
 from workers.beat_scheduler import mark_lost_engines
-from workers.gpu_inventory import Inventory, gpu_capacities
-from workers.rediscovery import rediscover
+from workers.host import processes
+from workers.host.gpu_inventory import Inventory, gpu_capacities
 from workers.runtimes.base import ENGINE_ID_ENV, LaunchPlan
 
 pytestmark = pytest.mark.integration
@@ -107,9 +109,9 @@ def _settings(redis_url: str, data_dir: Path, gpus: str, **overrides: Any) -> Se
 def heartbeat(host: InprocHost) -> None:
     """One step of the host's heartbeat thread (before the fix it only published)."""
     try:
-        from workers.rediscovery import heartbeat_or_rediscover
+        from workers.agent.reconcile import heartbeat_or_rediscover
     except ImportError:  # the code before the fix
-        from workers.heartbeat import publish_heartbeat
+        from workers.agent.heartbeat import publish_heartbeat
 
         publish_heartbeat(host.ctx)
         return
@@ -120,7 +122,7 @@ def heartbeat(host: InprocHost) -> None:
 def make_env(
     redis_server: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[Callable[..., Env]]:
-    from app.core.state.client import connect
+    from app.state.client import connect
 
     use_fake_engines(monkeypatch, workers=0, rename=False)
     client = connect(redis_server.url)
@@ -348,11 +350,11 @@ def test_engine_memory_beyond_its_reservation_counts_as_outside(real_redis: redi
 def test_heartbeat_counts_a_running_engines_use_beyond_its_reservation_as_outside(
     make_env: Callable[..., Env], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import workers.heartbeat
+    import workers.agent.heartbeat
 
     env = make_env(gpus="1x80")
     rec = start_running(env, 10)
-    measured = workers.heartbeat.read_inventory
+    measured = workers.agent.heartbeat.read_inventory
 
     def nvml_says(settings: Settings) -> Inventory:
         """The engine uses 40 GB (it reserved 10), a stranger 5 GB."""
@@ -364,7 +366,7 @@ def test_heartbeat_counts_a_running_engines_use_beyond_its_reservation_as_outsid
         )
         return dataclasses.replace(inv, gpus=gpus)
 
-    monkeypatch.setattr(workers.heartbeat, "read_inventory", nvml_says)
+    monkeypatch.setattr(workers.agent.heartbeat, "read_inventory", nvml_says)
     heartbeat(env.host)
 
     [cap] = env.ledger.capacity(HOST)

@@ -20,10 +20,10 @@ import redis
 
 from app.core.errors import ReservationConflict
 from app.core.models import GpuCapacity
-from app.core.state import keys
-from app.core.state.client import connect
-from app.core.state.ledger import Ledger
-from app.redis_server import RedisProcess
+from app.dev.redis_server import RedisProcess
+from app.state import keys
+from app.state.client import connect
+from app.state.ledger import Ledger
 
 pytestmark = pytest.mark.integration
 

@@ -15,7 +15,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from app import create_app
-from app.redis_server import free_port
+from app.dev.redis_server import free_port
 from app.settings import Settings
 from tests.integration.harness import BIN, AppServer, ClusterEnv, Proc, wait_until
 

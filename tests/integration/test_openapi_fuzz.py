@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis import checks
 
 from app import create_app
-from app.redis_server import RedisProcess
+from app.dev.redis_server import RedisProcess
 from app.settings import Settings
 from tests.integration.test_api import add_host
 

@@ -19,10 +19,11 @@ import psutil
 import pytest
 
 from app.core.inventory_spec import mock_uuid
-from app.core.models import EngineRecord, EngineSpec, GpuAssignment
-from app.core.state.ledger import port_is_bindable
-from workers import processes
-from workers.processes import NotOurProcess, SpawnedProcess
+from app.core.models import EngineRecord, GpuAssignment
+from app.core.spec import EngineSpec
+from app.state.ledger import port_is_bindable
+from workers.host import processes
+from workers.host.processes import NotOurProcess, SpawnedProcess
 from workers.runtimes import get_runtime
 from workers.runtimes.base import LaunchPlan
 

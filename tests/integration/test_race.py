@@ -41,9 +41,10 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from app import control
 from app.core.errors import SagellmError
-from app.core.models import EngineSpec, EngineState
+from app.core.models import EngineState
+from app.core.spec import EngineSpec
+from app.services import engines as control
 from tests.integration.inproc import (
     InprocHost,
     TaskQueue,
@@ -57,9 +58,9 @@ from tests.integration.inproc import (
     use_fake_engines,
     wait_for,
 )
-from workers import lifecycle
+from workers.agent import lifecycle
+from workers.agent.reconcile import rediscover
 from workers.beat_scheduler import mark_lost_engines
-from workers.rediscovery import rediscover
 
 pytestmark = pytest.mark.integration
 S = EngineState
@@ -81,7 +82,7 @@ STATS: dict[str, float] = {
 def race_env(
     redis_server: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[tuple[redis.Redis, Path]]:
-    from app.core.state.client import connect
+    from app.state.client import connect
 
     use_fake_engines(monkeypatch)
     client = connect(redis_server.url)  # type: ignore[attr-defined]

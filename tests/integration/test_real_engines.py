@@ -11,9 +11,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.control import start_engine, stop_engine, wait_for_state
-from app.core.models import EngineKind, EngineSpec, EngineState
-from app.core.state.ledger import port_is_bindable
+from app.core.models import EngineState
+from app.core.spec import EngineKind, EngineSpec
+from app.services.engines import start_engine, stop_engine, wait_for_state
+from app.state.ledger import port_is_bindable
 from tests.integration.harness import ClusterEnv
 
 pytestmark = pytest.mark.integration

@@ -18,7 +18,7 @@ from flask import Flask
 
 from app import create_app
 from app.core.errors import ConfigError
-from app.redis_server import RedisProcess
+from app.dev.redis_server import RedisProcess
 from app.settings import Settings
 from tests.integration.harness import BIN, base_env
 
@@ -175,8 +175,8 @@ def _desc(schemes: dict[str, Any]) -> dict[str, Any]:
 def test_cli_reads_the_local_token_file_when_the_variable_is_unset(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from app.access import ensure_admin_token
-    from app.cli_commands import ApiClient
+    from app.api.auth import ensure_admin_token
+    from app.cli.commands import ApiClient
 
     token, created = ensure_admin_token(tmp_path)
     assert created and len(token) >= 32
@@ -194,7 +194,7 @@ def test_cli_reads_the_local_token_file_when_the_variable_is_unset(
 
 
 def test_only_the_api_gets_the_metrics_folder_and_the_token(tmp_path: Path) -> None:
-    from app.stack import Stack
+    from app.dev.stack import Stack
 
     settings = Settings.from_env({"SAGELLM_DATA_DIR": str(tmp_path)})
     stack = Stack(settings, redis_url_given=False, admin_token=ADMIN)

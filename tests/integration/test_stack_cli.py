@@ -17,7 +17,7 @@ import httpx
 import psutil
 import pytest
 
-from app.redis_server import free_port
+from app.dev.redis_server import free_port
 from tests.integration.harness import BIN, Proc, base_env, wait_until
 
 pytestmark = pytest.mark.integration

@@ -41,8 +41,8 @@ import redis
 
 from app import create_app
 from app.core.models import EngineRecord, EngineState
-from app.core.state import keys
 from app.settings import Settings
+from app.state import keys
 from tests.integration.harness import CLUSTER_MARK, AppServer, ClusterEnv, Proc, wait_until, worker
 
 pytestmark = pytest.mark.integration

@@ -13,9 +13,10 @@ import httpx
 import psutil
 import pytest
 
-from app.control import start_engine, stop_engine, wait_for_state
-from app.core.models import EngineSpec, EngineState
-from app.core.state.ledger import port_is_bindable
+from app.core.models import EngineState
+from app.core.spec import EngineSpec
+from app.services.engines import start_engine, stop_engine, wait_for_state
+from app.state.ledger import port_is_bindable
 from tests.integration.harness import ClusterEnv as Env
 from tests.integration.harness import wait_until
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from app.access import (
+from app.api.auth import (
     bearer_token,
     gateway_tokens,
     host_allowed,

@@ -10,9 +10,10 @@ from unittest import mock
 import pytest
 import redis
 
-from app.core.models import EngineRecord, EngineSpec, EngineState
-from app.core.state import keys
-from app.core.state.registry import HostRecord, Registry, new_engine_id
+from app.core.models import EngineRecord, EngineState
+from app.core.spec import EngineSpec
+from app.state import keys
+from app.state.registry import HostRecord, Registry, new_engine_id
 from workers import beat_scheduler
 from workers.beat_scheduler import BeatLock, SagellmScheduler, mark_lost_engines
 

@@ -19,15 +19,16 @@ import redis
 from click.testing import CliRunner, Result
 from werkzeug.serving import make_server
 
-from app import cli_commands, create_app
+from app import create_app
+from app.cli import commands as cli_commands
 from app.cli import sagellm
 from app.core.inventory_spec import parse_mock_gpus
 from app.core.models import EngineState
-from app.core.state.ledger import Ledger
-from app.core.state.registry import HostRecord, Registry
-from app.redis_server import RedisProcess
+from app.dev.redis_server import RedisProcess
 from app.settings import Settings
-from workers.gpu_inventory import Inventory, gpu_capacities
+from app.state.ledger import Ledger
+from app.state.registry import HostRecord, Registry
+from workers.host.gpu_inventory import Inventory, gpu_capacities
 
 
 def add_host(r: redis.Redis, name: str, mock: str, ttl: float = 60) -> None:

@@ -9,10 +9,11 @@ import pytest
 import redis
 
 from app.core.errors import ReservationConflict
-from app.core.models import EngineRecord, EngineSpec, EngineState, GpuAssignment, GpuCapacity
-from app.core.state import keys
-from app.core.state.ledger import Ledger, ReserveRequest, Unreserved
-from app.core.state.registry import Registry, new_engine_id
+from app.core.models import EngineRecord, EngineState, GpuAssignment, GpuCapacity
+from app.core.spec import EngineSpec
+from app.state import keys
+from app.state.ledger import Ledger, ReserveRequest, Unreserved
+from app.state.registry import Registry, new_engine_id
 
 S = EngineState
 GB = 1024

@@ -240,7 +240,7 @@ def _check_gunicorn(argv: list[str]) -> None:
     from gunicorn.config import Config
 
     import app
-    from app.stack import gunicorn_argv
+    from app.dev.stack import gunicorn_argv
 
     parsed = Config().parser().parse_args(argv[1:])  # exits on a flag gunicorn lacks
     module, _, call = parsed.args[0].partition(":")

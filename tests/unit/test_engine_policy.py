@@ -12,7 +12,7 @@ import pytest
 
 from app.core.engine_policy import EnginePolicy
 from app.core.errors import ConfigError, ValidationError
-from app.core.models import EngineSpec
+from app.core.spec import EngineSpec
 from app.settings import Settings
 from workers.runtimes.embedding import EmbeddingRuntime
 from workers.runtimes.vllm import VllmRuntime
@@ -261,7 +261,7 @@ def test_engine_inherits_the_workers_env_but_not_the_control_planes(
     import sys
     import time
 
-    from workers import processes
+    from workers.host import processes
     from workers.runtimes.base import LaunchPlan
 
     for name in ("SAGELLM_ADMIN_TOKEN", "SAGELLM_REDIS_URL", "CELERY_BROKER_URL"):
@@ -324,9 +324,9 @@ def test_own_servers_refuse_abbreviated_flags() -> None:
 def test_start_refuses_before_reserving_or_queueing_anything(
     fake_redis: object, tmp_path: Path, spec: EngineSpec, field: str
 ) -> None:
-    from app import control
-    from app.core.state.ledger import Ledger
-    from app.core.state.registry import Registry
+    from app.services import engines as control
+    from app.state.ledger import Ledger
+    from app.state.registry import Registry
 
     settings = Settings.from_env({"SAGELLM_DATA_DIR": str(tmp_path)})
     cluster = control.Cluster(settings, Registry(fake_redis), Ledger(fake_redis), None)  # type: ignore[arg-type]

@@ -19,7 +19,7 @@ from app.core.errors import ConfigError
 from app.core.inventory_spec import parse_mock_gpus
 from app.core.models import GpuCapacity, GpuInfo, GpuProcess
 from app.settings import Settings
-from workers.gpu_inventory import (
+from workers.host.gpu_inventory import (
     ENGINE_ID_ENV,
     Inventory,
     gpu_capacities,

@@ -9,7 +9,7 @@ import redis
 
 from app.core.errors import ReservationConflict, ValidationError
 from app.core.models import GpuCapacity
-from app.core.state.ledger import Ledger
+from app.state.ledger import Ledger
 
 GB = 1024
 RANGE = (8100, 8109)

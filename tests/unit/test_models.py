@@ -7,15 +7,14 @@ import pytest
 from app.core.errors import IllegalTransition, ValidationError
 from app.core.models import (
     ALLOWED_TRANSITIONS,
-    EngineKind,
     EngineRecord,
-    EngineSpec,
     EngineState,
     GpuAssignment,
     GpuInfo,
     GpuProcess,
     check_transition,
 )
+from app.core.spec import EngineKind, EngineSpec
 
 S = EngineState
 

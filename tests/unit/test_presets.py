@@ -13,14 +13,7 @@ import yaml
 from app.core import presets
 from app.core.errors import NotFoundError, UnknownPolicyError, ValidationError
 from app.core.memory import estimate_embedding_memory
-from app.core.models import (
-    EngineKind,
-    EngineRecord,
-    EngineSpec,
-    EngineState,
-    GpuAssignment,
-    GpuCapacity,
-)
+from app.core.models import EngineRecord, EngineState, GpuAssignment, GpuCapacity
 from app.core.placement import PlacementHost
 from app.core.presets import (
     PRESETS_DIR,
@@ -31,6 +24,7 @@ from app.core.presets import (
     parse_preset,
     plan_preset,
 )
+from app.core.spec import EngineKind, EngineSpec
 
 SOURCE = "presets/x.yaml"
 GIB = 1024

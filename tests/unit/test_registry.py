@@ -9,8 +9,9 @@ import pytest
 import redis
 
 from app.core.errors import IllegalTransition, NotFoundError
-from app.core.models import EngineKind, EngineRecord, EngineSpec, EngineState, GpuInfo
-from app.core.state.registry import HostRecord, Registry, new_engine_id
+from app.core.models import EngineRecord, EngineState, GpuInfo
+from app.core.spec import EngineKind, EngineSpec
+from app.state.registry import HostRecord, Registry, new_engine_id
 
 S = EngineState
 

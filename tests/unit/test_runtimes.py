@@ -11,7 +11,8 @@ import pytest
 
 from app.core.errors import ValidationError
 from app.core.inventory_spec import mock_uuid
-from app.core.models import EngineKind, EngineRecord, EngineSpec, GpuAssignment
+from app.core.models import EngineRecord, GpuAssignment
+from app.core.spec import EngineKind, EngineSpec
 from workers.runtimes import RUNTIMES, RuntimeUnavailable, engine_env, get_runtime
 from workers.runtimes import vllm as vllm_runtime
 from workers.runtimes.embedding import EmbeddingRuntime

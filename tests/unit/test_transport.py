@@ -12,12 +12,12 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from app.core.models import EngineKind
+from app.core.spec import EngineKind
 from app.gateway.discovery import Backend
-from app.gateway.inflight import InFlight
 from app.gateway.proxy import GatewayProxy
 from app.gateway.routes import Gateway
 from app.gateway.transport import MAX_HEAD_BYTES, NoAnswer, Transport, UpstreamError
+from app.state.inflight import InFlight
 
 Handler = Callable[[socket.socket], None]
 

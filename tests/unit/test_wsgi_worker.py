@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from app.wsgi_worker import MAX_HEADER_FIELDS, Limits, Rejected, RequestReader
+from app.gateway.server import MAX_HEADER_FIELDS, Limits, Rejected, RequestReader
 
 LIMITS = Limits(head_timeout_s=0.5, body_timeout_s=0.5, max_body_bytes=1000, idle_timeout_s=0.5)
 

@@ -22,7 +22,8 @@ import httpx
 
 from app.core.engine_policy import EnginePolicy, check_spec
 from app.core.errors import SagellmError, ValidationError
-from app.core.models import EngineRecord, EngineSpec
+from app.core.models import EngineRecord
+from app.core.spec import EngineSpec
 
 ENGINE_ID_ENV = "SAGELLM_ENGINE_ID"
 
@@ -159,7 +160,7 @@ class Runtime:
 
     ``build`` = ``validate`` + ``argv`` + ``engine_env``; ``probe`` = ``probe_openai``.
     ``validate`` applies ``app.core.engine_policy`` with this runtime's ``owned_flags``;
-    it runs at the API edge (``app.control``, before anything is reserved) and again
+    it runs at the API edge (``app.services.engines``, before anything is reserved) and again
     in ``build`` on the worker.
     """
 

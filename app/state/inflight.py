@@ -13,7 +13,7 @@ from collections import Counter
 
 import redis
 
-from app.core.state import keys
+from app.state import keys
 
 PUBLISH_EVERY_S = 1.0
 

@@ -23,9 +23,9 @@ import redis
 
 from app.core.errors import NotFoundError
 from app.core.models import EngineRecord, EngineState, GpuInfo
-from app.core.state import keys
-from app.core.state.client import as_text
-from app.core.state.ledger import (
+from app.state import keys
+from app.state.client import as_text
+from app.state.ledger import (
     PORT_MARK,
     CommitResult,
     Committer,

@@ -12,11 +12,11 @@ import httpx
 from celery import Celery
 
 from app.core.health import HealthPolicy
-from app.core.state.client import connect
-from app.core.state.ledger import Ledger
-from app.core.state.registry import Registry
 from app.settings import Settings
-from workers.manifests import Manifests
+from app.state.client import connect
+from app.state.ledger import Ledger
+from app.state.registry import Registry
+from workers.host.manifests import Manifests
 
 # Engines carry this besides SAGELLM_ENGINE_ID so that several workers on one
 # machine (simulated hosts, tests) each adopt only their own host's processes.

@@ -122,7 +122,7 @@ def admin_token() -> str:
     (``$SAGELLM_DATA_DIR/admin-token``), else ``""``."""
     from pathlib import Path
 
-    from app.access import read_admin_token
+    from app.api.auth import read_admin_token
 
     token = os.environ.get(TOKEN_VAR, "").strip()
     if token:

@@ -1,4 +1,6 @@
-"""Sending tasks: the one place that picks queues and expiry.
+"""Task queues (Redis lists read by Celery workers): their names, and the one place
+that sends to them, picking queue and expiry. Tasks are named by string; nothing here
+imports the workers.
 
 Messages are published through the broker's default (nameless) exchange with the
 queue name as routing key. Kombu's Redis transport then writes straight to the
@@ -14,7 +16,13 @@ from typing import Any
 from celery import Celery
 from kombu import Exchange, Queue
 
-from workers.celery_app import CONTROL_QUEUE, host_queue_name
+CONTROL_QUEUE = "control"
+
+
+def host_queue_name(host: str) -> str:
+    """The queue a host's worker consumes: ``host.<name>``."""
+    return f"host.{host}"
+
 
 _DEFAULT_EXCHANGE = Exchange("", type="direct")
 

@@ -9,9 +9,9 @@ from collections.abc import Iterable
 import psutil
 
 from app.core.models import LIVE_STATES, EngineState
-from app.core.state.registry import HostRecord
-from workers.context import HostContext
-from workers.gpu_inventory import engine_pids, gpu_capacities, read_inventory
+from app.state.registry import HostRecord
+from workers.agent.context import HostContext
+from workers.host.gpu_inventory import engine_pids, gpu_capacities, read_inventory
 
 log = logging.getLogger(__name__)
 WORKER_VERSION = "sagellm-worker/0.1.0"
@@ -83,7 +83,7 @@ class HeartbeatThread(threading.Thread):
         self.stopped = threading.Event()
 
     def run(self) -> None:
-        from workers.rediscovery import heartbeat_or_rediscover
+        from workers.agent.reconcile import heartbeat_or_rediscover
 
         while not self.stopped.is_set():
             try:

@@ -30,7 +30,8 @@ def _settings() -> Settings:
 def worker(loglevel: str) -> None:
     """Run this host's worker: queues host.<SAGELLM_HOST_NAME> and control."""
     settings = _settings()
-    from workers.celery_app import CONTROL_QUEUE, celery_app, host_queue_name
+    from app.state.queues import CONTROL_QUEUE, host_queue_name
+    from workers.celery_app import celery_app
 
     argv = [
         "worker",
@@ -57,7 +58,7 @@ def worker(loglevel: str) -> None:
 def beat(loglevel: str) -> None:
     """Run the cluster's beat (exactly one): health checks, rediscovery, pruning."""
     settings = _settings()
-    from app.core.state.client import connect
+    from app.state.client import connect
     from workers.beat_scheduler import BEAT_LOCK_TTL_S, BeatLock, hold
     from workers.celery_app import celery_app
 
@@ -109,7 +110,7 @@ def flower_argv(
     shut workers down, so it is never opened without auth: ``FLOWER_UNAUTHENTICATED_API``
     is removed from ``env``. On loopback without auth the UI shows tasks and the API
     answers 401."""
-    from app.access import is_loopback
+    from app.api.auth import is_loopback
 
     if not basic_auth and not is_loopback(address):
         raise click.ClickException(
@@ -151,7 +152,7 @@ def up(keep_engines: bool) -> None:
     """The whole stack on this machine: Redis, worker, beat, and the API at
     SAGELLM_API_URL (default http://127.0.0.1:8000)."""
     _settings()
-    from app.stack import run_up
+    from app.dev.stack import run_up
 
     try:
         errors = run_up(keep_engines=keep_engines)
@@ -165,7 +166,7 @@ def up(keep_engines: bool) -> None:
 def down() -> None:
     """Stop the stack started by `up` (its engines first)."""
     _settings()
-    from app.stack import StackNotStopped, run_down
+    from app.dev.stack import StackNotStopped, run_down
 
     try:
         stopped = run_down()
@@ -179,7 +180,7 @@ def main() -> None:
     sagellm(prog_name="sagellm")
 
 
-from app import cli_commands as _cli_commands  # noqa: E402,F401  (registers the REST commands)
+from app.cli import commands as _cli_commands  # noqa: E402,F401  (registers the REST commands)
 
 if __name__ == "__main__":  # pragma: no cover - `python -m app.cli`
     from app.cli import main as _main  # the module the REST commands registered on

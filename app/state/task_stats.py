@@ -6,8 +6,8 @@ from collections import defaultdict
 
 import redis
 
-from app.core.state import keys
-from app.core.state.client import as_text
+from app.state import keys
+from app.state.client import as_text
 
 
 def record_task(client: redis.Redis, task: str, seconds: float, failed: bool) -> None:

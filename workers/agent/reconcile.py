@@ -31,10 +31,11 @@ import psutil
 
 from app.core.errors import NotFoundError, ReservationConflict
 from app.core.models import LIVE_STATES, EngineRecord, EngineState
-from app.core.state.registry import RecordExists
-from workers import lifecycle, processes
-from workers.context import ENGINE_HOST_ENV, ENGINE_OWNER_ENV, HostContext
-from workers.heartbeat import publish_heartbeat
+from app.state.registry import RecordExists
+from workers.agent import lifecycle
+from workers.agent.context import ENGINE_HOST_ENV, ENGINE_OWNER_ENV, HostContext
+from workers.agent.heartbeat import publish_heartbeat
+from workers.host import processes
 from workers.runtimes import get_runtime
 
 log = logging.getLogger(__name__)

@@ -16,9 +16,9 @@ _heartbeat: Any = None
 @worker_ready.connect
 def _on_ready(**_: Any) -> None:
     global _heartbeat
-    from workers.context import host_context
-    from workers.heartbeat import HeartbeatThread
-    from workers.rediscovery import rediscover
+    from workers.agent.context import host_context
+    from workers.agent.heartbeat import HeartbeatThread
+    from workers.agent.reconcile import rediscover
 
     ctx = host_context()
     _heartbeat = HeartbeatThread(ctx)
@@ -66,8 +66,8 @@ def _task_done(task_id: str | None = None, task: Any = None, **_: Any) -> None:
     if began is None or task is None:
         return
     try:
-        from app.core.state.task_stats import record_task
-        from workers.context import host_context
+        from app.state.task_stats import record_task
+        from workers.agent.context import host_context
 
         record_task(host_context().registry.r, task.name, time.perf_counter() - began, failed)
     except Exception:  # metrics must never break a task

@@ -7,7 +7,7 @@ for this host, beat, and the API under gunicorn on 127.0.0.1:8000. Ctrl-C (or
 Every child runs in a session of its own: Ctrl-C in the terminal (SIGINT to its
 foreground process group) reaches ``up`` alone, which then stops things in order;
 otherwise Redis would die first and the engines could no longer be stopped. Without
-``SAGELLM_ADMIN_TOKEN``, ``up`` generates one (``app.access.ensure_admin_token``), gives
+``SAGELLM_ADMIN_TOKEN``, ``up`` generates one (``app.api.auth.ensure_admin_token``), gives
 it to the API, and uses it itself. What could not be stopped is reported, by ``up`` and
 by ``down``, never hidden behind "stopped".
 """
@@ -26,7 +26,7 @@ from typing import Any
 
 import httpx
 
-from app.redis_server import RedisProcess
+from app.dev.redis_server import RedisProcess
 from app.settings import SETTINGS_DOC, Settings
 
 API_BIND = "127.0.0.1:8000"
@@ -38,7 +38,7 @@ def _script(name: str) -> list[str]:
     return [str(exe)] if exe.exists() else [sys.executable, "-m", name]
 
 
-API_WORKER_CLASS = "app.wsgi_worker.ApiWorker"
+API_WORKER_CLASS = "app.gateway.server.ApiWorker"
 # Seconds a keep-alive connection may sit idle between requests; longer than the
 # 5 s httpx (and so the openai SDK) keeps idle connections, so clients close first.
 API_KEEPALIVE_S = 20
@@ -53,7 +53,7 @@ def gunicorn_argv(
 ) -> list[str]:
     """The API server command (also used in docker-compose).
 
-    The worker class is gevent-based (``app.wsgi_worker``: why, and what was measured).
+    The worker class is gevent-based (``app.gateway.server``: why, and what was measured).
     Each worker holds ``connections`` concurrent requests and streams; ``gthread``
     (for comparisons in ``bench/gateway.py``) gets that many threads instead.
     """
@@ -173,7 +173,7 @@ class Stack:
         """Use SAGELLM_ADMIN_TOKEN, else the one kept for this machine (made once)."""
         if self.admin_token:
             return
-        from app.access import admin_token_path, ensure_admin_token
+        from app.api.auth import admin_token_path, ensure_admin_token
 
         self.admin_token, created = ensure_admin_token(self.settings.data_dir)
         path = admin_token_path(self.settings.data_dir)
@@ -237,7 +237,7 @@ class Stack:
 
         path = demo_llm_dir(self.settings.data_dir)
         try:
-            from app.demo_model import ensure_demo_llm
+            from app.dev.demo_model import ensure_demo_llm
         except ImportError:  # transformers not installed: cpu-demo's LLM is unavailable
             self._say("transformers not installed: the cpu-demo chat model is not built")
             return
@@ -352,10 +352,10 @@ class Stack:
 
     def _stop_engine_processes(self) -> list[str]:
         """Engines whose processes carry this stack's data folder, stopped by the one
-        module that signals engines (``workers.processes``: ours only)."""
+        module that signals engines (``workers.host.processes``: ours only)."""
         import psutil
 
-        from workers import processes
+        from workers.host import processes
 
         left = []
         for engine_id, found in processes.find_tagged_processes().items():
@@ -396,8 +396,8 @@ def _pid_alive(pid: int) -> bool:
 
 def _redis_port() -> int:
     """6379 when it is free (the default URL then works for every tool), else any."""
-    from app.core.state.ledger import port_is_bindable
-    from app.redis_server import free_port
+    from app.dev.redis_server import free_port
+    from app.state.ledger import port_is_bindable
 
     return 6379 if port_is_bindable("127.0.0.1", 6379) else free_port()
 

@@ -18,12 +18,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from app import control
-from app.control import Cluster
-from app.core.allocation import placement_hosts
 from app.core.errors import SagellmError
 from app.core.models import EngineRecord, EngineState
 from app.core.presets import ACTIVE_STATES, Preset, PresetPlan, plan_preset
+from app.services import engines as control
+from app.services.allocation import placement_hosts
+from app.services.engines import Cluster
 
 S = EngineState
 

@@ -50,7 +50,7 @@ import redis
 
 from app.core.errors import ReservationConflict, ValidationError
 from app.core.models import GpuCapacity
-from app.core.state import keys
+from app.state import keys
 
 # ARGV[1]: JSON {id, mode, release, require_reserved, reserve?}; ARGV[2]: the record as
 # the caller read it (modes update/delete); ARGV[3]: the new record (update/create).

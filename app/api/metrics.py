@@ -51,7 +51,7 @@ class ClusterCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         from app.core import status
-        from app.core.state.task_stats import task_stats
+        from app.state.task_stats import task_stats
 
         c = self.cluster
         hosts = c.registry.hosts()

@@ -30,9 +30,9 @@ from app.core.engine_policy import EnginePolicy
 from app.core.errors import IllegalTransition, NotFoundError, ReservationConflict, SagellmError
 from app.core.health import Verdict, pending_restart_state
 from app.core.models import EngineRecord, EngineState
-from app.core.state.ledger import ReserveRequest, Unreserved, port_is_bindable
-from workers import processes
-from workers.context import ENGINE_HOST_ENV, ENGINE_OWNER_ENV, HostContext
+from app.state.ledger import ReserveRequest, Unreserved, port_is_bindable
+from workers.agent.context import ENGINE_HOST_ENV, ENGINE_OWNER_ENV, HostContext
+from workers.host import processes
 from workers.runtimes import get_runtime
 from workers.runtimes.base import LaunchPlan
 
@@ -319,7 +319,7 @@ def handle_dead(ctx: HostContext, rec: EngineRecord, reason: str) -> EngineRecor
     except (_Abort, NotFoundError, IllegalTransition):
         return None
     log.warning("engine %s died (%s); restart in %.1fs", rec.id, reason, delay)
-    from workers.dispatch import send_to_host
+    from app.state.queues import send_to_host
 
     send_to_host(
         ctx.celery,

@@ -11,14 +11,16 @@ from dataclasses import dataclass
 
 from celery import Celery
 
-from app.core.allocation import Allocation, allocate, placement_hosts, plan
+from app.core.allocation import Allocation, plan
 from app.core.engine_policy import EnginePolicy
 from app.core.errors import IllegalTransition, NoWorkerError
-from app.core.models import EngineRecord, EngineSpec, EngineState
-from app.core.state.client import connect
-from app.core.state.ledger import Ledger
-from app.core.state.registry import Registry, new_engine_id
+from app.core.models import EngineRecord, EngineState
+from app.core.spec import EngineSpec
+from app.services.allocation import allocate, placement_hosts
 from app.settings import Settings
+from app.state.client import connect
+from app.state.ledger import Ledger
+from app.state.registry import Registry, new_engine_id
 
 S = EngineState
 START_TASK_EXPIRES_S = 60.0
@@ -96,7 +98,7 @@ def reserve_engine(cluster: Cluster, spec: EngineSpec, policy: str | None = None
 
 def launch_engine(cluster: Cluster, rec: EngineRecord) -> EngineRecord:
     """Queue the start of a reserved (PENDING) engine on its host."""
-    from workers.dispatch import send_to_host
+    from app.state.queues import send_to_host
 
     assert rec.host is not None
     task_id = send_to_host(
@@ -135,7 +137,7 @@ def stop_engine(cluster: Cluster, engine_id: str) -> EngineRecord:
     rec = cluster.registry.update(engine_id, EngineRecord.request_stop)
     if rec.state is not S.STOPPING or rec.host is None or before.state is S.STOPPING:
         return rec
-    from workers.dispatch import send_to_host
+    from app.state.queues import send_to_host
 
     send_to_host(
         cluster.celery,
@@ -191,7 +193,7 @@ def wait_until_settled(
 
 def restart_engine(cluster: Cluster, engine_id: str) -> EngineRecord:
     """Restart an engine in place (same id). A FAILED engine is placed again first."""
-    from workers.dispatch import send_to_host
+    from app.state.queues import send_to_host
 
     rec = cluster.registry.get(engine_id)
     if rec.state in (S.STOPPING, S.STOPPED):
@@ -235,7 +237,7 @@ def restart_engine(cluster: Cluster, engine_id: str) -> EngineRecord:
 
 def engine_logs(cluster: Cluster, engine_id: str, tail: int, timeout_s: float = 15) -> list[str]:
     """The last lines of an engine's log, read by its host's worker (logs stay on hosts)."""
-    from workers.dispatch import send_to_host
+    from app.state.queues import send_to_host
 
     rec = cluster.registry.get(engine_id)
     if rec.host is None:
