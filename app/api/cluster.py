@@ -11,7 +11,7 @@ from flask_smorest import Blueprint
 from app.api.context import cluster
 from app.api.schemas import EngineSchema, TaskSchema
 from app.core import status as views
-from app.state.registry import HostRecord
+from app.core.models import HostRecord
 
 blp = Blueprint(
     "cluster",
@@ -158,7 +158,7 @@ class HostOne(MethodView):
     )
     def delete(self, name: str) -> dict[str, Any]:
         """Forget a DOWN host: its engines end FAILED, their reservations are released."""
-        from app.services.engines import forget_host
+        from app.services.hosts import forget_host
 
         return {"host": name, "engines": forget_host(cluster(), name)}
 

@@ -23,6 +23,7 @@ from app.core.errors import SagellmError
 from app.core.models import EngineState
 from app.core.spec import EngineSpec
 from app.services import engines as control
+from app.state.prune import prune_records
 
 blp = Blueprint(
     "engines",
@@ -67,15 +68,14 @@ class Engines(MethodView):
     @blp.response(202, EngineAcceptedSchema, description="Accepted: the engine is PENDING")
     @blp.alt_response(200, schema=EngineAcceptedSchema, description="wait=true: it is RUNNING")
     @blp.doc(**_doc_errors(400, 409, 503))
-    def post(self, body: dict[str, Any], wait: dict[str, Any]) -> Any:
+    def post(self, start: dict[str, Any], wait: dict[str, Any]) -> Any:
         """Start an engine: place it, reserve GPU memory and a port, queue its start.
 
         With ``wait=true`` the answer comes when it is RUNNING (200), FAILED (502 with
         the reason), or the timeout passed (202, still starting)."""
         c = cluster()
-        policy = body.pop("policy", None)
-        spec = EngineSpec.from_dict(body).validate()
-        rec = control.start_engine(c, spec, policy=policy)
+        spec: EngineSpec = start["spec"]  # read by the one schema (app.core.spec)
+        rec = control.start_engine(c, spec, policy=start["policy"])  # admits it first
         if wait["wait"]:
             rec = control.wait_until_settled(c, rec.id, wait["timeout"])
             if rec.state is S.FAILED:
@@ -130,4 +130,4 @@ class EnginePrune(MethodView):
         c = cluster()
         age = args.get("older_than_s")
         age = c.settings.prune_after_s if age is None else age
-        return {"pruned": control.prune_records(c.registry, c.ledger, age)}
+        return {"pruned": prune_records(c.registry, c.ledger, age)}

@@ -28,8 +28,8 @@ GATEWAY_REQUESTS = Counter(
 )
 GATEWAY_ERRORS = Counter(
     "sagellm_gateway_errors_total",
-    "Gateway failures by model and reason (no_backend, bad_request, upstream_connect, "
-    "upstream_5xx, all_failed, stream_broken)",
+    "Gateway failures by model and reason (unknown_model, no_backend, bad_request, "
+    "upstream_connect, upstream_5xx, all_failed, stream_broken)",
     ["model", "reason"],
     registry=None,
 )
@@ -51,7 +51,6 @@ class ClusterCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         from app.core import status
-        from app.state.task_stats import task_stats
 
         c = self.cluster
         hosts = c.registry.hosts()
@@ -112,7 +111,7 @@ class ClusterCollector(Collector):
                 fam.add_metric(labels, row[f"{name}_mib"] * MIB)
         yield from families.values()
 
-        stats = task_stats(c.registry.r)
+        stats = c.task_stats.read()
         count = CounterMetricFamily("sagellm_task_runs", "Celery tasks run", labels=["task"])
         secs = CounterMetricFamily(
             "sagellm_task_duration_seconds",

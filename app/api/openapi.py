@@ -54,10 +54,14 @@ def _proxied(summary: str, body: dict[str, Any], security: list[dict[str, list[s
             "requestBody": body,
             "responses": {
                 "200": _ANSWER,
-                "400": _error("Not JSON, no such model, or a model of the other kind"),
+                "400": _error("Not JSON, or a model of the other kind"),
+                "404": _error(
+                    "No engine serves the model (model_not_found; the message lists "
+                    "the served models)"
+                ),
                 "401": _error("SAGELLM_API_KEYS is set and the request has none of them"),
                 "502": _error("The engine failed (retried once on another replica)"),
-                "503": _error("No RUNNING engine serves the model (Retry-After)"),
+                "503": _error("The model's engines are starting or unhealthy (Retry-After)"),
             },
         }
     }

@@ -12,14 +12,11 @@ from flask_smorest import Blueprint
 
 from app.api.context import cluster
 from app.core.errors import ValidationError
-from app.core.presets import (
-    Preset,
-    builtin_preset_files,
-    get_builtin,
-    parse_preset,
-    server_locations,
-)
-from app.services import engines as control
+from app.core.placement import POLICIES
+from app.core.presets import Preset, parse_preset
+from app.core.spec import EngineSpec
+from app.services.admission import admit
+from app.services.preset_files import builtin_preset_files, get_builtin, server_locations
 from app.services.presets import apply_preset
 
 blp = Blueprint(
@@ -55,7 +52,7 @@ class ApplyArgsSchema(ma.Schema):
     )
     timeout = ma.fields.Float(load_default=900.0, validate=ma.validate.Range(0, 3600))
     policy = ma.fields.String(
-        load_default=None, allow_none=True, validate=ma.validate.OneOf(["binpack", "spread"])
+        load_default=None, allow_none=True, validate=ma.validate.OneOf(sorted(POLICIES))
     )
 
 
@@ -79,10 +76,10 @@ class ApplyResultSchema(ma.Schema):
     rolled_back = ma.fields.List(ma.fields.String())
 
 
-def _validate_runtime(spec: Any) -> None:
-    # The same engine policy as a direct start: a refused field is a 400 when the
-    # preset is read, naming the engine, not a 409 from the apply.
-    control.check_engine_spec(cluster(), spec)
+def _admit(spec: EngineSpec) -> EngineSpec:
+    # The same admission as a direct start: a refused field is a 400 when the preset is
+    # read, naming the engine, not a 409 from the apply.
+    return admit(cluster().settings, spec)
 
 
 def _locations() -> dict[str, str]:
@@ -91,7 +88,7 @@ def _locations() -> dict[str, str]:
 
 
 def _builtin(name: str) -> Preset:
-    return get_builtin(name, locations=_locations(), validate_spec=_validate_runtime)
+    return get_builtin(name, locations=_locations(), validate_spec=_admit)
 
 
 def _apply(preset: Preset, args: dict[str, Any]) -> dict[str, Any]:
@@ -188,5 +185,5 @@ class PresetApplyBody(MethodView):
         the API's side, are filled here."""
         text = body["yaml"] if "yaml" in body else json.dumps(body["preset"])
         source = request.headers.get("X-Preset-Source", "request body")[:200]
-        preset = parse_preset(text, source, locations=_locations(), validate_spec=_validate_runtime)
+        preset = parse_preset(text, source, locations=_locations(), validate_spec=_admit)
         return _apply(preset, args)

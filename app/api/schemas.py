@@ -2,74 +2,33 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import marshmallow as ma
 from marshmallow import fields, validate
 
+from app.core.models import EngineState
 from app.core.placement import POLICIES
+from app.core.spec import KINDS, NAME_RE, EngineSpecSchema
 
-_NAME = validate.Regexp(
-    r"^[A-Za-z0-9][A-Za-z0-9_.:/-]{0,127}$", error="1-128 letters, digits or ._:/-"
-)
-STATES = ["PENDING", "STARTING", "RUNNING", "UNHEALTHY", "STOPPING", "STOPPED", "FAILED", "LOST"]
-
-
-class EngineSpecSchema(ma.Schema):
-    """What to run. Unknown fields are rejected."""
-
-    model = fields.String(
-        required=True,
-        validate=validate.Length(1, 512),
-        metadata={"description": "Hugging Face repo id or local path"},
-    )
-    kind = fields.String(load_default="llm", validate=validate.OneOf(["llm", "embedding"]))
-    runtime = fields.String(
-        allow_none=True,
-        load_default=None,
-        validate=validate.OneOf(["vllm", "transformers", "embedding"]),
-        metadata={"description": "Default: vllm for llm, embedding for embedding"},
-    )
-    tensor_parallel = fields.Integer(load_default=1, validate=validate.Range(1, 64))
-    pipeline_parallel = fields.Integer(load_default=1, validate=validate.Range(1, 64))
-    use_gpu = fields.Boolean(
-        allow_none=True, load_default=None, metadata={"description": "null: LLM yes, embedding no"}
-    )
-    required_memory_gb = fields.Float(
-        allow_none=True,
-        load_default=None,
-        validate=validate.Range(min=0, min_inclusive=False, max=4096),
-        metadata={"description": "Overrides the memory estimate (GB per GPU)"},
-    )
-    max_model_len = fields.Integer(
-        allow_none=True, load_default=None, validate=validate.Range(16, 10_000_000)
-    )
-    dtype = fields.String(
-        load_default="auto",
-        validate=validate.OneOf(["auto", "bfloat16", "float16", "float32", "half", "bf16", "fp16"]),
-    )
-    quantization = fields.String(
-        allow_none=True,
-        load_default=None,
-        validate=validate.OneOf(["awq", "gptq", "fp8", "int8", "int4"]),
-    )
-    port = fields.Integer(allow_none=True, load_default=None, validate=validate.Range(1, 65535))
-    host = fields.String(allow_none=True, load_default=None, validate=_NAME)
-    gpu_ids = fields.List(
-        fields.Integer(validate=validate.Range(0, 1023)), allow_none=True, load_default=None
-    )
-    label = fields.String(allow_none=True, load_default=None, validate=_NAME)
-    served_model_name = fields.String(allow_none=True, load_default=None, validate=_NAME)
-    extra_args = fields.List(fields.String(validate=validate.Length(max=4096)), load_default=list)
-    env = fields.Dict(
-        keys=fields.String(validate=validate.Length(1, 256)),
-        values=fields.String(validate=validate.Length(max=8192)),
-        load_default=dict,
-    )
+_NAME = validate.Regexp(NAME_RE, error="1-128 letters, digits or ._:/-")
+STATES = [s.value for s in EngineState]
 
 
 class EngineCreateSchema(EngineSpecSchema):
+    """An engine start: the spec (``app.core.spec``'s one schema), and the placement
+    policy to use for it."""
+
     policy = fields.String(
         allow_none=True, load_default=None, validate=validate.OneOf(sorted(POLICIES))
     )
+
+    @ma.post_load
+    def make_spec(self, data: dict[str, Any], **kw: Any) -> Any:
+        """``{"spec": EngineSpec, "policy": str | None}``."""
+        data = dict(data)
+        policy = data.pop("policy", None)
+        return {"spec": super().make_spec(data, **kw), "policy": policy}
 
 
 class WaitArgsSchema(ma.Schema):
@@ -82,7 +41,7 @@ class WaitArgsSchema(ma.Schema):
 class EngineListArgsSchema(ma.Schema):
     state = fields.String(validate=validate.OneOf(STATES))
     host = fields.String(validate=_NAME)
-    kind = fields.String(validate=validate.OneOf(["llm", "embedding"]))
+    kind = fields.String(validate=validate.OneOf(KINDS))
     label = fields.String(validate=_NAME)
 
 

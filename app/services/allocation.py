@@ -3,30 +3,37 @@
 ``allocate`` runs ``app.core.allocation``'s placement on the hosts as the ledger sees
 them now and reserves the result in the same write as the engine's record; the ledger
 re-checks atomically. If another process took the room in between, the ledger refuses
-and placement runs again on fresh state.
+and placement runs again on fresh state. ``models_on_hosts`` lists the models each
+host's worker found on its disk, with the estimate at the default length.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
-from app.core.allocation import Allocation, launch_flags, requirement
-from app.core.errors import PlacementError, ReservationConflict
+from app.core.allocation import Allocation, launch_flags, place_requirement, requirement
+from app.core.errors import PlacementError, ReservationConflict, ValidationError
+from app.core.memory import estimate_on_disk
 from app.core.models import LIVE_STATES, EngineRecord
-from app.core.placement import Placement, PlacementHost, PlacementPolicy, make_policy, place
+from app.core.placement import Placement, PlacementHost, PlacementPolicy, make_policy
 from app.core.spec import EngineSpec
 from app.state.ledger import Ledger, Reservation, ReserveRequest
+from app.state.model_facts import hosts_model_facts
 from app.state.registry import Registry
 
 
 def placement_hosts(registry: Registry, ledger: Ledger) -> list[PlacementHost]:
-    """Live hosts with their GPUs as the ledger sees them now (capacity + reservations)."""
+    """Live hosts with their GPUs as the ledger sees them now (capacity + reservations),
+    and the models on the disks of those that are up."""
     engines_per_host: dict[str, int] = {}
     for rec in registry.engines(state=LIVE_STATES):
         if rec.host:
             engines_per_host[rec.host] = engines_per_host.get(rec.host, 0) + 1
+    hosts = registry.hosts()
+    models = hosts_model_facts(registry.r, [h.name for h in hosts if h.up])
     out = []
-    for h in registry.hosts():
+    for h in hosts:
         out.append(
             PlacementHost(
                 name=h.name,
@@ -37,6 +44,7 @@ def placement_hosts(registry: Registry, ledger: Ledger) -> list[PlacementHost]:
                 engine_count=engines_per_host.get(h.name, 0),
                 up=h.up,
                 inventory_gpus=len(h.gpus),
+                models=models.get(h.name, {}),
             )
         )
     return out
@@ -66,11 +74,13 @@ def allocate(
     """
     if isinstance(policy, str):
         policy = make_policy(policy)
-    need = requirement(spec, default_max_model_len=default_max_model_len)
+    hosts = placement_hosts(registry, ledger)
+    need = requirement(spec, default_max_model_len=default_max_model_len, hosts=hosts)
     last: ReservationConflict | None = None
-    for _ in range(attempts):
-        hosts = placement_hosts(registry, ledger)
-        chosen = place(need.request, hosts, policy, margin_mib)
+    for attempt in range(attempts):
+        if attempt:
+            hosts = placement_hosts(registry, ledger)
+        chosen = place_requirement(need, hosts, policy, margin_mib)
         host = next(h for h in hosts if h.name == chosen.host)
         alloc = Allocation(chosen, need.estimate, launch_flags(spec, need, chosen))
         req = ReserveRequest(
@@ -107,3 +117,23 @@ def allocate(
         f"could not reserve room for {spec.name} after {attempts} attempts",
         [last.message] if last else [],
     )
+
+
+def models_on_hosts(registry: Registry, *, default_max_model_len: int) -> list[dict[str, Any]]:
+    """Each known host (up or not) with the models its worker found on its disk: their
+    facts and what each would need at ``default_max_model_len`` (``estimate_on_disk``;
+    ``estimate_error`` when the facts cannot size it)."""
+    hosts = sorted(registry.hosts(), key=lambda h: h.name)
+    facts = hosts_model_facts(registry.r, [h.name for h in hosts])
+    out = []
+    for h in hosts:
+        models = []
+        for key, f in sorted(facts.get(h.name, {}).items()):
+            row: dict[str, Any] = {"model": key, "path": f.path, "facts": f}
+            try:
+                row["estimate"] = estimate_on_disk(f, default_max_model_len=default_max_model_len)
+            except ValidationError as exc:
+                row["estimate"], row["estimate_error"] = None, exc.message
+            models.append(row)
+        out.append({"host": h.name, "up": h.up, "models": models})
+    return out

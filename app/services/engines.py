@@ -12,15 +12,18 @@ from dataclasses import dataclass
 from celery import Celery
 
 from app.core.allocation import Allocation, plan
-from app.core.engine_policy import EnginePolicy
 from app.core.errors import IllegalTransition, NoWorkerError
 from app.core.models import EngineRecord, EngineState
 from app.core.spec import EngineSpec
+from app.services.admission import admit
 from app.services.allocation import allocate, placement_hosts
 from app.settings import Settings
 from app.state.client import connect
+from app.state.inflight import InFlightBoard
 from app.state.ledger import Ledger
+from app.state.queues import send_to_host, sending_app
 from app.state.registry import Registry, new_engine_id
+from app.state.task_stats import TaskStats
 
 S = EngineState
 START_TASK_EXPIRES_S = 60.0
@@ -28,18 +31,31 @@ START_TASK_EXPIRES_S = 60.0
 
 @dataclass
 class Cluster:
+    """What the use cases work with: the settings, the state store, and a Celery app to
+    send tasks (by name) to the hosts' workers."""
+
     settings: Settings
     registry: Registry
     ledger: Ledger
     celery: Celery
 
+    @property
+    def task_stats(self) -> TaskStats:
+        """Celery task counts and durations, as every worker records them."""
+        return TaskStats.of(self.registry)
+
+    @property
+    def in_flight(self) -> InFlightBoard:
+        """Gateway requests in flight, as every gateway process publishes them."""
+        return InFlightBoard.of(self.registry)
+
 
 def connect_cluster(settings: Settings, celery: Celery | None = None) -> Cluster:
-    if celery is None:
-        from workers.celery_app import make_celery
-
-        celery = make_celery(settings)
+    """The cluster at ``settings.redis_url``; sending with ``celery`` (default: an app
+    that only sends, ``app.state.queues.sending_app``)."""
     client = connect(settings.redis_url)
+    if celery is None:
+        celery = sending_app(settings.redis_url)
     return Cluster(settings, Registry(client), Ledger(client), celery)
 
 
@@ -52,18 +68,15 @@ def _require_worker(cluster: Cluster) -> None:
 
 
 def check_engine_spec(cluster: Cluster, spec: EngineSpec) -> None:
-    """The engine policy at the edge (``app.core.engine_policy``: env, flags, model
-    roots, unsafe flags per the settings), with the flags ``spec``'s runtime owns.
+    """Every check ``spec`` must pass at the edge (``app.services.admission.admit``);
     ``ValidationError`` naming the field; called before anything is reserved or queued.
     """
-    from workers.runtimes import get_runtime
-
-    get_runtime(spec.effective_runtime).validate(spec, EnginePolicy.from_settings(cluster.settings))
+    admit(cluster.settings, spec)
 
 
 def plan_engine(cluster: Cluster, spec: EngineSpec, policy: str | None = None) -> Allocation:
     """Dry run: where ``spec`` would land now. Reserves nothing."""
-    check_engine_spec(cluster, spec.validate())
+    check_engine_spec(cluster, spec)
     hosts = placement_hosts(cluster.registry, cluster.ledger)
     return plan(
         spec,
@@ -80,7 +93,7 @@ def reserve_engine(cluster: Cluster, spec: EngineSpec, policy: str | None = None
     The record and its reservation are written in one atomic step: on any error
     nothing is left behind, neither a record nor a reservation.
     """
-    check_engine_spec(cluster, spec.validate())
+    check_engine_spec(cluster, spec)
     _require_worker(cluster)
     engine_id = new_engine_id()
     _, rec = allocate(
@@ -98,8 +111,6 @@ def reserve_engine(cluster: Cluster, spec: EngineSpec, policy: str | None = None
 
 def launch_engine(cluster: Cluster, rec: EngineRecord) -> EngineRecord:
     """Queue the start of a reserved (PENDING) engine on its host."""
-    from app.state.queues import send_to_host
-
     assert rec.host is not None
     task_id = send_to_host(
         cluster.celery,
@@ -137,7 +148,6 @@ def stop_engine(cluster: Cluster, engine_id: str) -> EngineRecord:
     rec = cluster.registry.update(engine_id, EngineRecord.request_stop)
     if rec.state is not S.STOPPING or rec.host is None or before.state is S.STOPPING:
         return rec
-    from app.state.queues import send_to_host
 
     send_to_host(
         cluster.celery,
@@ -177,39 +187,24 @@ def wait_for_state(
     return _poll(cluster, engine_id, lambda r: r.state in wanted, timeout_s, poll_s)
 
 
-def settled(rec: EngineRecord) -> bool:
-    """RUNNING, STOPPED, or FAILED with no restart pending: a start has an outcome."""
-    return rec.state in (S.RUNNING, S.STOPPED) or (
-        rec.state is S.FAILED and rec.next_restart_at is None
-    )
-
-
 def wait_until_settled(
     cluster: Cluster, engine_id: str, timeout_s: float, poll_s: float = 0.2
 ) -> EngineRecord:
-    """Poll until the engine's start has an outcome (see ``settled``) or time runs out."""
-    return _poll(cluster, engine_id, settled, timeout_s, poll_s)
+    """Poll until the engine's start has an outcome (``EngineRecord.settled``) or time
+    runs out."""
+    return _poll(cluster, engine_id, lambda r: r.settled, timeout_s, poll_s)
 
 
 def restart_engine(cluster: Cluster, engine_id: str) -> EngineRecord:
     """Restart an engine in place (same id). A FAILED engine is placed again first."""
-    from app.state.queues import send_to_host
-
     rec = cluster.registry.get(engine_id)
     if rec.state in (S.STOPPING, S.STOPPED):
         raise IllegalTransition(f"engine {engine_id} is {rec.state.value}: start a new one instead")
     check_engine_spec(cluster, rec.spec)  # the settings may have changed since its start
-    if rec.state is S.FAILED and rec.next_restart_at is None:
+    if rec.owns_nothing:  # FAILED for good (STOPPED was refused above)
         # Its reservation was released when it failed: place and reserve again, in
         # the same atomic write as the new placement and the pending restart.
         _require_worker(cluster)
-
-        def due_now(r: EngineRecord) -> None:
-            if not r.owns_nothing or r.state is not S.FAILED:
-                raise IllegalTransition(f"engine {engine_id} changed: {r.state.value}")
-            r.restart_count = 0
-            r.next_restart_at = time.time()
-
         _, rec = allocate(
             engine_id,
             rec.spec,
@@ -218,7 +213,7 @@ def restart_engine(cluster: Cluster, engine_id: str) -> EngineRecord:
             policy=cluster.settings.placement_policy,
             margin_mib=cluster.settings.gpu_safety_margin_mib,
             default_max_model_len=cluster.settings.default_max_model_len,
-            mutate=due_now,
+            mutate=EngineRecord.retry_failed,
         )
     if rec.host is None:
         raise IllegalTransition(f"engine {engine_id} has no host yet")
@@ -237,8 +232,6 @@ def restart_engine(cluster: Cluster, engine_id: str) -> EngineRecord:
 
 def engine_logs(cluster: Cluster, engine_id: str, tail: int, timeout_s: float = 15) -> list[str]:
     """The last lines of an engine's log, read by its host's worker (logs stay on hosts)."""
-    from app.state.queues import send_to_host
-
     rec = cluster.registry.get(engine_id)
     if rec.host is None:
         return []
@@ -256,64 +249,3 @@ def engine_logs(cluster: Cluster, engine_id: str, tail: int, timeout_s: float = 
     finally:
         result.forget()
     return [str(x) for x in lines]
-
-
-def prune_records(registry: Registry, ledger: Ledger, older_than_s: float) -> list[str]:
-    """Delete STOPPED/FAILED records older than ``older_than_s``; whatever they still
-    hold is released in the same atomic step. Reservations no record owns any more
-    (left by a crash of an older version) are released too."""
-    cutoff = time.time() - older_than_s
-
-    def prunable(rec: EngineRecord) -> bool:
-        return rec.owns_nothing and rec.state_changed_at <= cutoff
-
-    pruned = [
-        rec.id
-        for rec in registry.engines(state=[S.STOPPED, S.FAILED])
-        if prunable(rec) and registry.delete(rec.id, only_if=prunable)
-    ]
-    for eid in ledger.reserved_engines():
-        rec = registry.find(eid)
-        if rec is None or rec.owns_nothing:
-            ledger.release(eid)
-    return pruned
-
-
-def forget_host(cluster: Cluster, name: str) -> list[str]:
-    """Forget a DOWN host for good (decommissioned, or gone for days): its engines end
-    FAILED (STOPPING ones STOPPED), their reservations are released, the host and its
-    GPU capacity leave the cluster. Returns the engines it ended. A live host is
-    refused: stop its worker first."""
-    from app.core.errors import NotFoundError
-
-    host = cluster.registry.host(name)
-    if host is None:
-        raise NotFoundError(f"host {name!r} is not known")
-    if host.up:
-        raise IllegalTransition(
-            f"host {name} is up (heartbeat {host.heartbeat_age_s:.0f}s ago): stop its worker "
-            "before forgetting it"
-        )
-    ended = []
-    for rec in cluster.registry.engines(host=name):
-        if rec.owns_nothing:
-            cluster.ledger.release(rec.id)  # holds nothing; make sure of it
-            continue
-
-        def end(r: EngineRecord) -> None:
-            if r.state is S.STOPPING:
-                r.transition(S.STOPPED)
-            elif r.state is not S.STOPPED:
-                if r.state is S.RUNNING:
-                    r.transition(S.UNHEALTHY)
-                if r.state is not S.FAILED:
-                    r.transition(S.FAILED)
-                r.last_error = f"host {name} was forgotten"
-            r.next_restart_at = None  # owns nothing now: released in this same write
-            r.pid = r.process_create_time = None
-
-        cluster.registry.update(rec.id, end)
-        ended.append(rec.id)
-    cluster.ledger.forget_host(name)
-    cluster.registry.forget_host(name)
-    return ended

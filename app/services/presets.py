@@ -136,7 +136,7 @@ def apply_preset(
     name, rec = failure
     why = (
         f"{rec.state.value}: {rec.last_error}"
-        if control.settled(rec)
+        if rec.settled
         else f"not RUNNING within {timeout_s:g}s (still {rec.state.value})"
     )
     rolled_back = []

@@ -79,3 +79,10 @@ TASK_STATS = f"{PREFIX}metrics:tasks"
 # Beat ------------------------------------------------------------------------------
 # string: the token of the one running beat, with a TTL it keeps renewing (Lua CAS)
 BEAT_LOCK = f"{PREFIX}beat:lock"
+
+
+# Model facts ---------------------------------------------------------------------
+# hash model id or path -> JSON ModelFacts: the models a host's worker found on its
+# disk, replaced as a whole whenever its scan changes (app.state.model_facts)
+def model_facts(host: str) -> str:
+    return f"{PREFIX}models:{host}"

@@ -16,13 +16,12 @@ import json
 import time
 import uuid
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import redis
 
 from app.core.errors import NotFoundError
-from app.core.models import EngineRecord, EngineState, GpuInfo
+from app.core.models import EngineRecord, EngineState, HostRecord
 from app.state import keys
 from app.state.client import as_text
 from app.state.ledger import (
@@ -41,48 +40,6 @@ Reserve = ReserveRequest | Callable[[EngineRecord], ReserveRequest | None] | Non
 
 def new_engine_id() -> str:
     return "eng-" + uuid.uuid4().hex[:12]
-
-
-@dataclass
-class HostRecord:
-    """What a worker publishes with each heartbeat."""
-
-    name: str
-    address: str
-    port_range: tuple[int, int]
-    gpus: list[GpuInfo] = field(default_factory=list)
-    gpu_source: str = "none"
-    engines: list[str] = field(default_factory=list)
-    busy_ports: list[int] = field(default_factory=list)  # in range, held by other programs
-    worker_version: str = ""
-    heartbeat_at: float = field(default_factory=time.time)
-    up: bool = True  # derived on read: False when the heartbeat key expired
-
-    @property
-    def heartbeat_age_s(self) -> float:
-        return max(0.0, time.time() - self.heartbeat_at)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["gpus"] = [g.to_dict() for g in self.gpus]
-        d["port_range"] = list(self.port_range)
-        d.pop("up")
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any], *, up: bool = True) -> HostRecord:
-        return cls(
-            name=d["name"],
-            address=d["address"],
-            port_range=(int(d["port_range"][0]), int(d["port_range"][1])),
-            gpus=[GpuInfo.from_dict(g) for g in d.get("gpus", [])],
-            gpu_source=d.get("gpu_source", "none"),
-            engines=list(d.get("engines", [])),
-            busy_ports=[int(p) for p in d.get("busy_ports", [])],
-            worker_version=d.get("worker_version", ""),
-            heartbeat_at=float(d.get("heartbeat_at", 0)),
-            up=up,
-        )
 
 
 class Registry:
@@ -271,8 +228,9 @@ class Registry:
         return next((h for h in self.hosts() if h.name == name), None)
 
     def forget_host(self, name: str) -> None:
+        """Drop a host's heartbeat, last-seen record and model facts."""
         pipe = self.r.pipeline(transaction=True)
-        pipe.delete(keys.host(name), keys.host_last_seen(name))
+        pipe.delete(keys.host(name), keys.host_last_seen(name), keys.model_facts(name))
         pipe.srem(keys.HOSTS, name)
         pipe.execute()
 

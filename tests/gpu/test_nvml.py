@@ -17,9 +17,10 @@ from collections.abc import Iterator
 import psutil
 import pytest
 
+from app.core.engine_policy import ENGINE_ID_ENV
 from app.core.models import GpuInfo
 from app.settings import Settings
-from workers.host.gpu_inventory import ENGINE_ID_ENV, Inventory, our_engine_pids, read_inventory
+from workers.host.gpu_inventory import Inventory, our_engine_pids, read_inventory
 
 pytestmark = pytest.mark.gpu
 

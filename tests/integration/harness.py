@@ -42,7 +42,7 @@ def model_roots_for_tests(data_dir: Path) -> str:
     """SAGELLM_MODEL_ROOTS of test clusters: where tests keep models (the fixtures, the
     MiniLM wheel, the demo model under the data dir, and pytest's temp root, where
     ``tiny_llm_path`` is built: ``data_dir`` is ``<temp root>/<test dir>/data``)."""
-    from app.core.presets import minilm_dir
+    from app.settings import minilm_dir
 
     roots = [REPO / "tests" / "fixtures" / "models", data_dir / "models", data_dir.parents[1]]
     minilm = minilm_dir()

@@ -5,7 +5,7 @@ processes: the stand-in ``vllm``), except that Celery is replaced by ``TaskQueue
 task sent to a host is kept until the test delivers it (once, twice, or never: Redis'
 emulated acks redeliver, expiry drops). The test decides the interleaving; the code
 under test is the production code (``app.services.engines``, ``workers.agent.lifecycle``,
-``workers.agent.reconcile``, ``workers.beat_scheduler``).
+``workers.agent.supervise``, ``workers.agent.reconcile``, ``workers.beat_scheduler``).
 
 ``check_invariants`` states, in one place, what must hold after every step.
 """
@@ -27,16 +27,16 @@ from typing import Any
 import psutil
 import redis
 
+from app.core.engine_policy import ENGINE_ID_ENV
 from app.core.models import EngineState
 from app.services.engines import Cluster
 from app.settings import Settings
 from app.state import keys
 from app.state.ledger import Ledger
 from app.state.registry import Registry
-from workers.agent import lifecycle
+from workers.agent import lifecycle, supervise
 from workers.agent.context import HostContext, build_context
 from workers.host import processes
-from workers.runtimes.base import ENGINE_ID_ENV
 
 REPO = Path(__file__).resolve().parents[2]
 FAKES = REPO / "tests" / "fakes"
@@ -75,12 +75,12 @@ def deliver(ctx: HostContext, task: Sent) -> None:
         lifecycle.stop_engine(ctx, eid)
     elif task.task == "sagellm.restart_engine":
         rec = ctx.registry.find(eid)
-        if rec is not None and rec.next_restart_at is not None:
+        if rec is not None and rec.restart_pending:
             lifecycle.spawn_engine(ctx, eid)
     elif task.task == "sagellm.restart_engine_now":
-        lifecycle.manual_restart(ctx, eid)
+        supervise.manual_restart(ctx, eid)
     elif task.task == "sagellm.watch_start":
-        lifecycle.check_start(ctx, eid)
+        supervise.check_start(ctx, eid)
 
 
 def host_settings(

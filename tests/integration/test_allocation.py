@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from pathlib import Path
 
@@ -11,11 +12,14 @@ import redis
 from app.core.allocation import Allocation, plan
 from app.core.errors import PlacementError, UnknownPolicyError, ValidationError
 from app.core.inventory_spec import parse_mock_gpus
-from app.core.models import EngineRecord
+from app.core.memory import ModelFacts, facts_from_config
+from app.core.models import EngineRecord, HostRecord
 from app.core.spec import EngineKind, EngineSpec
-from app.services.allocation import allocate, placement_hosts
+from app.services.allocation import allocate, models_on_hosts, placement_hosts
+from app.state import keys
 from app.state.ledger import Ledger
-from app.state.registry import HostRecord, Registry
+from app.state.model_facts import publish_model_facts
+from app.state.registry import Registry
 from workers.host.gpu_inventory import Inventory, gpu_capacities
 
 pytestmark = pytest.mark.integration
@@ -207,3 +211,34 @@ def test_ports_other_programs_listen_on_are_not_handed_out(real_redis: redis.Red
         "e1", EngineSpec(model="m", required_memory_gb=1), reg, led, policy="binpack", margin_mib=0
     )
     assert alloc.placement.port == 8102
+
+
+def test_allocate_uses_the_facts_the_hosts_published(cluster: tuple[Registry, Ledger]) -> None:
+    """Qwen2.5-1.5B's config on host b only: estimated from b's facts (5717 MiB, see
+    tests/unit/test_memory.py) and reserved there, though binpack alone would choose
+    either; a's facts vanish from placement once a is down."""
+    reg, led = cluster
+    model = str(FIXTURES / "Qwen2.5-1.5B-Instruct")
+    facts = facts_from_config(json.loads((Path(model) / "config.json").read_text()), model, model)
+    publish_model_facts(reg.r, "b", {model: facts})
+    assert placement_hosts(reg, led)[1].models == {model: facts}
+    alloc = _allocate("e1", EngineSpec(model=model), reg, led, policy="spread", margin_mib=GB)
+    assert alloc.placement.host == "b"  # spread alone would pick a's empty 80 GB GPUs
+    assert alloc.estimate is not None and alloc.estimate.per_gpu_mib == 5717
+    assert alloc.estimate.source == "config"
+    listed = models_on_hosts(reg, default_max_model_len=32768)
+    assert [(h["host"], [m["model"] for m in h["models"]]) for h in listed] == [
+        ("a", []),
+        ("b", [model]),
+    ]
+    assert listed[1]["models"][0]["estimate"].per_gpu_mib == 5717
+
+
+def test_the_facts_of_a_down_host_are_not_read_for_placement(
+    cluster: tuple[Registry, Ledger],
+) -> None:
+    reg, led = cluster
+    publish_model_facts(reg.r, "b", {"org/x": ModelFacts("org/x", "/hub/x")})
+    reg.r.delete(keys.host("b"))  # b's heartbeat expired: DOWN
+    by_name = {h.name: h for h in placement_hosts(reg, led)}
+    assert not by_name["b"].up and by_name["b"].models == {}

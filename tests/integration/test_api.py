@@ -17,11 +17,11 @@ from flask.testing import FlaskClient
 
 from app import create_app
 from app.core.inventory_spec import parse_mock_gpus
-from app.core.models import EngineState
+from app.core.models import EngineState, HostRecord
 from app.dev.redis_server import RedisProcess
 from app.settings import Settings
 from app.state.ledger import Ledger
-from app.state.registry import HostRecord, Registry
+from app.state.registry import Registry
 from workers.host.gpu_inventory import Inventory, gpu_capacities
 
 pytestmark = pytest.mark.integration
@@ -228,3 +228,30 @@ def test_preset_with_a_refused_engine_field_is_400_before_anything_is_placed(
     assert resp.status_code == 400, resp.get_json()
     assert "--trust-remote-code" in resp.get_json()["message"]
     assert Ledger(real_redis).is_empty() and Registry(real_redis).engines() == []
+
+
+@pytest.mark.parametrize(
+    ("extra_args", "says"),
+    [
+        (["--port=1"], "sets --port, which sagellm sets; use port instead"),
+        (["--po", "1"], "sets --port"),
+        (["--trust-remote-code"], "SAGELLM_ENGINE_UNSAFE_FLAGS=--trust-remote-code"),
+        (["--config", "x.yaml"], "--config"),
+    ],
+)
+def test_a_direct_start_runs_the_runtimes_argv_check_before_anything_is_reserved(
+    api: FlaskClient, real_redis: redis.Redis, extra_args: list[str], says: str
+) -> None:
+    add_host(real_redis, "a", "2x80")
+    body = {"model": "org/m", "required_memory_gb": 1, "extra_args": extra_args}
+
+    for r in (
+        api.post(E, json=body),
+        api.post(E, json={**body, "kind": "embedding", "use_gpu": False}),  # its own server
+    ):
+        assert r.status_code == 400, r.json
+        assert r.json["field"] == "extra_args"
+        assert says in r.json["message"]
+    assert _ledger(api).is_empty()
+    assert api.get(E).json == []
+    assert real_redis.llen("host.a") == 0

@@ -44,6 +44,7 @@ from app.services import engines as control
 from app.state import keys
 from app.state.client import as_text, connect
 from app.state.ledger import Ledger
+from app.state.prune import prune_records
 from app.state.registry import Registry
 from tests.integration.faults import FaultInjector, InjectedFault, Mode
 from tests.integration.inproc import (
@@ -58,7 +59,7 @@ from tests.integration.inproc import (
     use_fake_engines,
     wait_for,
 )
-from workers.agent import lifecycle
+from workers.agent import lifecycle, supervise
 from workers.agent.reconcile import rediscover
 
 pytestmark = pytest.mark.integration
@@ -66,7 +67,7 @@ S = EngineState
 MARGIN_MIB = 1024
 ADDRESS, GPUS, PORTS = "127.0.0.9", "2x24", "18900-18909"
 MAX_POSITIONS = 8  # write positions tried per path (evenly spread when there are more)
-START_WAIT_S = 15.0
+START_WAIT_S = 60.0  # a deadline, not a target: the engines start in ~1 s on a quiet machine
 
 
 @dataclass
@@ -125,7 +126,7 @@ def health_until_started(env: FaultEnv, timeout_s: float = START_WAIT_S) -> None
     """Health ticks until no engine of the host is STARTING (or ``timeout_s``)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        step(env, "check_host", lambda: lifecycle.check_host(env.ctx))
+        step(env, "check_host", lambda: supervise.check_host(env.ctx))
         if not any(r.state is S.STARTING for r in env.engines()):
             return
         time.sleep(0.05)
@@ -159,7 +160,7 @@ def next_cycle(env: FaultEnv) -> None:
     these send, rediscover again."""
     env.injector.disarm()
     rediscover(env.ctx)
-    lifecycle.check_host(env.ctx)
+    supervise.check_host(env.ctx)
     while env.queue.sent:
         task = env.queue.take(0)
         if task.task != "sagellm.watch_start":
@@ -170,15 +171,15 @@ def next_cycle(env: FaultEnv) -> None:
 def later(env: FaultEnv, monkeypatch: pytest.MonkeyPatch) -> None:
     """Time passes (faults off): the health loop starts engines whose start task was
     lost (``PENDING_GRACE_S``, here at once), starts finish, rediscovery runs."""
-    monkeypatch.setattr(lifecycle, "PENDING_GRACE_S", 0.0)
-    lifecycle.check_host(env.ctx)
+    monkeypatch.setattr(supervise, "PENDING_GRACE_S", 0.0)
+    supervise.check_host(env.ctx)
     while env.queue.sent:
         task = env.queue.take(0)
         if task.task != "sagellm.watch_start":
             deliver(env.ctx, task)
     deadline = time.monotonic() + START_WAIT_S
     while any(r.state is S.STARTING for r in env.engines()) and time.monotonic() < deadline:
-        lifecycle.check_host(env.ctx)
+        supervise.check_host(env.ctx)
         time.sleep(0.05)
     rediscover(env.ctx)
 
@@ -253,7 +254,7 @@ def _crash_setup(env: FaultEnv) -> EngineRecord:
 
 
 def _crash_run(env: FaultEnv, rec: EngineRecord) -> None:
-    step(env, "check_host", lambda: lifecycle.check_host(env.ctx))  # sees it dead
+    step(env, "check_host", lambda: supervise.check_host(env.ctx))  # sees it dead
     deliver_all(env)  # the scheduled restart
     health_until_started(env)
 
@@ -341,7 +342,7 @@ def _prune_run(env: FaultEnv, _: Any) -> None:
     step(
         env,
         "prune_records",
-        lambda: control.prune_records(env.cluster.registry, env.cluster.ledger, 0),
+        lambda: prune_records(env.cluster.registry, env.cluster.ledger, 0),
     )
 
 
@@ -399,6 +400,7 @@ WRITES: dict[str, list[str]] = {
     "readopt": [
         "commit:create RUNNING +reserve",  # rediscovery adopts from the manifest
         "publish_capacity",
+        "MULTI[DEL sagellm:models:{host}, HSET sagellm:models:{host}]",  # the model facts
         _HEARTBEAT,
         "commit:update RUNNING +reserve",  # the next rediscovery: ensure_reserved
         "publish_capacity",

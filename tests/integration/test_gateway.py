@@ -114,15 +114,73 @@ def test_openai_sdk_chat_stream_embeddings_and_models(
         client.embeddings.create(model="tiny-chat", input="x")
 
 
-def test_no_backend_is_503_with_retry_after_and_how_to_start_one(gw: AppServer) -> None:
-    r = httpx.post(
-        f"{gw.url}/v1/chat/completions", json={"model": "Qwen/Qwen2.5-7B-Instruct", "messages": []}
+def test_unknown_model_is_404_at_once_and_lists_the_served_models(
+    env: ClusterEnv, gw: AppServer
+) -> None:
+    """As OpenAI answers: the SDK (default retries) raises NotFoundError at once, and the
+    message lists what is served instead of suggesting to start the misspelt name."""
+    client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="unused")  # retries on 503
+    messages = [{"role": "user", "content": "hi"}]
+
+    def not_found(model: str) -> openai.NotFoundError:
+        t0 = time.monotonic()
+        with pytest.raises(openai.NotFoundError) as exc:
+            client.chat.completions.create(model=model, messages=messages)  # type: ignore[arg-type]
+        assert time.monotonic() - t0 < 1.0, "an unknown model must not be retried"
+        assert (exc.value.code, exc.value.param, exc.value.type) == (
+            "model_not_found",
+            "model",
+            "invalid_request_error",
+        )
+        return exc.value
+
+    assert "no model is served" in not_found("Qwen/Qwen2.5-7B-Instruct").message
+    r = httpx.post(f"{gw.url}/v1/embeddings", json={"input": "x"})  # model omitted
+    assert r.status_code == 404 and "--kind embedding" in r.json()["error"]["message"]
+
+    env.start_worker("a")
+    _replica(env, name="rep")
+    wait_until(lambda: client.models.list().data, 10, what="rep listed")
+    r = httpx.post(f"{gw.url}/v1/chat/completions", json={"model": "rpe", "messages": messages})
+    assert r.status_code == 404 and "Retry-After" not in r.headers
+    message = not_found("rpe").message
+    assert "'rpe' does not exist" in message and "models served: rep" in message
+    assert "engine start rpe" not in message
+
+
+def test_known_model_without_a_healthy_engine_is_503_with_retry_after(
+    env: ClusterEnv, gw: AppServer
+) -> None:
+    env.start_worker("a", FAKE_VLLM_STARTUP_DELAY="4")  # its engines load for 4 s
+    spec = EngineSpec(model="org/Slow-1B", served_model_name="slow", required_memory_gb=8)
+    rec = start_engine(env.cluster, spec)
+    time.sleep(0.5)  # past the gateway's refresh (0.2 s): it knows the engine
+    assert env.get(rec.id).state in (S.PENDING, S.STARTING)
+    r = httpx.post(f"{gw.url}/v1/chat/completions", json={"model": "slow", "messages": []})
+    assert r.status_code == 503 and r.headers["Retry-After"] == "10"
+    error = r.json()["error"]
+    assert error["code"] == "no_backend" and rec.id in error["message"]
+    client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="unused", max_retries=0)
+    with pytest.raises(openai.InternalServerError) as exc:
+        client.chat.completions.create(model="org/Slow-1B", messages=[])
+    assert exc.value.status_code == 503
+    # the model omitted: an LLM engine is on its way, so it is worth retrying
+    assert httpx.post(f"{gw.url}/v1/completions", json={"prompt": "x"}).status_code == 503
+    assert wait_for_state(env.cluster, rec.id, [S.RUNNING], 30).state is S.RUNNING
+    ok = wait_until(
+        lambda: (
+            (
+                x := httpx.post(
+                    f"{gw.url}/v1/chat/completions", json={"model": "slow", "messages": []}
+                )
+            ).status_code
+            == 200
+            and x
+        ),
+        5,
+        what="slow served once RUNNING",
     )
-    assert r.status_code == 503
-    assert r.headers["Retry-After"] == "10"
-    assert "flask sagellm engine start Qwen/Qwen2.5-7B-Instruct" in r.json()["error"]["message"]
-    r = httpx.post(f"{gw.url}/v1/embeddings", json={"input": "x"})
-    assert r.status_code == 503 and "--kind embedding" in r.json()["error"]["message"]
+    assert ok.headers["X-Sagellm-Engine"] == rec.id
 
 
 def test_replicas_share_by_outstanding_requests_and_survive_a_kill(

@@ -30,6 +30,7 @@ import psutil
 import pytest
 import redis
 
+from app.core.engine_policy import ENGINE_ID_ENV
 from app.core.errors import ReservationConflict
 from app.core.models import EngineRecord, EngineState, GpuInfo, GpuProcess
 from app.core.spec import EngineSpec
@@ -51,12 +52,12 @@ from tests.integration.inproc import (
     use_fake_engines,
     wait_for,
 )
-from workers.agent import lifecycle
+from workers.agent import lifecycle, supervise
 from workers.agent.reconcile import rediscover
 from workers.beat_scheduler import mark_lost_engines
 from workers.host import processes
 from workers.host.gpu_inventory import Inventory, gpu_capacities
-from workers.runtimes.base import ENGINE_ID_ENV, LaunchPlan
+from workers.runtimes.base import LaunchPlan
 
 pytestmark = pytest.mark.integration
 S = EngineState
@@ -169,7 +170,7 @@ def take(env: Env, task: str, engine_id: str) -> Sent:
 
 
 def becomes_running(env: Env, engine_id: str) -> bool:
-    return wait_for(lambda: lifecycle.check_start(env.ctx, engine_id) == "running", 15)
+    return wait_for(lambda: supervise.check_start(env.ctx, engine_id) == "running", 15)
 
 
 def start_running(env: Env, gb: float) -> EngineRecord:
@@ -282,7 +283,7 @@ def test_stop_of_failed_engine_with_pending_restart_releases_once_and_never_rest
     rec = env.registry.get(rec.id)
     assert rec.state is S.STARTING
     crash(rec)
-    lifecycle.check_host(env.ctx)  # handle_dead: FAILED, restart in 30 s
+    supervise.check_host(env.ctx)  # handle_dead: FAILED, restart in 30 s
     failed = env.registry.get(rec.id)
     assert failed.state is S.FAILED and failed.pid is None
     assert failed.next_restart_at is not None, failed.last_error
@@ -302,7 +303,7 @@ def test_stop_of_failed_engine_with_pending_restart_releases_once_and_never_rest
     # The stale restart (its queued task, a due restart in the health loop) starts nothing.
     deliver(env.ctx, restart_task)
     lifecycle.spawn_engine(env.ctx, rec.id)
-    lifecycle.check_host(env.ctx)
+    supervise.check_host(env.ctx)
     assert env.registry.get(rec.id).state is S.STOPPED
     assert not trees(rec.id), "a stopped engine was restarted"
     deliver(env.ctx, take(env, "sagellm.start_engine", second.id))
@@ -414,7 +415,7 @@ def test_stop_requested_while_host_is_down_finishes_when_the_host_returns(env: E
 
     env.host.restart_worker()
     heartbeat(env.host)
-    lifecycle.check_host(env.ctx)
+    supervise.check_host(env.ctx)
 
     final = env.registry.get(rec.id)
     assert final.state is S.STOPPED, (final.state, final.last_error)
@@ -507,7 +508,7 @@ def test_engine_spawned_by_a_worker_that_died_before_recording_it_is_relinked_ne
     deliver(env.ctx, take(env, "sagellm.start_engine", first.id))
     # second: its start task is redelivered before any rediscovery runs
     deliver(env.ctx, take(env, "sagellm.start_engine", second.id))
-    lifecycle.check_host(env.ctx)
+    supervise.check_host(env.ctx)
 
     for eid, orphan in orphans.items():
         assert trees(eid) == {orphan.pid}, f"{eid}: a second process was started"
@@ -562,7 +563,7 @@ def test_restart_of_failed_engine_takes_its_room_in_the_same_write_as_its_placem
     rec = control.start_engine(env.cluster, spec(8))
     deliver(env.ctx, take(env, "sagellm.start_engine", rec.id))
     crash(env.registry.get(rec.id))
-    lifecycle.check_host(env.ctx)  # no restart left: FAILED for good, room released
+    supervise.check_host(env.ctx)  # no restart left: FAILED for good, room released
     failed = env.registry.get(rec.id)
     assert failed.state is S.FAILED and failed.next_restart_at is None
     assert env.ledger.reservation(rec.id) is None
@@ -608,7 +609,7 @@ def test_crash_of_engine_leader_takes_its_renamed_tensor_parallel_worker_with_it
     assert not gone(child.pid, child.create_time())
     crash(rec)
 
-    lifecycle.check_host(env.ctx)
+    supervise.check_host(env.ctx)
 
     assert wait_for(lambda: gone(child.pid, child.create_time()), 1), "orphaned TP worker"
     after = env.registry.get(rec.id)
@@ -728,7 +729,7 @@ def test_restart_budget_is_given_back_after_a_stable_run(make_env: Callable[...,
     time.sleep(1.2)  # RUNNING for longer than SAGELLM_RESTART_RESET_AFTER_S
     crash(rec)
 
-    lifecycle.check_host(env.ctx)
+    supervise.check_host(env.ctx)
 
     pending = env.registry.get(rec.id)
     assert pending.next_restart_at is not None, (pending.state, pending.last_error)

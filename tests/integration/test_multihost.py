@@ -180,7 +180,8 @@ def test_metrics_match_status(clean: Cluster3) -> None:
         json={"model": "m1", "messages": [{"role": "user", "content": "x"}]},
     )
     assert r.status_code == 200
-    httpx.post(f"{clean.api.url}/v1/chat/completions", json={"model": "ghost", "messages": []})
+    ghost = {"model": "ghost", "messages": []}
+    assert httpx.post(f"{clean.api.url}/v1/chat/completions", json=ghost).status_code == 404
     text = httpx.get(f"{clean.api.url}/metrics").text
     fams = {f.name: f for f in text_string_to_metric_families(text)}
     status = clean.get(f"{M}/status")
@@ -207,7 +208,7 @@ def test_metrics_match_status(clean: Cluster3) -> None:
         dict(k)["model"] == "m1" and dict(k)["code"] == "200" and v >= 1 for k, v in reqs.items()
     )
     errors = samples("sagellm_gateway_errors")
-    assert errors[(("model", ""), ("reason", "no_backend"))] >= 1
+    assert errors[(("model", ""), ("reason", "unknown_model"))] >= 1
     assert "sagellm_gateway_request_duration_seconds" in fams
     runs = samples("sagellm_task_runs")
     assert runs[(("task", "sagellm.start_engine"),)] >= 1

@@ -22,7 +22,7 @@ from app.core.inventory_spec import mock_uuid
 from app.core.models import EngineRecord, GpuAssignment
 from app.core.spec import EngineSpec
 from app.state.ledger import port_is_bindable
-from workers.host import processes
+from workers.host import process_tree, processes
 from workers.host.processes import NotOurProcess, SpawnedProcess
 from workers.runtimes import get_runtime
 from workers.runtimes.base import LaunchPlan
@@ -311,8 +311,8 @@ def test_untagged_process_is_never_signalled_without_its_identity(cleanup: Clean
     )
     assert processes.sweep_session(sleeper.pid, wrong, grace_s=0.5) == 0
     assert processes.sweep_session(sleeper.pid, None, grace_s=0.5) == 0
-    assert processes.engine_tree(sleeper.pid, wrong) == []
-    assert not processes.is_alive_tree(sleeper.pid, wrong)
+    assert process_tree.engine_tree(sleeper.pid, wrong) == []
+    assert not bool(process_tree.engine_tree(sleeper.pid, wrong))
 
     # Its leader gone, the child left in its session is still not ours: without a
     # create time, only a tag would make it so.
@@ -352,7 +352,7 @@ def test_sweep_leaves_processes_tagged_for_another_engine(
 
     assert result.exited and not result.killed
     assert all(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
-    assert processes.is_alive_tree(proc.pid, proc.create_time)  # still an engine's
+    assert bool(process_tree.engine_tree(proc.pid, proc.create_time))  # still an engine's
 
 
 # ------------------------------------------------- engines that rename their processes
@@ -401,22 +401,22 @@ def test_renamed_workers_of_a_crashed_leader_are_found_and_swept(
     tmp_path: Path, cleanup: Cleanup, strays: list[psutil.Process]
 ) -> None:
     proc, workers = start_renamed(tmp_path, "eng-renamed", cleanup, strays, "--workers", "2")
-    tree = {p.pid for p in processes.engine_tree(proc.pid, proc.create_time)}
+    tree = {p.pid for p in process_tree.engine_tree(proc.pid, proc.create_time)}
     assert tree == {proc.pid, *(w.pid for w in workers)}
     crash_leader(proc)
     assert all(not gone(w) for w in workers)
     # Untagged, they are invisible to the tag scan, but not to the session's.
     assert "eng-renamed" not in processes.find_tagged_processes()
-    assert processes.is_alive_tree(proc.pid, proc.create_time)
-    assert {p.pid for p in processes.engine_tree(proc.pid, proc.create_time)} == {
+    assert bool(process_tree.engine_tree(proc.pid, proc.create_time))
+    assert {p.pid for p in process_tree.engine_tree(proc.pid, proc.create_time)} == {
         w.pid for w in workers
     }
 
     assert processes.sweep_session(proc.pid, proc.create_time, grace_s=5) == 2
 
     assert all(gone(w) for w in workers)
-    assert not processes.is_alive_tree(proc.pid, proc.create_time)
-    assert processes.engine_tree(proc.pid, proc.create_time) == []
+    assert not bool(process_tree.engine_tree(proc.pid, proc.create_time))
+    assert process_tree.engine_tree(proc.pid, proc.create_time) == []
     assert processes.sweep_session(proc.pid, proc.create_time, grace_s=5) == 0
 
 
@@ -457,7 +457,7 @@ def test_stop_stops_a_leader_that_renamed_itself_by_its_identity(
 
     assert result == processes.StopResult(exited=True, killed=False, exit_code=-signal.SIGTERM)
     assert all(gone(w) for w in workers)
-    assert not processes.is_alive_tree(proc.pid, proc.create_time)
+    assert not bool(process_tree.engine_tree(proc.pid, proc.create_time))
 
 
 def test_spawn_refuses_an_untagged_plan(tmp_path: Path) -> None:

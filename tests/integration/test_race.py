@@ -45,6 +45,8 @@ from app.core.errors import SagellmError
 from app.core.models import EngineState
 from app.core.spec import EngineSpec
 from app.services import engines as control
+from app.services.hosts import forget_host
+from app.state.prune import prune_records
 from tests.integration.inproc import (
     InprocHost,
     TaskQueue,
@@ -58,7 +60,7 @@ from tests.integration.inproc import (
     use_fake_engines,
     wait_for,
 )
-from workers.agent import lifecycle
+from workers.agent import supervise
 from workers.agent.reconcile import rediscover
 from workers.beat_scheduler import mark_lost_engines
 
@@ -147,7 +149,7 @@ class CoreRace(RuleBasedStateMachine):
         ids = self._ids()
         wait_for(
             lambda: all(
-                lifecycle.check_start(self.hosts[self.names["a"]].ctx, e) != "waiting"
+                supervise.check_start(self.hosts[self.names["a"]].ctx, e) != "waiting"
                 for e in ids[:2]
             ),
             15,
@@ -196,7 +198,7 @@ class CoreRace(RuleBasedStateMachine):
     @rule()
     def prune(self) -> None:
         self.trace.append("prune()")
-        control.prune_records(self.cluster.registry, self.cluster.ledger, 0)
+        prune_records(self.cluster.registry, self.cluster.ledger, 0)
 
     # ------------------------------------------------------------------ the queue
     # No preconditions on the queue: what it holds depends on timing (real processes),
@@ -252,7 +254,7 @@ class CoreRace(RuleBasedStateMachine):
         self.trace.append(f"health_tick(host={host!r})")
         host = self.names[host]
         if self.up[host]:
-            lifecycle.check_host(self.hosts[host].ctx)
+            supervise.check_host(self.hosts[host].ctx)
 
     @rule(host=st.sampled_from(sorted(HOSTS)))
     def rediscovery(self, host: str) -> None:
@@ -317,7 +319,7 @@ class CoreRace(RuleBasedStateMachine):
                         os.kill(pid, 9)
         wait_for(lambda: not any(e in on_host for e in engine_sessions()), 5)
         with contextlib.suppress(SagellmError):
-            control.forget_host(self.cluster, host)
+            forget_host(self.cluster, host)
 
     # ------------------------------------------------------------------ checks
     @invariant()
@@ -340,7 +342,7 @@ class CoreRace(RuleBasedStateMachine):
             for _ in range(2):
                 for h in self.hosts.values():
                     rediscover(h.ctx)
-                    lifecycle.check_host(h.ctx)
+                    supervise.check_host(h.ctx)
                 while self.queue.sent:
                     task = self.queue.sent.pop(0)
                     if task.task != "sagellm.watch_start":

@@ -176,7 +176,7 @@ def test_cli_reads_the_local_token_file_when_the_variable_is_unset(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from app.api.auth import ensure_admin_token
-    from app.cli.commands import ApiClient
+    from app.cli.client import ApiClient
 
     token, created = ensure_admin_token(tmp_path)
     assert created and len(token) >= 32

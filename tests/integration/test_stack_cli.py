@@ -268,6 +268,29 @@ def test_up_generated_an_admin_token_that_the_api_requires(stack: Stack) -> None
     assert r.returncode == 0, r.stdout + r.stderr
 
 
+def test_logs_follow_a_real_engine_until_it_is_stopped_by_its_label(stack: Stack) -> None:
+    # tiny-chat runs since the cpu-demo apply above; this test stops it, so it comes last
+    out = stack.tmp / "follow.out"
+    err = stack.tmp / "follow.err"
+    with out.open("w") as stdout, err.open("w") as stderr:
+        follow = subprocess.Popen(
+            [str(BIN / "sagellm"), "engine", "logs", "tiny-chat", "--tail", "5", "-f"],
+            env=stack.env, stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            wait_until(lambda: out.read_text().strip(), 30, what="the log's last lines")
+            assert follow.poll() is None  # still following
+            stop = stack.cli("engine", "stop", "tiny-chat")
+            assert stop.returncode == 0, stop.stdout + stop.stderr
+            assert ": STOPPED" in stop.stdout.splitlines()[-1], stop.stdout
+            assert follow.wait(30) == 0, err.read_text()
+        finally:
+            if follow.poll() is None:
+                follow.kill()
+    assert len(out.read_text().splitlines()) >= 1
+    assert "STOPPED" in err.read_text()
+
+
 @pytest.mark.parametrize(
     ("token", "how"),
     [("set", "ctrl-c"), ("generated", "ctrl-c"), ("set", "down")],

@@ -10,12 +10,15 @@ from unittest import mock
 import pytest
 import redis
 
-from app.core.models import EngineRecord, EngineState
+from app.core.models import EngineRecord, EngineState, HostRecord
 from app.core.spec import EngineSpec
+from app.settings import Settings
 from app.state import keys
-from app.state.registry import HostRecord, Registry, new_engine_id
+from app.state.locks import BEAT_LOCK_TTL_S, BeatLock
+from app.state.registry import Registry, new_engine_id
 from workers import beat_scheduler
-from workers.beat_scheduler import BeatLock, SagellmScheduler, mark_lost_engines
+from workers.beat_scheduler import SagellmScheduler, mark_lost_engines
+from workers.celery_app import make_celery
 
 S = EngineState
 
@@ -72,7 +75,7 @@ def test_only_one_beat_holds_the_lock_and_release_frees_it(real_redis: redis.Red
     assert second.acquire() is False
     assert real_redis.get(keys.BEAT_LOCK) == first.token
     ttl = real_redis.pttl(keys.BEAT_LOCK)
-    assert 0 < ttl <= beat_scheduler.BEAT_LOCK_TTL_S * 1000
+    assert 0 < ttl <= BEAT_LOCK_TTL_S * 1000
     first.release()
     assert real_redis.exists(keys.BEAT_LOCK) == 0
     assert second.acquire() is True
@@ -161,10 +164,10 @@ def test_renew_that_cannot_reach_redis_for_a_whole_ttl_reports_lost(
 # -------------------------------------------------------------------- the scheduler
 @pytest.fixture
 def scheduler(real_redis: redis.Redis, tmp_path: Path) -> SagellmScheduler:
-    from workers.celery_app import celery_app
-
     sched = SagellmScheduler(
-        app=celery_app, schedule_filename=str(tmp_path / "celerybeat-schedule"), lazy=True
+        app=make_celery(Settings.from_env({})),
+        schedule_filename=str(tmp_path / "celerybeat-schedule"),
+        lazy=True,
     )
     sched._registry = Registry(real_redis)
     return sched
@@ -198,14 +201,14 @@ def test_tick_sees_the_lock_held_by_the_process(
     real_redis: redis.Redis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The scheduler Celery builds finds the lock the `beat` command took."""
-    from workers.celery_app import celery_app
-
     lock = BeatLock(real_redis)
     assert lock.acquire()
     monkeypatch.setattr(beat_scheduler, "_held_lock", None)
     beat_scheduler.hold(lock)
     sched = SagellmScheduler(
-        app=celery_app, schedule_filename=str(tmp_path / "celerybeat-schedule"), lazy=True
+        app=make_celery(Settings.from_env({})),
+        schedule_filename=str(tmp_path / "celerybeat-schedule"),
+        lazy=True,
     )
     lock.lost.set()
     monkeypatch.setattr(beat_scheduler, "mark_lost_engines", mock.Mock())

@@ -8,107 +8,20 @@ from __future__ import annotations
 
 import re
 import socket
-import threading
-import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
-from click.testing import CliRunner, Result
-from werkzeug.serving import make_server
 
-from app import create_app
-from app.cli import commands as cli_commands
-from app.cli import sagellm
-from app.core.inventory_spec import parse_mock_gpus
+from app.cli import client as cli_client
+from app.cli import presets as cli_presets
 from app.core.models import EngineState
-from app.dev.redis_server import RedisProcess
-from app.settings import Settings
 from app.state.ledger import Ledger
-from app.state.registry import HostRecord, Registry
-from workers.host.gpu_inventory import Inventory, gpu_capacities
+from app.state.registry import Registry
+from tests.unit.cli_harness import FakeWorker, add_host, api_url, only_engine_id, run
 
-
-def add_host(r: redis.Redis, name: str, mock: str, ttl: float = 60) -> None:
-    gpus = parse_mock_gpus(mock, name)
-    Ledger(r).publish_capacity(name, gpu_capacities(Inventory(tuple(gpus), "mock"), name, set()))
-    Registry(r).put_host(HostRecord(name, "127.0.0.1", (8100, 8199), gpus=gpus), ttl_s=ttl)
-
-
-@pytest.fixture
-def api_url(
-    redis_server: RedisProcess,
-    real_redis: redis.Redis,
-    monkeypatch: pytest.MonkeyPatch,
-    tmp_path: Path,
-) -> Iterator[str]:
-    """The API served over HTTP; SAGELLM_API_URL points at it."""
-    settings = Settings.from_env(
-        {
-            "SAGELLM_REDIS_URL": redis_server.url,
-            "SAGELLM_HOST_NAME": "api",
-            # cpu-demo's model paths are under the API's data dir (not the CLI's)
-            "SAGELLM_DATA_DIR": str(tmp_path / "api-data"),
-        }
-    )
-    server = make_server("127.0.0.1", 0, create_app(settings), threaded=True)
-    # A short poll interval: shutdown() waits up to one interval.
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{server.server_port}"
-    monkeypatch.setenv("SAGELLM_API_URL", url)
-    monkeypatch.delenv("SAGELLM_ADMIN_TOKEN", raising=False)
-    # the CLI's own data dir: presets must not take the API's paths from it
-    monkeypatch.setenv("SAGELLM_DATA_DIR", str(tmp_path / "data"))
-    yield url
-    server.shutdown()
-    thread.join(5)
-
-
-def run(*args: str, input: str | None = None) -> Result:
-    return CliRunner().invoke(sagellm, list(args), input=input, catch_exceptions=False)
-
-
-class FakeWorker(threading.Thread):
-    """Moves engines as a worker would: PENDING -> STARTING (pid 4242) -> ``outcome``,
-    ``step_s`` apart. Only the registry changes; no process runs."""
-
-    def __init__(
-        self, r: redis.Redis, outcome: EngineState = EngineState.RUNNING, error: str = ""
-    ) -> None:
-        super().__init__(daemon=True)
-        self.registry = Registry(r)
-        self.outcome = outcome
-        self.error = error or None
-        self.step_s = 0.6
-        self.stopped = threading.Event()
-
-    def run(self) -> None:
-        while not self.stopped.wait(0.05):
-            for rec in self.registry.engines():
-                # Each state lasts a while, so every poll of the CLI can see it.
-                if time.time() - rec.state_changed_at < self.step_s:
-                    continue
-                if rec.state is EngineState.PENDING:
-                    self.registry.transition(rec.id, EngineState.STARTING, pid=4242)
-                elif rec.state is EngineState.STARTING:
-                    self.registry.transition(rec.id, self.outcome, error=self.error)
-
-    def __enter__(self) -> FakeWorker:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stopped.set()
-        self.join(5)
-
-
-def _only_engine_id(r: redis.Redis) -> str:
-    engines = Registry(r).engines()
-    assert len(engines) == 1
-    return engines[0].id
+__all__ = ["api_url"]  # a fixture, used by name
 
 
 def test_engine_start_no_wait_places_on_the_host_and_prints_the_id(
@@ -117,7 +30,7 @@ def test_engine_start_no_wait_places_on_the_host_and_prints_the_id(
     add_host(real_redis, "a", "2x80")
     res = run("engine", "start", "m", "--memory-gb", "20", "--label", "chat", "--no-wait")
     assert res.exit_code == 0, res.output
-    eid = _only_engine_id(real_redis)
+    eid = only_engine_id(real_redis)
     assert eid in res.output
     assert "PENDING on host a, GPUs 0, port 8100" in res.output
     assert Ledger(real_redis).reservation(eid) is not None
@@ -144,7 +57,7 @@ def test_engine_start_wait_shows_progress_then_times_out_still_starting(
     add_host(real_redis, "a", "2x80")
     res = run("engine", "start", "m", "--memory-gb", "1", "--wait", "--timeout", "2")
     assert res.exit_code == 1
-    eid = _only_engine_id(real_redis)
+    eid = only_engine_id(real_redis)
     # The elapsed time depends on the machine's load; the progress line does not.
     assert re.search(r"\d+\.\ds PENDING on host a, GPUs 0, port 8100", res.output), res.output
     assert f"engine {eid} is still PENDING after 2s" in res.output
@@ -160,7 +73,7 @@ def test_engine_start_wait_follows_each_state_until_running(
     with FakeWorker(real_redis):
         res = run("engine", "start", "m", "--memory-gb", "1", "--timeout", "30")
     assert res.exit_code == 0, res.output
-    eid = _only_engine_id(real_redis)
+    eid = only_engine_id(real_redis)
     steps = [line.split(maxsplit=1)[1] for line in res.output.splitlines()[1:4]]
     assert steps == [
         "PENDING on host a, GPUs 0, port 8100",
@@ -177,7 +90,7 @@ def test_engine_start_wait_reports_failed_with_its_error(
     with FakeWorker(real_redis, EngineState.FAILED, "CUDA out of memory"):
         res = run("engine", "start", "m", "--memory-gb", "1", "--timeout", "30")
     assert res.exit_code == 1
-    eid = _only_engine_id(real_redis)
+    eid = only_engine_id(real_redis)
     assert "FAILED: CUDA out of memory" in res.stdout
     assert f"engine {eid} FAILED: CUDA out of memory" in res.stderr
 
@@ -185,12 +98,16 @@ def test_engine_start_wait_reports_failed_with_its_error(
 def test_engine_list_shows_the_engine_and_filters(api_url: str, real_redis: redis.Redis) -> None:
     add_host(real_redis, "a", "2x80")
     run("engine", "start", "org/m", "--memory-gb", "1", "--served-model-name", "mine", "--no-wait")
-    eid = _only_engine_id(real_redis)
+    eid = only_engine_id(real_redis)
     res = run("engine", "list")
     assert res.exit_code == 0, res.output
     header, row = res.output.splitlines()
-    assert header.split() == ["ID", "STATE", "KIND", "MODEL", "HOST", "GPUS", "PORT", "RESTARTS"]
-    assert row.split() == [eid, "PENDING", "llm", "mine", "a", "0", "8100", "0"]
+    assert header.split() == [
+        "NAME", "LABEL", "STATE", "MODEL", "HOST", "GPUS", "URL", "AGE", "RESTARTS"
+    ]  # fmt: skip
+    *cells, age, restarts = row.split()
+    assert cells == [eid, "-", "PENDING", "mine", "a", "0", "http://127.0.0.1:8100"]
+    assert re.fullmatch(r"\d+s", age) and restarts == "0"
     assert run("engine", "list", "--state", "running").output.strip() == "no engines"
     assert eid in run("engine", "list", "--host", "a", "--kind", "llm").output
 
@@ -198,7 +115,7 @@ def test_engine_list_shows_the_engine_and_filters(api_url: str, real_redis: redi
 def test_engine_stop_no_wait_marks_it_stopping(api_url: str, real_redis: redis.Redis) -> None:
     add_host(real_redis, "a", "2x80")
     run("engine", "start", "m", "--memory-gb", "1", "--no-wait")
-    eid = _only_engine_id(real_redis)
+    eid = only_engine_id(real_redis)
     res = run("engine", "stop", eid, "--no-wait")
     assert res.exit_code == 0, res.output
     assert f"engine {eid}: STOPPING" in res.output
@@ -317,7 +234,7 @@ def test_preset_apply_shows_progress_then_rolls_back_on_timeout(
     api_url: str, real_redis: redis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # polls well inside the 1 s the engine stays PENDING before the apply gives up
-    monkeypatch.setattr(cli_commands, "PRESET_POLL_S", 0.2)
+    monkeypatch.setattr(cli_presets, "PRESET_POLL_S", 0.2)
     add_host(real_redis, "a", "none")
     res = run("preset", "apply", "-n", "cpu-demo", "--yes", "--timeout", "1")
     assert res.exit_code == 1, res.output
@@ -400,13 +317,13 @@ def test_preset_apply_file_dry_run_plans_it(
 def _record_requests(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
     """Every request the CLI sends, as (method, path, json) dicts; still sent."""
     sent: list[dict[str, Any]] = []
-    real = cli_commands.ApiClient.request
+    real = cli_client.ApiClient.request
 
-    def record(self: cli_commands.ApiClient, method: str, path: str, **kw: Any) -> Any:
+    def record(self: cli_client.ApiClient, method: str, path: str, **kw: Any) -> Any:
         sent.append({"method": method, "path": path, "json": kw.get("json")})
         return real(self, method, path, **kw)
 
-    monkeypatch.setattr(cli_commands.ApiClient, "request", record)
+    monkeypatch.setattr(cli_client.ApiClient, "request", record)
     return sent
 
 
@@ -464,9 +381,9 @@ def test_preset_apply_builtin_by_name_needs_no_client_variables(
     assert "api-data/models/tiny-chat" in res.output
 
 
-def test_unknown_preset_lists_the_known_ones(api_url: str) -> None:
+def test_unknown_preset_is_invalid_input_listing_the_known_ones(api_url: str) -> None:
     res = run("preset", "apply", "-n", "nope", "--dry-run")
-    assert res.exit_code == 1
+    assert res.exit_code == 2
     assert "nope" in res.stderr
     assert "cpu-demo" in res.stderr and "qwen-mini-with-embeddings" in res.stderr
 

@@ -357,3 +357,19 @@ def test_only_the_api_sums_metrics_across_its_processes(raw: dict[str, Any]) -> 
     assert folder in services["api"].get("tmpfs", [])  # exists, and empty at each start
     others = [n for n in services if n != "api" and "PROMETHEUS_MULTIPROC_DIR" in _env(services[n])]
     assert not others
+
+
+def _mounts(service: Mapping[str, Any]) -> list[str]:
+    return [
+        str(v) if not isinstance(v, dict) else str(v.get("target"))
+        for v in service.get("volumes", [])
+    ]
+
+
+def test_only_the_gpu_hosts_mount_a_hugging_face_cache(services: dict[str, Any]) -> None:
+    """Each worker measures the models on its own host and publishes their facts: the
+    head estimates from those, so it needs no copy of the GPU hosts' cache."""
+    for name in ("api", "beat", "flower"):
+        mounts = _mounts(services[name])
+        assert not [m for m in mounts if "huggingface" in m], f"{name} mounts {mounts}"
+    assert any(m.endswith(":/home/sagellm/.cache/huggingface") for m in _mounts(services["worker"]))

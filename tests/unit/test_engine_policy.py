@@ -237,18 +237,26 @@ def test_default_roots_are_the_hf_cache_and_data_dir_models(
 ) -> None:
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     settings = Settings.from_env({"SAGELLM_DATA_DIR": str(tmp_path / "data")})
-    roots = EnginePolicy.from_settings(settings).model_roots
+    roots = settings.engine_policy().model_roots
     assert str(tmp_path / "hub") in roots
     assert str(tmp_path / "data" / "models") in roots
     given = Settings.from_env({"SAGELLM_MODEL_ROOTS": f"{tmp_path}/a,{tmp_path}/b"})
-    assert EnginePolicy.from_settings(given).model_roots == (f"{tmp_path}/a", f"{tmp_path}/b")
+    assert given.engine_policy().model_roots == (f"{tmp_path}/a", f"{tmp_path}/b")
+
+
+def test_default_roots_read_the_hub_cache_from_the_environment_given(tmp_path: Path) -> None:
+    settings = Settings.from_env({"SAGELLM_DATA_DIR": str(tmp_path / "data")})
+
+    roots = settings.engine_policy({"HF_HOME": str(tmp_path / "hf")}).model_roots
+
+    assert roots[0] == str(tmp_path / "hf" / "hub")
 
 
 def test_unknown_or_owned_names_in_unsafe_flags_setting_are_a_config_error() -> None:
     for value in ("--trust-remote-cod", "--port"):
         settings = Settings.from_env({"SAGELLM_ENGINE_UNSAFE_FLAGS": value})
         with pytest.raises(ConfigError) as err:
-            EnginePolicy.from_settings(settings)
+            settings.engine_policy()
         assert err.value.field == "SAGELLM_ENGINE_UNSAFE_FLAGS"
 
 

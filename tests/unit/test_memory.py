@@ -2,9 +2,11 @@
 
 The three config.json fixtures under tests/fixtures/models/ are the published configs
 of Qwen/Qwen2.5-1.5B-Instruct, meta-llama/Llama-3.1-8B-Instruct and
-Qwen/Qwen2.5-7B-Instruct-AWQ. Every expected number below is derived in the comment
+Qwen/Qwen2.5-7B-Instruct-AWQ; the estimate is arithmetic over the facts parsed from
+them (as a host holding only the config would publish them; reading files from disk is
+tested in test_model_facts.py). Every expected number below is derived in the comment
 above it from those files' fields; MiB = 2**20 bytes, GiB = 1024 MiB; sizes round UP to
-whole MiB. Constants of app/core/memory.py used in the sums:
+whole MiB. Constants of app/core/memory/estimate.py used in the sums:
   overhead = 1536 MiB + ceil(5% of weights MiB per GPU);  headroom = 192 MiB;
   KV is sized for ceil(max_model_len / 16) * 16 tokens (vLLM's 16-token blocks).
 """
@@ -12,25 +14,22 @@ whole MiB. Constants of app/core/memory.py used in the sums:
 from __future__ import annotations
 
 import json
-import math
-import shutil
-import struct
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from app.core.errors import ValidationError
 from app.core.memory import (
-    MIB,
+    MemoryEstimate,
+    ModelFacts,
     estimate_embedding_memory,
     estimate_memory,
+    facts_from_config,
     kv_cache_bytes_per_token,
     model_max_len,
     parameter_count,
     parameter_count_from_name,
-    read_safetensors_header,
-    resolve_model_dir,
-    safetensors_weight_bytes,
     vllm_fit_flags,
 )
 
@@ -45,6 +44,16 @@ H200_MIB = 143771  # NVML total of an H200 141GB
 
 def config_of(model_dir: Path) -> dict[str, object]:
     return json.loads((model_dir / "config.json").read_text())
+
+
+def facts_of(model_dir: Path) -> ModelFacts:
+    """The facts of a fixture: its config.json, no weights on disk."""
+    return facts_from_config(config_of(model_dir), str(model_dir), str(model_dir))
+
+
+def estimate(model_dir: Path, **kwargs: Any) -> MemoryEstimate:
+    """``estimate_memory`` of a fixture, from its facts."""
+    return estimate_memory(str(model_dir), facts=facts_of(model_dir), **kwargs)
 
 
 # ---------------------------------------------------------------------------- Qwen2.5-1.5B
@@ -75,7 +84,7 @@ def test_qwen2_5_1_5b_parameter_count_is_the_published_one() -> None:
 
 
 def test_qwen2_5_1_5b_estimate_from_config() -> None:
-    est = estimate_memory(str(QWEN_1_5B))
+    est = estimate(QWEN_1_5B)
     assert est.source == "config"  # the fixture holds no weights
     assert est.weights_bytes == 3_087_428_608
     assert est.weights_mib_per_gpu == 2945
@@ -88,7 +97,7 @@ def test_qwen2_5_1_5b_estimate_from_config() -> None:
 
 
 def test_explain_breaks_the_total_down() -> None:
-    assert estimate_memory(str(QWEN_1_5B)).explain() == (
+    assert estimate(QWEN_1_5B).explain() == (
         "Qwen2.5-1.5B-Instruct: 2.9 GiB weights + 0.9 GiB KV (32768 tokens) + 1.6 GiB "
         "overhead + 0.2 GiB headroom = 5.6 GiB per GPU (size from config)"
     )
@@ -121,7 +130,7 @@ def test_llama_3_1_8b_parameter_count_is_the_published_one() -> None:
 
 
 def test_llama_3_1_8b_estimate_caps_length_at_the_default() -> None:
-    est = estimate_memory(str(LLAMA_8B))
+    est = estimate(LLAMA_8B)
     assert est.weights_bytes == 16_060_522_496
     assert est.weights_mib_per_gpu == 15317
     assert est.kv_bytes_per_token_per_gpu == 131_072
@@ -134,7 +143,7 @@ def test_llama_3_1_8b_estimate_caps_length_at_the_default() -> None:
 
 def test_llama_3_1_8b_at_its_full_length() -> None:
     # KV 131,072 B * 131,072 tokens = 16 GiB = 16384 MiB; 15317 + 16384 + 2302 + 192
-    est = estimate_memory(str(LLAMA_8B), max_model_len=131072)
+    est = estimate(LLAMA_8B, max_model_len=131072)
     assert est.kv_cache_mib_per_gpu == 16384
     assert est.per_gpu_mib == 34195
 
@@ -143,8 +152,8 @@ def test_tensor_parallel_2_halves_weights_and_kv_heads() -> None:
     # weights 16,060,522,496 / 2 = 8,030,261,248 B = 7658.25 MiB -> 7659
     # KV heads 8 / 2 = 4 per GPU: 2 * 32 * 4 * 128 * 2 B = 65,536 B; * 32768 = 2048 MiB
     # overhead 1536 + ceil(7659 * 0.05 = 382.95) = 1919; total 7659+2048+1919+192 = 11818
-    one = estimate_memory(str(LLAMA_8B))
-    two = estimate_memory(str(LLAMA_8B), tensor_parallel=2)
+    one = estimate(LLAMA_8B)
+    two = estimate(LLAMA_8B, tensor_parallel=2)
     assert two.weights_mib_per_gpu == 7659
     assert two.kv_bytes_per_token_per_gpu == one.kv_bytes_per_token_per_gpu // 2 == 65_536
     assert two.kv_cache_mib_per_gpu == 2048
@@ -198,7 +207,7 @@ def test_qwen2_5_7b_awq_counts_the_unquantized_parameters() -> None:
 
 
 def test_qwen2_5_7b_awq_estimate_uses_4_bit_linears_and_16_bit_embeddings() -> None:
-    est = estimate_memory(str(QWEN_7B_AWQ))
+    est = estimate(QWEN_7B_AWQ)
     assert est.source == "config"
     assert est.weights_bytes == 5_570_747_392
     assert est.weights_mib_per_gpu == 5313
@@ -209,7 +218,7 @@ def test_qwen2_5_7b_awq_estimate_uses_4_bit_linears_and_16_bit_embeddings() -> N
 
 
 def test_awq_marlin_argument_does_not_change_a_prequantized_checkpoint() -> None:
-    est = estimate_memory(str(QWEN_7B_AWQ), quantization="awq_marlin")
+    est = estimate(QWEN_7B_AWQ, quantization="awq_marlin")
     assert est.weights_bytes == 5_570_747_392
 
 
@@ -217,7 +226,7 @@ def test_in_flight_fp8_quantizes_linears_to_one_byte() -> None:
     # Llama-8B linear params 32 * 218,103,808 = 6,979,321,856 at 1 B, plus one fp32
     # scale per output channel: 32 * (4096+1024+1024+4096+14336*2+4096) * 4 = 5,505,024;
     # norms 32*8,192 + 4,096 and embeddings 1,050,673,152 at 2 B = 2,101,878,784.
-    est = estimate_memory(str(LLAMA_8B), quantization="fp8")
+    est = estimate(LLAMA_8B, quantization="fp8")
     assert est.weights_bytes == 6_979_321_856 + 5_505_024 + 2_101_878_784
 
 
@@ -226,20 +235,20 @@ def test_in_flight_fp8_quantizes_linears_to_one_byte() -> None:
 
 def test_max_model_len_above_the_model_maximum_is_refused() -> None:
     with pytest.raises(ValidationError) as err:
-        estimate_memory(str(QWEN_1_5B), max_model_len=65536)
+        estimate(QWEN_1_5B, max_model_len=65536)
     assert err.value.field == "max_model_len"
     assert "32768" in err.value.message
 
 
 def test_kv_is_sized_in_whole_16_token_blocks() -> None:
     # 1000 tokens occupy 63 blocks = 1008 tokens: 28,672 * 1008 B = 27.6 MiB -> 28
-    est = estimate_memory(str(QWEN_1_5B), max_model_len=1000)
+    est = estimate(QWEN_1_5B, max_model_len=1000)
     assert est.max_model_len == 1000
     assert est.kv_cache_mib_per_gpu == 28
 
 
 def test_default_max_model_len_caps_the_model_maximum() -> None:
-    est = estimate_memory(str(LLAMA_8B), default_max_model_len=8192)
+    est = estimate(LLAMA_8B, default_max_model_len=8192)
     assert est.max_model_len == 8192
     assert est.kv_cache_mib_per_gpu == 1024  # 131,072 B * 8192 = 1 GiB
 
@@ -255,150 +264,6 @@ def test_yarn_rope_scaling_extends_the_maximum_and_llama3_does_not() -> None:
     }
     assert model_max_len(yarn) == 131072
     assert model_max_len(config_of(LLAMA_8B)) == 131072
-
-
-# ---------------------------------------------------------------------------- safetensors
-
-
-def _model_dir_with_config(tmp_path: Path, source: Path) -> Path:
-    model_dir = tmp_path / source.name
-    model_dir.mkdir()
-    shutil.copy(source / "config.json", model_dir / "config.json")
-    return model_dir
-
-
-def test_safetensors_file_written_by_the_library_gives_the_weight_bytes(
-    tmp_path: Path,
-) -> None:
-    np = pytest.importorskip("numpy")
-    st_numpy = pytest.importorskip("safetensors.numpy")
-    model_dir = _model_dir_with_config(tmp_path, QWEN_1_5B)
-    st_numpy.save_file(
-        {
-            "embed": np.zeros((1024, 512), dtype=np.float16),  # 1,048,576 B
-            "norm": np.zeros((256,), dtype=np.float32),  # 1,024 B
-        },
-        str(model_dir / "model.safetensors"),
-    )
-    est = estimate_memory(str(model_dir))
-    assert est.source == "safetensors"
-    assert est.weights_bytes == 1_048_576 + 1_024
-    # architecture (KV, length) still comes from config.json
-    assert est.kv_bytes_per_token_per_gpu == 28_672
-
-
-def _write_header_only(path: Path, tensors: dict[str, dict[str, object]]) -> None:
-    header = json.dumps(tensors).encode()
-    path.write_bytes(struct.pack("<Q", len(header)) + header)  # no tensor data at all
-
-
-def test_safetensors_headers_are_read_without_the_tensor_data(tmp_path: Path) -> None:
-    # Two shards whose headers promise 6 GB of data the files do not have: only the
-    # header may be read, or this would fail.
-    model_dir = _model_dir_with_config(tmp_path, LLAMA_8B)
-    _write_header_only(
-        model_dir / "model-00001-of-00002.safetensors",
-        {
-            "__metadata__": {"format": "pt"},
-            "a": {"dtype": "BF16", "shape": [50_000, 40_000], "data_offsets": [0, 4_000_000_000]},
-        },
-    )
-    _write_header_only(
-        model_dir / "model-00002-of-00002.safetensors",
-        {"b": {"dtype": "BF16", "shape": [1_000_000_000], "data_offsets": [0, 2_000_000_000]}},
-    )
-    assert read_safetensors_header(model_dir / "model-00002-of-00002.safetensors")["b"][
-        "shape"
-    ] == [1_000_000_000]
-    assert safetensors_weight_bytes(model_dir) == 6_000_000_000
-    assert estimate_memory(str(model_dir)).weights_mib_per_gpu == math.ceil(6e9 / MIB)
-
-
-def test_safetensors_index_total_size_wins(tmp_path: Path) -> None:
-    model_dir = _model_dir_with_config(tmp_path, LLAMA_8B)
-    index = {"metadata": {"total_size": 16_060_522_496}, "weight_map": {}}
-    (model_dir / "model.safetensors.index.json").write_text(json.dumps(index))
-    est = estimate_memory(str(model_dir))
-    assert est.source == "safetensors"
-    assert est.weights_mib_per_gpu == 15317  # same as computed from config
-
-
-def test_safetensors_size_is_rescaled_to_the_requested_dtype(tmp_path: Path) -> None:
-    model_dir = _model_dir_with_config(tmp_path, LLAMA_8B)  # torch_dtype bfloat16
-    index = {"metadata": {"total_size": 16_060_522_496}, "weight_map": {}}
-    (model_dir / "model.safetensors.index.json").write_text(json.dumps(index))
-    est = estimate_memory(str(model_dir), dtype="float32")
-    assert est.weights_bytes == 2 * 16_060_522_496
-    assert est.kv_bytes_per_token_per_gpu == 2 * 131_072
-
-
-def test_in_flight_quantization_ignores_the_16_bit_checkpoint_size(tmp_path: Path) -> None:
-    model_dir = _model_dir_with_config(tmp_path, LLAMA_8B)
-    index = {"metadata": {"total_size": 16_060_522_496}, "weight_map": {}}
-    (model_dir / "model.safetensors.index.json").write_text(json.dumps(index))
-    est = estimate_memory(str(model_dir), quantization="fp8")
-    assert est.source == "config"
-    assert est.weights_bytes < 10e9
-
-
-def test_corrupt_safetensors_falls_back_to_config(tmp_path: Path) -> None:
-    model_dir = _model_dir_with_config(tmp_path, QWEN_1_5B)
-    (model_dir / "model.safetensors").write_bytes(b"\x01\x02")  # truncated download
-    est = estimate_memory(str(model_dir))
-    assert est.source == "config"
-    assert est.per_gpu_mib == QWEN_1_5B_TOTAL_MIB
-
-
-# ---------------------------------------------------------------------------- HF cache
-
-
-def _fake_hub(tmp_path: Path, repo: str, revisions: dict[str, Path], main: str | None) -> Path:
-    repo_dir = tmp_path / "hub" / ("models--" + repo.replace("/", "--"))
-    for rev, source in revisions.items():
-        snap = repo_dir / "snapshots" / rev
-        snap.mkdir(parents=True)
-        shutil.copy(source / "config.json", snap / "config.json")
-    if main is not None:
-        (repo_dir / "refs").mkdir(parents=True)
-        (repo_dir / "refs" / "main").write_text(main)
-    return repo_dir
-
-
-def test_hf_cache_snapshot_named_by_refs_main_is_used(tmp_path: Path) -> None:
-    # "old" holds another model's config: choosing it would change every figure.
-    repo_dir = _fake_hub(
-        tmp_path,
-        "Qwen/Qwen2.5-1.5B-Instruct",
-        {"abc": QWEN_1_5B, "old": LLAMA_8B},
-        main="abc",
-    )
-    found = resolve_model_dir("Qwen/Qwen2.5-1.5B-Instruct", hf_home=str(tmp_path))
-    assert found == repo_dir / "snapshots" / "abc"
-    est = estimate_memory("Qwen/Qwen2.5-1.5B-Instruct", hf_home=str(tmp_path))
-    assert est.source == "config"
-    assert est.per_gpu_mib == QWEN_1_5B_TOTAL_MIB
-
-
-def test_hf_cache_without_refs_uses_a_snapshot_holding_config(tmp_path: Path) -> None:
-    repo_dir = _fake_hub(tmp_path, "meta-llama/Llama-3.1-8B-Instruct", {"r1": LLAMA_8B}, None)
-    (repo_dir / "snapshots" / "empty").mkdir()
-    found = resolve_model_dir("meta-llama/Llama-3.1-8B-Instruct", hf_home=str(tmp_path))
-    assert found == repo_dir / "snapshots" / "r1"
-
-
-def test_hf_hub_cache_environment_variable_is_honoured(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    _fake_hub(tmp_path, "Qwen/Qwen2.5-7B-Instruct-AWQ", {"abc": QWEN_7B_AWQ}, "abc")
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.delenv("HF_HOME", raising=False)
-    est = estimate_memory("Qwen/Qwen2.5-7B-Instruct-AWQ")
-    assert est.per_gpu_mib == QWEN_7B_AWQ_TOTAL_MIB
-
-
-def test_missing_local_path_is_not_looked_up_in_the_cache(tmp_path: Path) -> None:
-    assert resolve_model_dir(str(tmp_path / "nowhere"), hf_home=str(tmp_path)) is None
-    assert resolve_model_dir("", hf_home=str(tmp_path)) is None
 
 
 # ---------------------------------------------------------------------------- names
@@ -423,11 +288,11 @@ def test_parameter_count_from_name(model: str, params: int | None) -> None:
     assert parameter_count_from_name(model) == params
 
 
-def test_name_fallback_when_the_model_is_not_on_disk(tmp_path: Path) -> None:
+def test_name_fallback_when_the_model_is_not_on_disk() -> None:
     # 7e9 params * 2 B = 14e9 B = 13351.4 MiB -> 13352; KV heuristic
     # round(1.5 * sqrt(7e9)) = 125,499 B/token * 32768 = 3922.0 MiB -> 3922;
     # overhead 1536 + ceil(667.6) = 2204; total 13352 + 3922 + 2204 + 192 = 19670
-    est = estimate_memory("Qwen/Qwen2.5-7B-Instruct", hf_home=str(tmp_path))
+    est = estimate_memory("Qwen/Qwen2.5-7B-Instruct")
     assert est.source == "name"
     assert est.weights_bytes == 14_000_000_000
     assert est.kv_bytes_per_token_per_gpu == 125_499
@@ -435,15 +300,15 @@ def test_name_fallback_when_the_model_is_not_on_disk(tmp_path: Path) -> None:
     assert est.per_gpu_mib == 19670
 
 
-def test_name_fallback_of_a_quantized_model(tmp_path: Path) -> None:
+def test_name_fallback_of_a_quantized_model() -> None:
     # 4-bit: 0.5 B + 0.25 B for 16-bit embeddings and scales -> 7e9 * 0.75 = 5.25e9 B
-    est = estimate_memory("TheBloke/Llama-2-7B-AWQ", hf_home=str(tmp_path))
+    est = estimate_memory("TheBloke/Llama-2-7B-AWQ")
     assert est.weights_bytes == 5_250_000_000
 
 
-def test_unknown_model_without_size_names_required_memory_gb(tmp_path: Path) -> None:
+def test_unknown_model_without_size_names_required_memory_gb() -> None:
     with pytest.raises(ValidationError) as err:
-        estimate_memory("some-lab/mystery-model", hf_home=str(tmp_path))
+        estimate_memory("some-lab/mystery-model")
     assert err.value.field == "required_memory_gb"
     assert "required_memory_gb" in err.value.message
     assert "mystery-model" in err.value.message
@@ -451,7 +316,7 @@ def test_unknown_model_without_size_names_required_memory_gb(tmp_path: Path) -> 
 
 def test_unknown_dtype_is_refused() -> None:
     with pytest.raises(ValidationError) as err:
-        estimate_memory(str(QWEN_1_5B), dtype="float8")
+        estimate(QWEN_1_5B, dtype="float8")
     assert err.value.field == "dtype"
 
 
@@ -459,7 +324,7 @@ def test_unknown_dtype_is_refused() -> None:
 
 
 def test_required_memory_gb_overrides_the_estimate_and_keeps_the_breakdown() -> None:
-    est = estimate_memory(str(QWEN_1_5B), required_memory_gb=12.5)
+    est = estimate(QWEN_1_5B, required_memory_gb=12.5)
     assert est.source == "explicit"
     assert est.per_gpu_mib == 12800
     assert est.weights_mib_per_gpu == 2945  # still known, for vllm_fit_flags
@@ -467,8 +332,8 @@ def test_required_memory_gb_overrides_the_estimate_and_keeps_the_breakdown() -> 
     assert "12.5 GiB per GPU (required_memory_gb" in est.explain()
 
 
-def test_required_memory_gb_for_an_unknown_model_does_not_fail(tmp_path: Path) -> None:
-    est = estimate_memory("some-lab/mystery-model", required_memory_gb=10, hf_home=str(tmp_path))
+def test_required_memory_gb_for_an_unknown_model_does_not_fail() -> None:
+    est = estimate_memory("some-lab/mystery-model", required_memory_gb=10)
     assert (est.source, est.per_gpu_mib, est.weights_bytes) == ("explicit", 10240, 0)
     assert est.kv_bytes_per_token_per_gpu == 0
     assert est.max_model_len == 32768
@@ -478,7 +343,7 @@ def test_required_memory_gb_for_an_unknown_model_does_not_fail(tmp_path: Path) -
 
 def test_required_memory_gb_does_not_excuse_a_too_long_max_model_len() -> None:
     with pytest.raises(ValidationError) as err:
-        estimate_memory(str(QWEN_1_5B), max_model_len=40000, required_memory_gb=40)
+        estimate(QWEN_1_5B, max_model_len=40000, required_memory_gb=40)
     assert err.value.field == "max_model_len"
 
 
@@ -486,34 +351,32 @@ def test_required_memory_gb_does_not_excuse_a_too_long_max_model_len() -> None:
 
 
 def test_utilization_is_rounded_down_so_vllm_never_takes_more_than_reserved() -> None:
-    est = estimate_memory(str(QWEN_1_5B))
+    est = estimate(QWEN_1_5B)
     fit = vllm_fit_flags(est, est.per_gpu_mib, H100_MIB)
     # 5717 / 81559 = 0.07009... -> 0.070 (never 0.071: 0.071 * 81559 = 5790.7 > 5717)
     assert fit.gpu_memory_utilization == 0.070
     assert fit.gpu_memory_utilization * H100_MIB <= est.per_gpu_mib
     assert fit.max_model_len is None  # 32768 is Qwen2.5-1.5B's own maximum and it fits
-    assert fit.args() == ["--gpu-memory-utilization", "0.070"]
 
 
 def test_llama_3_1_8b_gets_a_reduced_max_model_len_on_a_small_reservation() -> None:
     # 20 GiB = 20480 MiB on an H100: utilization floor(20480/81559, 3) = 0.251; vLLM takes
     # floor(0.251 * 81559) = 20471 MiB; minus weights 15317 and overhead 2302 leaves
     # 2852 MiB = 2,990,538,752 B of KV / 131,072 B = 22816 tokens (a multiple of 16).
-    est = estimate_memory(str(LLAMA_8B))
+    est = estimate(LLAMA_8B)
     fit = vllm_fit_flags(est, 20480, H100_MIB)
     assert fit.gpu_memory_utilization == 0.251
     assert fit.max_model_len == 22816
-    assert fit.args()[-2:] == ["--max-model-len", "22816"]
 
 
 def test_llama_3_1_8b_capped_at_the_default_passes_that_length() -> None:
     # The model's own 131072 would not fit the reservation made for 32768 tokens.
-    est = estimate_memory(str(LLAMA_8B))
+    est = estimate(LLAMA_8B)
     assert vllm_fit_flags(est, est.per_gpu_mib, H100_MIB).max_model_len == 32768
 
 
 def test_llama_3_1_8b_reserved_for_its_full_length_needs_no_flag() -> None:
-    est = estimate_memory(str(LLAMA_8B), max_model_len=131072)
+    est = estimate(LLAMA_8B, max_model_len=131072)
     assert vllm_fit_flags(est, est.per_gpu_mib, H200_MIB).max_model_len is None
 
 
@@ -521,7 +384,7 @@ def test_llama_3_1_8b_reserved_for_its_full_length_needs_no_flag() -> None:
 @pytest.mark.parametrize("gpu_total_mib", [24564, H100_MIB, H200_MIB])
 def test_reserving_the_estimate_always_fits_its_length(model_dir: Path, gpu_total_mib: int) -> None:
     # The headroom absorbs what rounding the utilization down loses (< 0.001 x total).
-    est = estimate_memory(str(model_dir))
+    est = estimate(model_dir)
     if est.per_gpu_mib > gpu_total_mib:
         pytest.skip("does not fit this GPU at all")
     fit = vllm_fit_flags(est, est.per_gpu_mib, gpu_total_mib)
@@ -529,61 +392,97 @@ def test_reserving_the_estimate_always_fits_its_length(model_dir: Path, gpu_tota
 
 
 def test_reservation_without_room_for_16_tokens_is_refused() -> None:
-    est = estimate_memory(str(LLAMA_8B))
+    est = estimate(LLAMA_8B)
     with pytest.raises(ValidationError) as err:
         vllm_fit_flags(est, 17000, H100_MIB)  # weights + overhead alone are 17619 MiB
     assert err.value.field == "required_memory_gb"
 
 
 def test_explicit_reservation_too_small_for_the_asked_length_is_refused() -> None:
-    est = estimate_memory(str(LLAMA_8B), max_model_len=131072, required_memory_gb=24)
+    est = estimate(LLAMA_8B, max_model_len=131072, required_memory_gb=24)
     with pytest.raises(ValidationError) as err:
         vllm_fit_flags(est, est.per_gpu_mib, H100_MIB)
     assert err.value.field == "max_model_len"
 
 
 def test_utilization_is_capped() -> None:
-    est = estimate_memory(str(QWEN_1_5B))
+    est = estimate(QWEN_1_5B)
     assert vllm_fit_flags(est, H100_MIB, H100_MIB).gpu_memory_utilization == 0.98
 
 
 # ---------------------------------------------------------------------------- embeddings
 
 
-def test_embedding_estimate_from_file_sizes(tmp_path: Path) -> None:
-    model_dir = tmp_path / "all-MiniLM-L6-v2"
-    model_dir.mkdir()
-    (model_dir / "config.json").write_text(
-        json.dumps({"torch_dtype": "float32", "max_position_embeddings": 512})
+def test_embedding_estimate_from_file_sizes() -> None:
+    facts = ModelFacts(
+        "all-MiniLM-L6-v2",
+        "/m/all-MiniLM-L6-v2",
+        dtype="float32",
+        file_bytes=90_868_376,  # all-MiniLM-L6-v2's model.safetensors size
+        max_len=512,
     )
-    with (model_dir / "model.safetensors").open("wb") as f:
-        f.truncate(90_868_376)  # all-MiniLM-L6-v2's model.safetensors size
     # 90,868,376 B = 86.7 MiB -> 87; overhead 1024 + ceil(8.7) = 1033; + 192 = 1312
-    est = estimate_embedding_memory(str(model_dir))
+    est = estimate_embedding_memory("all-MiniLM-L6-v2", facts=facts)
     assert est.source == "safetensors"
     assert est.weights_mib_per_gpu == 87
     assert est.kv_cache_mib_per_gpu == 0
     assert est.per_gpu_mib == 87 + 1033 + 192
     assert est.model_max_len == 512
-    half = estimate_embedding_memory(str(model_dir), dtype="float16")
+    half = estimate_embedding_memory("all-MiniLM-L6-v2", facts=facts, dtype="float16")
     assert half.weights_bytes == 90_868_376 // 2
 
 
-def test_embedding_bare_name_is_found_under_sentence_transformers(tmp_path: Path) -> None:
-    repo_dir = tmp_path / "hub" / "models--sentence-transformers--all-MiniLM-L6-v2"
-    snap = repo_dir / "snapshots" / "abc"
-    snap.mkdir(parents=True)
-    (snap / "config.json").write_text(json.dumps({"torch_dtype": "float32"}))
-    (snap / "model.safetensors").write_bytes(b"\0" * 4096)
-    est = estimate_embedding_memory("all-MiniLM-L6-v2", hf_home=str(tmp_path))
-    assert est.weights_bytes == 4096
-
-
-def test_embedding_name_fallback_and_unknown(tmp_path: Path) -> None:
-    est = estimate_embedding_memory("intfloat/e5-mistral-7b-instruct", hf_home=str(tmp_path))
+def test_embedding_name_fallback_and_unknown() -> None:
+    est = estimate_embedding_memory("intfloat/e5-mistral-7b-instruct")
     assert (est.source, est.weights_bytes) == ("name", 28_000_000_000)  # float32
     with pytest.raises(ValidationError) as err:
-        estimate_embedding_memory("BAAI/bge-m3", hf_home=str(tmp_path))
+        estimate_embedding_memory("BAAI/bge-m3")
     assert err.value.field == "required_memory_gb"
-    explicit = estimate_embedding_memory("BAAI/bge-m3", required_memory_gb=3, hf_home=str(tmp_path))
+    explicit = estimate_embedding_memory("BAAI/bge-m3", required_memory_gb=3)
     assert (explicit.source, explicit.per_gpu_mib) == ("explicit", 3072)
+
+
+# ---------------------------------------------------------------------------- facts
+
+
+def test_facts_survive_their_json_round_trip() -> None:
+    for model_dir in (QWEN_1_5B, LLAMA_8B, QWEN_7B_AWQ):
+        facts = facts_of(model_dir)
+        assert ModelFacts.from_dict(json.loads(json.dumps(facts.to_dict()))) == facts
+    # A newer worker's extra keys are ignored, missing ones take their defaults.
+    assert ModelFacts.from_dict({"model": "m", "path": "/p", "new": 1}) == ModelFacts("m", "/p")
+
+
+def test_facts_keep_what_the_estimate_needs() -> None:
+    awq = facts_of(QWEN_7B_AWQ)
+    assert (awq.layers, awq.kv_heads, awq.head_dim, awq.hidden_size) == (28, 4, 128, 3584)
+    assert (awq.max_len, awq.dtype, awq.quantization) == (32768, "float16", "awq")
+    assert awq.quant is not None and (awq.quant.bits, awq.quant.group_size) == (4, 128)
+    assert awq.param_count == QWEN_7B_PARAMS
+    assert awq.architecture == "Qwen2ForCausalLM"
+
+
+def test_a_quantization_method_the_estimate_cannot_model_needs_the_weights_on_disk() -> None:
+    config = {**config_of(QWEN_1_5B), "quantization_config": {"quant_method": "mxfp4"}}
+    facts = facts_from_config(config)
+    assert (facts.quantization, facts.quant) == ("mxfp4", None)
+    with pytest.raises(ValidationError, match="mxfp4"):
+        estimate_memory("q", facts=facts)
+    # With the checkpoint's safetensors measured, what is stored is what the GPU holds.
+    stored = ModelFacts.from_dict({**facts.to_dict(), "weights_bytes": 1_000_000_000})
+    assert estimate_memory("q", facts=stored).weights_bytes == 1_000_000_000
+
+
+def test_multi_head_latent_attention_sizes_the_kv_cache_but_not_the_weights() -> None:
+    # DeepSeek-V2-Lite-like: 27 layers, kv_lora_rank 512 + qk_rope_head_dim 64 per layer
+    config = {
+        "hidden_size": 2048,
+        "num_hidden_layers": 27,
+        "num_attention_heads": 16,
+        "vocab_size": 102400,
+        "kv_lora_rank": 512,
+        "qk_rope_head_dim": 64,
+    }
+    facts = facts_from_config(config)
+    assert facts.linears == () and facts.param_count is None
+    assert kv_cache_bytes_per_token(config) == 27 * 576 * 2

@@ -14,7 +14,7 @@ from app.core.models import (
     GpuProcess,
     check_transition,
 )
-from app.core.spec import EngineKind, EngineSpec
+from app.core.spec import EngineKind, EngineSpec, load_spec
 
 S = EngineState
 
@@ -119,7 +119,7 @@ def test_record_round_trips_through_dict() -> None:
 )
 def test_bad_spec_names_the_field(data: dict[str, object], field: str) -> None:
     with pytest.raises(ValidationError) as err:
-        EngineSpec.from_dict(data).validate()
+        load_spec(data)
     assert err.value.field == field
     assert err.value.message.startswith(field)
 

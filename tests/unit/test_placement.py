@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+from typing import Any
+
 import pytest
 
+from app.core.allocation import Allocation, plan
 from app.core.errors import PlacementError, UnknownPolicyError, ValidationError
+from app.core.memory import ModelFacts, model_facts
 from app.core.models import GpuCapacity
 from app.core.placement import (
     POLICIES,
@@ -15,6 +20,7 @@ from app.core.placement import (
     make_policy,
     place,
 )
+from app.core.spec import EngineSpec
 
 GB = 1024
 
@@ -187,3 +193,88 @@ def test_explain_lists_candidates_then_rejections() -> None:
     lines = explain(req(gb=30), [host("a", [40]), host("b", [10])], "binpack", margin_mib=0)
     assert lines[0].startswith("candidate 1: host a, GPUs 0, port 8100")
     assert lines[1] == "rejected: host b, GPU 0: 10.0 GB free, 30.0 GB needed"
+
+
+# ----------------------------------------------------------------------------- model files
+#
+# The estimate is made from the facts of the hosts that have the model's files, and
+# where the files are decides where it may run (app.core.allocation.place_requirement).
+# A tiny decoder: 2 layers, hidden 64, 4 heads (head_dim 16), 2 KV heads, vocab 1000,
+# max 4096 tokens; its safetensors hold 3 GiB of weights (host "b" measured them).
+# Estimate on one GPU: weights 3072 MiB; KV 2 * 2 layers * 2 heads * 16 * 2 B = 256 B/token
+# * 4096 = 1 MiB; overhead 1536 + ceil(3072 * 0.05 = 153.6) = 1690; headroom 192
+# -> 3072 + 1 + 1690 + 192 = 4955 MiB.
+TINY_CONFIG = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 1000,
+    "max_position_embeddings": 4096,
+    "torch_dtype": "bfloat16",
+}
+TINY_MIB = 4955
+
+
+def tiny_facts(key: str) -> ModelFacts:
+    return model_facts(key, key, TINY_CONFIG, weights_bytes=3 * 1024 * GB * 1024)
+
+
+def with_models(h: PlacementHost, *keys: str) -> PlacementHost:
+    return replace(h, models={k: tiny_facts(k) for k in keys})
+
+
+def plan_of(model: str, hosts: list[PlacementHost], **spec: Any) -> Allocation:
+    return plan(EngineSpec(model=model, **spec), hosts, policy="binpack", margin_mib=0)
+
+
+def test_a_local_model_on_one_host_is_estimated_from_its_facts_and_placed_there() -> None:
+    # binpack would pick a's tighter GPU; only b has the files.
+    hosts = [host("a", [10]), with_models(host("b", [70]), "/models/tiny")]
+    alloc = plan_of("/models/tiny/", hosts)  # spelt with a trailing slash
+    assert alloc.placement.host == "b"
+    assert alloc.estimate is not None and alloc.estimate.source == "safetensors"
+    assert alloc.placement.memory_mib_per_gpu == alloc.estimate.per_gpu_mib == TINY_MIB
+    assert alloc.estimate.explain().endswith("(size from safetensors; measured on host b)")
+
+
+def test_a_local_model_pinned_to_a_host_without_its_files_is_refused_with_the_reason() -> None:
+    hosts = [host("a", [70]), with_models(host("b", [70]), "/models/tiny")]
+    with pytest.raises(PlacementError) as err:
+        plan_of("/models/tiny", hosts, host="a")
+    assert err.value.reasons == [
+        "host a: does not have /models/tiny's model files (host b has them)"
+    ]
+
+
+def test_a_hub_model_prefers_the_hosts_that_have_it_and_else_goes_anywhere() -> None:
+    hosts = [host("a", [10]), with_models(host("b", [70]), "org/tiny")]
+    assert plan_of("org/tiny", hosts).placement.host == "b"
+    full = [host("a", [10]), with_models(host("b", [2]), "org/tiny")]
+    alloc = plan_of("org/tiny", full)  # b has it but no room: a downloads it
+    assert alloc.placement.host == "a" and alloc.placement.memory_mib_per_gpu == TINY_MIB
+
+
+def test_the_facts_of_a_down_host_are_not_used() -> None:
+    hosts = [host("a", [70]), with_models(host("b", [70], up=False), "/models/tiny-7B")]
+    alloc = plan_of("/models/tiny-7B", hosts)
+    assert alloc.placement.host == "a"
+    assert alloc.estimate is not None and alloc.estimate.source == "name"
+
+
+def test_a_model_on_no_host_is_sized_from_its_name_and_says_so() -> None:
+    alloc = plan_of("org/Nowhere-7B", [host("a", [70])])
+    assert alloc.estimate is not None and alloc.estimate.source == "name"
+    assert alloc.estimate.explain().endswith("(size from name; no host has its files on disk)")
+
+
+def test_hosts_with_different_snapshots_reserve_the_larger_estimate() -> None:
+    small = replace(tiny_facts("org/tiny"), weights_bytes=1024 * GB * 1024)
+    hosts = [
+        replace(host("a", [70]), models={"org/tiny": small}),
+        with_models(host("b", [70]), "org/tiny"),
+    ]
+    alloc = plan_of("org/tiny", hosts)
+    assert alloc.estimate is not None and alloc.estimate.per_gpu_mib == TINY_MIB

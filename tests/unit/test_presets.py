@@ -15,16 +15,16 @@ from app.core.errors import NotFoundError, UnknownPolicyError, ValidationError
 from app.core.memory import estimate_embedding_memory
 from app.core.models import EngineRecord, EngineState, GpuAssignment, GpuCapacity
 from app.core.placement import PlacementHost
-from app.core.presets import (
+from app.core.presets import Preset, parse_preset, plan_preset
+from app.core.presets.variables import SUBST_RE
+from app.core.spec import EngineKind, EngineSpec
+from app.services import preset_files
+from app.services.preset_files import (
     PRESETS_DIR,
-    Preset,
     builtin_presets,
     get_builtin,
     load_preset_file,
-    parse_preset,
-    plan_preset,
 )
-from app.core.spec import EngineKind, EngineSpec
 
 SOURCE = "presets/x.yaml"
 GIB = 1024
@@ -55,7 +55,7 @@ def chat(**fields: Any) -> dict[str, Any]:
 
 
 def test_builtin_presets_parse_and_validate(tmp_path: Path) -> None:
-    found = builtin_presets(locations=presets.server_locations(tmp_path))
+    found = builtin_presets(locations=preset_files.server_locations(tmp_path))
 
     assert set(found) == {"qwen-mini-with-embeddings", "cpu-demo"}
     for name, preset in found.items():
@@ -98,7 +98,7 @@ def test_bge_m3_needs_required_memory_because_offline_estimate_cannot_size_it() 
 
 
 def test_cpu_demo_takes_its_model_paths_from_the_apis_locations(tmp_path: Path) -> None:
-    preset = get_builtin("cpu-demo", locations=presets.server_locations(tmp_path / "api"))
+    preset = get_builtin("cpu-demo", locations=preset_files.server_locations(tmp_path / "api"))
 
     llm, emb = preset.engines
     assert llm.spec.model == str(tmp_path / "api" / "models" / "tiny-chat")
@@ -112,10 +112,10 @@ def test_cpu_demo_takes_its_model_paths_from_the_apis_locations(tmp_path: Path) 
 def test_cpu_demo_without_minilm_package_names_the_location(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    monkeypatch.setattr(presets, "minilm_dir", lambda: None)
+    monkeypatch.setattr(preset_files, "minilm_dir", lambda: None)
 
     with pytest.raises(ValidationError) as err:
-        get_builtin("cpu-demo", locations=presets.server_locations(tmp_path))
+        get_builtin("cpu-demo", locations=preset_files.server_locations(tmp_path))
 
     assert "cpu-demo.yaml: line" in err.value.message
     assert "SAGELLM_MINILM_PATH is not available here" in err.value.message
@@ -128,11 +128,11 @@ def test_builtins_need_nothing_but_the_apis_locations(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     # Served by name, no client expands them: only the two locations may appear.
-    for path in presets.builtin_preset_files().values():
-        for m in presets._SUBST_RE.finditer(path.read_text()):
+    for path in preset_files.builtin_preset_files().values():
+        for m in SUBST_RE.finditer(path.read_text()):
             assert m.group(1) in presets.LOCATION_NAMES, (path, m.group(0))
     monkeypatch.setenv("SAGELLM_DEMO_LLM_PATH", "/from/the/environment")
-    found = builtin_presets(locations=presets.server_locations(tmp_path))
+    found = builtin_presets(locations=preset_files.server_locations(tmp_path))
     assert found["cpu-demo"].engines[0].spec.model == str(tmp_path / "models" / "tiny-chat")
 
 
@@ -502,14 +502,14 @@ def test_server_locations_come_from_the_data_dir_not_the_environment(
     monkeypatch.setenv("SAGELLM_DEMO_LLM_PATH", "/elsewhere")
     monkeypatch.setenv("SAGELLM_DATA_DIR", "/elsewhere")
 
-    got = presets.server_locations(tmp_path / "d")
+    got = preset_files.server_locations(tmp_path / "d")
 
     assert got["SAGELLM_DEMO_LLM_PATH"] == str(tmp_path / "d" / "models" / "tiny-chat")
     assert set(got) <= set(presets.LOCATION_NAMES)
 
 
 def test_demo_llm_dir_is_under_the_data_dir(tmp_path: Path) -> None:
-    assert presets.demo_llm_dir(tmp_path) == tmp_path / "models" / "tiny-chat"
+    assert preset_files.demo_llm_dir(tmp_path) == tmp_path / "models" / "tiny-chat"
 
 
 # ---------------------------------------------------------------------------- dry-run plan
@@ -686,28 +686,3 @@ def test_plan_to_dict_is_json_ready() -> None:
     }
     assert data["engines"][1]["launch"]["gpu_memory_utilization"] == 0.666
     assert data["engines"][2]["reasons"]
-
-
-def test_table_renders_every_engine_and_the_reasons_of_errors() -> None:
-    preset = competing_preset()
-    running = [running_record(preset.engines[0].spec, EngineState.RUNNING)]
-
-    table = plan_of(preset, make_hosts(), running=running).table()
-
-    lines = table.splitlines()
-    assert lines[0].split() == ["ENGINE", "MODEL", "HOST", "GPUS", "PORT", "MEM/GPU", "ACTION"]
-    assert lines[1].split() == [
-        "embed",
-        "org/emb",
-        "a",
-        "1",
-        "8150",
-        "16.0",
-        "GB",
-        "already",
-        "running",
-    ]
-    assert lines[2].split() == ["chat-a", "org/chat-a", "a", "1", "8100", "16.0", "GB", "start"]
-    assert lines[3].split() == ["chat-b", "org/chat-b", "-", "-", "-", "-", "error"]
-    assert "chat-b: no room for org/chat-b" in table
-    assert "  host a, GPU 1: 7.0 GB free, 16.0 GB needed" in table

@@ -9,9 +9,9 @@ import pytest
 import redis
 
 from app.core.errors import IllegalTransition, NotFoundError
-from app.core.models import EngineRecord, EngineState, GpuInfo
+from app.core.models import EngineRecord, EngineState, GpuInfo, HostRecord
 from app.core.spec import EngineKind, EngineSpec
-from app.state.registry import HostRecord, Registry, new_engine_id
+from app.state.registry import Registry, new_engine_id
 
 S = EngineState
 
@@ -115,3 +115,16 @@ def test_host_goes_down_when_heartbeat_expires(real_redis: redis.Redis) -> None:
     assert down is not None and down.gpus == [gpu]  # last known inventory kept
     reg.forget_host("a")
     assert reg.host("a") is None
+
+
+def test_forgetting_a_host_forgets_its_model_facts(any_redis: redis.Redis) -> None:
+    from app.core.memory.facts import ModelFacts
+    from app.state.model_facts import host_model_facts, publish_model_facts
+
+    reg = Registry(any_redis)
+    reg.put_host(HostRecord("a", "10.0.0.1", (8100, 8199)), ttl_s=30)
+    publish_model_facts(any_redis, "a", {"org/m": ModelFacts("org/m", "/models/m", layers=2)})
+    publish_model_facts(any_redis, "b", {"org/m": ModelFacts("org/m", "/models/m", layers=2)})
+    reg.forget_host("a")
+    assert host_model_facts(any_redis, "a") == {}
+    assert list(host_model_facts(any_redis, "b")) == ["org/m"]  # another host's are kept

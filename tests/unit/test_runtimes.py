@@ -9,9 +9,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from app.core.engine_policy import ENGINE_HOST_ENV, ENGINE_OWNER_ENV, RESERVED_ENV
 from app.core.errors import ValidationError
 from app.core.inventory_spec import mock_uuid
 from app.core.models import EngineRecord, GpuAssignment
+from app.core.runtimes import OWNED_FLAGS, RUNTIME_NAMES, RUNTIMES_BY_KIND
 from app.core.spec import EngineKind, EngineSpec
 from workers.runtimes import RUNTIMES, RuntimeUnavailable, engine_env, get_runtime
 from workers.runtimes import vllm as vllm_runtime
@@ -53,6 +55,21 @@ def test_registry_has_each_runtime_under_its_name() -> None:
     assert isinstance(get_runtime("vllm"), VllmRuntime)
     assert isinstance(get_runtime("embedding"), EmbeddingRuntime)
     assert isinstance(get_runtime("transformers"), TransformersRuntime)
+
+
+def test_the_workers_runtimes_are_the_ones_the_api_knows() -> None:
+    # app.core.runtimes is what the API checks specs with, without importing workers.
+    assert set(RUNTIMES) == set(RUNTIME_NAMES)
+    assert {r for names in RUNTIMES_BY_KIND.values() for r in names} == set(RUNTIME_NAMES)
+    for name, runtime in RUNTIMES.items():
+        assert runtime.owned_flags is OWNED_FLAGS[name]
+
+
+def test_engine_env_tags_and_pins_with_the_names_the_policy_reserves() -> None:
+    env = engine_env(placed(EngineSpec(model="org/m")))
+
+    # the worker adds its own tags
+    assert set(RESERVED_ENV) - set(env) == {ENGINE_HOST_ENV, ENGINE_OWNER_ENV}
 
 
 def test_unknown_runtime_is_a_validation_error_listing_known_ones() -> None:

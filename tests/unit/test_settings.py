@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from app.core.balancing import BALANCER_NAMES
+from app.core.engine_policy import ENGINE_HOST_ENV, ENGINE_ID_ENV
 from app.core.errors import ConfigError
 from app.settings import SETTINGS_DOC, Settings, parse_port_range
 
@@ -43,6 +45,7 @@ def test_host_name_defaults_to_the_machine_name() -> None:
         ("SAGELLM_DISABLE_NVML", "maybe", "expected 1/0"),
         ("SAGELLM_DEFAULT_MAX_MODEL_LEN", "8", "must be >= 16"),
         ("SAGELLM_PORTRANGE", "1-2", "unknown setting"),
+        ("SAGELLM_GATEWAY_POLICY", "random", "known: least_outstanding, round_robin"),
     ],
 )
 def test_invalid_values_fail_naming_the_variable(name: str, value: str, why: str) -> None:
@@ -50,6 +53,19 @@ def test_invalid_values_fail_naming_the_variable(name: str, value: str, why: str
         Settings.from_env({name: value})
     assert err.value.field == name
     assert name in err.value.message and why in err.value.message
+
+
+def test_the_balancer_names_the_settings_accept_are_the_gateways() -> None:
+    # The settings import only app.core: the names live there, the classes in the gateway.
+    from app.gateway.balancing import BALANCERS
+
+    assert set(BALANCER_NAMES) == set(BALANCERS)
+    for name in BALANCER_NAMES:
+        assert Settings.from_env({"SAGELLM_GATEWAY_POLICY": name}).gateway_policy == name
+
+
+def test_engine_tags_are_not_settings() -> None:
+    Settings.from_env({ENGINE_ID_ENV: "eng-1", ENGINE_HOST_ENV: "a"})
 
 
 def test_port_range_single_port() -> None:

@@ -406,3 +406,14 @@ def test_the_proxy_fails_over_only_when_the_first_engine_sent_nothing(
     finally:
         transport.close()
     assert len(second.requests) == 1  # nothing reached the first: failing over is safe
+
+
+def test_every_balancer_name_the_settings_accept_makes_that_policy() -> None:
+    from app.core.balancing import BALANCER_NAMES
+    from app.core.errors import UnknownPolicyError
+    from app.gateway.balancing import make_balancer
+
+    for name in BALANCER_NAMES:
+        assert make_balancer(name).name == name
+    with pytest.raises(UnknownPolicyError, match="least_outstanding, round_robin"):
+        make_balancer("fastest")

@@ -1,23 +1,50 @@
-"""Worker process start-up: heartbeat thread and a first rediscovery."""
+"""Worker process start-up: the heartbeat thread and a first rediscovery; task stats
+for /metrics."""
 
 from __future__ import annotations
 
 import logging
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from celery.signals import task_failure, task_postrun, task_prerun, worker_ready, worker_shutdown
 
+if TYPE_CHECKING:
+    from workers.agent.context import HostContext
+
 log = logging.getLogger(__name__)
-_heartbeat: Any = None
+_heartbeat: HeartbeatThread | None = None
+
+
+class HeartbeatThread(threading.Thread):
+    """Publishes every ``SAGELLM_HEARTBEAT_INTERVAL_S`` in the worker's main process
+    (``workers.agent.reconcile.heartbeat_or_rediscover``), so the heartbeat keeps going
+    while tasks run; survives Redis outages."""
+
+    def __init__(self, ctx: HostContext) -> None:
+        super().__init__(name="sagellm-heartbeat", daemon=True)
+        self.ctx = ctx
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        from workers.agent.reconcile import heartbeat_or_rediscover
+
+        while not self.stopped.is_set():
+            try:
+                heartbeat_or_rediscover(self.ctx)
+            except Exception:  # Redis down, NVML hiccup: try again next beat
+                log.exception("heartbeat failed")
+            self.stopped.wait(self.ctx.settings.heartbeat_interval_s)
+
+    def stop(self) -> None:
+        self.stopped.set()
 
 
 @worker_ready.connect
 def _on_ready(**_: Any) -> None:
     global _heartbeat
     from workers.agent.context import host_context
-    from workers.agent.heartbeat import HeartbeatThread
     from workers.agent.reconcile import rediscover
 
     ctx = host_context()
@@ -66,9 +93,8 @@ def _task_done(task_id: str | None = None, task: Any = None, **_: Any) -> None:
     if began is None or task is None:
         return
     try:
-        from app.state.task_stats import record_task
         from workers.agent.context import host_context
 
-        record_task(host_context().registry.r, task.name, time.perf_counter() - began, failed)
+        host_context().task_stats.record(task.name, time.perf_counter() - began, failed)
     except Exception:  # metrics must never break a task
         log.debug("task stats not recorded", exc_info=True)

@@ -16,15 +16,8 @@ from app.settings import Settings
 from app.state.client import connect
 from app.state.ledger import Ledger
 from app.state.registry import Registry
+from app.state.task_stats import TaskStats
 from workers.host.manifests import Manifests
-
-# Engines carry this besides SAGELLM_ENGINE_ID so that several workers on one
-# machine (simulated hosts, tests) each adopt only their own host's processes.
-ENGINE_HOST_ENV = "SAGELLM_ENGINE_HOST"
-# ...and the worker's own directory (its manifests and logs): two clusters on one
-# machine that happen to use the same host name (two users' `make up`) never adopt or
-# stop each other's engines.
-ENGINE_OWNER_ENV = "SAGELLM_ENGINE_OWNER"
 
 
 @dataclass
@@ -36,6 +29,7 @@ class HostContext:
     http: httpx.Client
     celery: Celery
     policy: HealthPolicy
+    task_stats: TaskStats
     # One operation at a time per engine in this worker (start task, health loop, stop
     # task and rediscovery run on different threads); reentrant for nested calls.
     _engine_locks: dict[str, threading.RLock] = field(default_factory=dict)
@@ -83,9 +77,7 @@ def health_policy(settings: Settings) -> HealthPolicy:
 
 
 def build_context(settings: Settings, celery: Celery) -> HostContext:
-    from app.core.engine_policy import EnginePolicy
-
-    EnginePolicy.from_settings(settings)  # a bad SAGELLM_ENGINE_UNSAFE_FLAGS stops start-up
+    settings.engine_policy()  # a bad SAGELLM_ENGINE_UNSAFE_FLAGS stops start-up
     client = connect(settings.redis_url)
     host_dir = settings.data_dir / "hosts" / settings.host_name
     return HostContext(
@@ -97,6 +89,7 @@ def build_context(settings: Settings, celery: Celery) -> HostContext:
         http=httpx.Client(timeout=settings.health_timeout_s, trust_env=False),
         celery=celery,
         policy=health_policy(settings),
+        task_stats=TaskStats(client),
     )
 
 
@@ -105,11 +98,13 @@ _lock = threading.Lock()
 
 
 def host_context() -> HostContext:
-    """The worker process's context (created on first use)."""
+    """The worker process's context (created on first use), on the process's Celery
+    app and the settings it was built from (``workers.celery_app.worker_app``): one Redis
+    client and one HTTP client per process."""
     global _ctx
     with _lock:
         if _ctx is None:
-            from workers.celery_app import celery_app, settings
+            from workers.celery_app import process_settings, worker_app
 
-            _ctx = build_context(settings, celery_app)
+            _ctx = build_context(process_settings(), worker_app())
         return _ctx

@@ -1,17 +1,23 @@
-"""The host heartbeat: inventory, capacity and engines, published with a TTL."""
+"""The host heartbeat: inventory, capacity and engines, published with a TTL; and the
+facts of the models on this host's disk, published when they change."""
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
+import time
 from collections.abc import Iterable
 
 import psutil
 
-from app.core.models import LIVE_STATES, EngineState
-from app.state.registry import HostRecord
+from app.core.memory import ModelFacts, hub_cache_dir, is_path_like
+from app.core.models import LIVE_STATES, EngineState, HostRecord
+from app.settings import Settings
+from app.state.model_facts import model_facts_published, publish_model_facts
 from workers.agent.context import HostContext
 from workers.host.gpu_inventory import engine_pids, gpu_capacities, read_inventory
+from workers.host.model_facts import ModelScanner
 
 log = logging.getLogger(__name__)
 WORKER_VERSION = "sagellm-worker/0.1.0"
@@ -58,6 +64,11 @@ def publish_heartbeat(ctx: HostContext, *, held_by: Iterable[str] = ()) -> list[
     if missing:
         return missing
     engines = ctx.registry.engines(host=ctx.host, state=LIVE_STATES | {EngineState.LOST})
+    # Before the host record: a host is seen up only with its models' facts in place.
+    try:
+        model_facts_of(ctx).publish(ctx, [e.spec.model for e in engines])
+    except Exception:  # a disk or parse surprise must not stop the heartbeat
+        log.exception("model facts of %s not published", ctx.host)
     ours = set(ctx.ledger.ports(ctx.host))
     record = HostRecord(
         name=ctx.host,
@@ -73,24 +84,56 @@ def publish_heartbeat(ctx: HostContext, *, held_by: Iterable[str] = ()) -> list[
     return []
 
 
-class HeartbeatThread(threading.Thread):
-    """Publishes every ``SAGELLM_HEARTBEAT_INTERVAL_S`` in the worker's main process,
-    so the heartbeat keeps going while tasks run; survives Redis outages."""
+# Directories are walked again at most this often; engines' new paths are read at once.
+MODEL_SCAN_INTERVAL_S = 10.0
 
-    def __init__(self, ctx: HostContext) -> None:
-        super().__init__(name="sagellm-heartbeat", daemon=True)
-        self.ctx = ctx
-        self.stopped = threading.Event()
 
-    def run(self) -> None:
-        from workers.agent.reconcile import heartbeat_or_rediscover
+class ModelFactsPublisher:
+    """Scans this host's models now and then (``workers.host.model_facts``) and
+    publishes their facts when the scan changed, or when Redis lost them."""
 
-        while not self.stopped.is_set():
-            try:
-                heartbeat_or_rediscover(self.ctx)
-            except Exception:  # Redis down, NVML hiccup: try again next beat
-                log.exception("heartbeat failed")
-            self.stopped.wait(self.ctx.settings.heartbeat_interval_s)
+    def __init__(self, scanner: ModelScanner, interval_s: float = MODEL_SCAN_INTERVAL_S) -> None:
+        self.scanner = scanner
+        self.interval_s = interval_s
+        self._lock = threading.Lock()
+        self._scanned_at: float | None = None
+        self._engine_paths: frozenset[str] = frozenset()
+        self._facts: dict[str, ModelFacts] = {}
+        self._published: dict[str, ModelFacts] | None = None
 
-    def stop(self) -> None:
-        self.stopped.set()
+    @classmethod
+    def for_settings(cls, settings: Settings) -> ModelFactsPublisher:
+        """Scanning the model roots (``SAGELLM_MODEL_ROOTS``, else the defaults) and
+        this process's Hugging Face hub cache."""
+        roots = settings.engine_policy(os.environ).model_roots
+        return cls(ModelScanner(roots, hub_cache_dir(os.environ)))
+
+    def publish(self, ctx: HostContext, engine_models: Iterable[str] = ()) -> bool:
+        """Scan when due, publish when changed; True when something was published."""
+        paths = frozenset(m for m in engine_models if is_path_like(m))
+        with self._lock:
+            now = time.monotonic()
+            due = self._scanned_at is None or now - self._scanned_at >= self.interval_s
+            if due or not paths <= self._engine_paths:
+                self._facts = self.scanner.scan(paths)
+                self._scanned_at, self._engine_paths = now, paths
+            r = ctx.registry.r
+            lost = bool(self._facts) and not model_facts_published(r, ctx.host)
+            if self._facts == self._published and not lost:
+                return False
+            publish_model_facts(r, ctx.host, self._facts)
+            self._published = dict(self._facts)
+            return True
+
+
+_publishers: dict[tuple[str, str], ModelFactsPublisher] = {}
+_publishers_lock = threading.Lock()
+
+
+def model_facts_of(ctx: HostContext) -> ModelFactsPublisher:
+    """This host's publisher, one per host and data directory in the process."""
+    key = (ctx.host, str(ctx.settings.data_dir))
+    with _publishers_lock:
+        if key not in _publishers:
+            _publishers[key] = ModelFactsPublisher.for_settings(ctx.settings)
+        return _publishers[key]

@@ -1,4 +1,6 @@
-"""Engine lifecycle on this host: spawn, watch readiness, health, restart, stop.
+"""Engine lifecycle on this host: spawn (or re-link) an engine's process, fail it for
+good, stop it. The health loop that watches what runs (readiness, health, death and
+restart) is ``workers.agent.supervise``.
 
 Each function re-reads the record and acts on its *current* state, so a task that is
 delivered twice, or two paths racing (health loop vs. readiness watch vs. stop), do
@@ -6,6 +8,9 @@ no harm: in this worker one operation at a time acts on an engine
 (``ctx.engine_lock``); across processes every write is one atomic compare-and-set of
 the record that also releases the reservation when the engine ends (STOPPED, final
 FAILED) and refuses to record a process for an engine that no longer holds its room.
+What each write may change is the record's own rule (``EngineRecord.mark_starting``,
+``fail``, ...): a rule that no longer holds raises ``IllegalTransition`` and nothing
+is written.
 
 Rules that keep every process accounted for:
 
@@ -24,35 +29,18 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from pathlib import Path
 
-from app.core.engine_policy import EnginePolicy
+from app.core.engine_policy import ENGINE_HOST_ENV, ENGINE_OWNER_ENV
 from app.core.errors import IllegalTransition, NotFoundError, ReservationConflict, SagellmError
-from app.core.health import Verdict, pending_restart_state
 from app.core.models import EngineRecord, EngineState
 from app.state.ledger import ReserveRequest, Unreserved, port_is_bindable
-from workers.agent.context import ENGINE_HOST_ENV, ENGINE_OWNER_ENV, HostContext
+from workers.agent.context import HostContext
 from workers.host import processes
 from workers.runtimes import get_runtime
 from workers.runtimes.base import LaunchPlan
 
 log = logging.getLogger(__name__)
 S = EngineState
-PENDING_GRACE_S = 30.0  # a PENDING engine whose start task never ran is started by the loop
-_RESTARTABLE = (S.PENDING, S.FAILED, S.UNHEALTHY, S.LOST)
-
-
-class _Abort(Exception):
-    """Raised inside a record update to leave the record unchanged."""
-
-
-def _tail(rec: EngineRecord, lines: int = 20) -> str:
-    if not rec.log_path:
-        return ""
-    try:
-        return processes.tail_log(Path(rec.log_path), lines)
-    except OSError:
-        return ""
 
 
 def kill_process(
@@ -67,7 +55,8 @@ def kill_process(
         return None
 
 
-def _alive(rec: EngineRecord) -> bool:
+def process_alive(rec: EngineRecord) -> bool:
+    """The engine's recorded process (pid + create time) still runs."""
     return rec.pid is not None and processes.is_alive(rec.pid, rec.process_create_time)
 
 
@@ -79,6 +68,21 @@ def note(ctx: HostContext, engine_id: str, message: str) -> None:
             f.write(f"=== sagellm {time.strftime('%Y-%m-%d %H:%M:%S')}: {message}\n")
     except OSError:
         pass
+
+
+def room_of(ctx: HostContext, rec: EngineRecord, *, reclaim: bool) -> ReserveRequest:
+    """What ``rec`` holds (its GPUs and port) as a request to take it again: as a new
+    request (margin included), or ``reclaim`` for an engine that already runs (see
+    ``ReserveRequest``)."""
+    assert rec.host is not None and rec.port is not None
+    return ReserveRequest(
+        rec.host,
+        tuple((g.uuid, g.memory_mib) for g in rec.gpus),
+        port_range=ctx.settings.port_range,
+        margin_mib=ctx.settings.gpu_safety_margin_mib,
+        port=rec.port,
+        reclaim=reclaim,
+    )
 
 
 # ----------------------------------------------------------------------------- spawn
@@ -110,10 +114,8 @@ def _spawn_locked(ctx: HostContext, engine_id: str, count_restart: bool) -> Engi
     rec = ctx.registry.find(engine_id)
     if rec is None or rec.host != ctx.host:
         return None
-    if rec.state not in _RESTARTABLE or _alive(rec):
-        return rec  # already started, stopping or stopped: nothing to do
-    if rec.state is not S.PENDING and rec.next_restart_at is None:
-        return rec  # final failure, or a live process handled elsewhere
+    if not rec.awaits_spawn or process_alive(rec):
+        return rec  # started, stopping, stopped, failed for good: nothing to do
     # One process tree per engine: a worker that died between spawning and recording
     # left a live tagged process; adopt it rather than start a second one.
     found = processes.find_tagged_processes().get(engine_id)
@@ -132,9 +134,7 @@ def _spawn_locked(ctx: HostContext, engine_id: str, count_restart: bool) -> Engi
         )
         return None
     try:
-        plan = get_runtime(rec.spec.effective_runtime).build(
-            rec, EnginePolicy.from_settings(ctx.settings)
-        )
+        plan = get_runtime(rec.spec.effective_runtime).build(rec, ctx.settings.engine_policy())
     except SagellmError as exc:
         fail_final(ctx, engine_id, f"cannot start runtime {rec.spec.effective_runtime}: {exc}")
         return None
@@ -148,30 +148,24 @@ def _spawn_locked(ctx: HostContext, engine_id: str, count_restart: bool) -> Engi
     except (OSError, SagellmError) as exc:
         fail_final(ctx, engine_id, f"spawn failed: {exc}")
         return None
-    now = time.time()
-
-    def mark_starting(r: EngineRecord) -> None:
-        if r.state not in _RESTARTABLE or (r.state is not S.PENDING and r.next_restart_at is None):
-            raise _Abort(r.state.value)
-        is_restart = r.state is not S.PENDING
-        r.transition(S.STARTING)
-        if is_restart and count_restart:
-            r.restart_count += 1
-        r.pid, r.process_create_time = proc.pid, proc.create_time
-        r.log_path = str(log_path)
-        r.start_deadline = now + ctx.settings.start_timeout_s
-        r.next_restart_at = None
-        r.health_failures = 0
-        r.exit_code = None
-        r.running_since = None
-
+    deadline = time.time() + ctx.settings.start_timeout_s
     try:
-        rec = ctx.registry.update(engine_id, mark_starting, require_reserved=True)
+        rec = ctx.registry.update(
+            engine_id,
+            lambda r: r.mark_starting(
+                proc.pid,
+                proc.create_time,
+                log_path=str(log_path),
+                start_deadline=deadline,
+                count_restart=count_restart,
+            ),
+            require_reserved=True,
+        )
     except BaseException as exc:
         # Stopped, forgotten or its room released while we were spawning, or Redis
         # failed: the process must not live on unrecorded.
         kill_process(ctx, proc.pid, proc.create_time, engine_id)
-        if isinstance(exc, _Abort | NotFoundError | Unreserved | IllegalTransition):
+        if isinstance(exc, NotFoundError | Unreserved | IllegalTransition):
             note(ctx, engine_id, f"spawned process {proc.pid} stopped: {exc or 'record changed'}")
             _forget_manifest_if_final(ctx, engine_id)
             return None
@@ -187,24 +181,14 @@ def relink(
     """Record a live process of this engine that its record lost track of (a worker
     died between spawn and record): a PENDING or restart-pending engine becomes
     STARTING, with its manifest written."""
-    now = time.time()
-
-    def link(r: EngineRecord) -> None:
-        if r.owns_nothing:
-            raise _Abort(r.state.value)
-        if r.state is S.PENDING or (
-            r.state in (S.FAILED, S.UNHEALTHY) and r.next_restart_at is not None
-        ):
-            r.transition(S.STARTING)
-            r.start_deadline = now + ctx.settings.start_timeout_s
-            r.health_failures = 0
-        r.pid, r.process_create_time = pid, create_time
-        r.next_restart_at = None
-        r.log_path = r.log_path or str(ctx.log_path(r.id))
-
+    deadline = time.time() + ctx.settings.start_timeout_s
+    log_path = str(ctx.log_path(rec.id))
     try:
-        updated = ctx.registry.update(rec.id, link)
-    except (_Abort, NotFoundError, IllegalTransition):
+        updated = ctx.registry.update(
+            rec.id,
+            lambda r: r.link_process(pid, create_time, log_path=log_path, start_deadline=deadline),
+        )
+    except (NotFoundError, IllegalTransition):
         return ctx.registry.find(rec.id)
     ctx.manifests.write(updated)
     note(ctx, rec.id, f"re-linked to its live process {pid}")
@@ -217,143 +201,17 @@ def _forget_manifest_if_final(ctx: HostContext, engine_id: str) -> None:
         ctx.manifests.remove(engine_id)
 
 
-# ----------------------------------------------------------------------------- readiness
-
-
-def check_start(ctx: HostContext, engine_id: str) -> str:
-    """One readiness check of a STARTING engine: ``running``, ``waiting``, ``failed``
-    or the engine's state when it is not STARTING."""
-    with ctx.engine_lock(engine_id, blocking=False) as free:
-        if not free:
-            return "waiting"  # a stop or restart of it runs now
-        return _check_start_locked(ctx, engine_id)
-
-
-def _check_start_locked(ctx: HostContext, engine_id: str) -> str:
-    rec = ctx.registry.find(engine_id)
-    if rec is None:
-        return "gone"
-    if rec.state is not S.STARTING:
-        return rec.state.value.lower()
-    if not _alive(rec):
-        processes.reap_children()
-        handle_dead(ctx, rec, "engine process exited before it was ready")
-        return "failed"
-    ready = get_runtime(rec.spec.effective_runtime).probe(
-        rec, ctx.http, ctx.settings.health_timeout_s
-    )
-    if ready.ready:
-        pid = rec.pid
-
-        def mark_running(r: EngineRecord) -> None:
-            if r.state is not S.STARTING or r.pid != pid:
-                raise _Abort(r.state.value)
-            r.transition(S.RUNNING)
-            r.health_failures = 0
-            r.last_health_at = r.running_since = time.time()
-            if r.reservation_error:
-                r.transition(S.UNHEALTHY, error=r.reservation_error)
-
-        try:
-            rec = ctx.registry.update(engine_id, mark_running)
-        except (_Abort, NotFoundError):
-            return "changed"
-        ctx.manifests.write(rec)
-        log.info("engine %s is RUNNING at %s", engine_id, rec.base_url)
-        return "running"
-    if rec.start_deadline is not None and time.time() > rec.start_deadline:
-        assert rec.pid is not None
-        kill_process(ctx, rec.pid, rec.process_create_time, engine_id)
-        handle_dead(
-            ctx,
-            rec,
-            f"not ready within {ctx.settings.start_timeout_s:g}s ({ready.detail})",
-        )
-        return "failed"
-    return "waiting"
-
-
 # ----------------------------------------------------------------------------- failure
-
-
-def handle_dead(ctx: HostContext, rec: EngineRecord, reason: str) -> EngineRecord | None:
-    """The engine's leader process is gone: sweep what is left of its tree, then
-    schedule a restart with backoff, or fail for good.
-
-    The restart budget is given back to an engine that had been RUNNING for
-    ``SAGELLM_RESTART_RESET_AFTER_S`` (a crash after weeks of service is not the third
-    of a crash loop)."""
-    if rec.pid is not None:
-        processes.sweep_session(rec.pid, rec.process_create_time, ctx.settings.stop_grace_s)
-    code = processes.exit_code(rec.pid) if rec.pid is not None else None
-    tail = _tail(rec)
-    error = reason + (f" (exit code {code})" if code is not None else "")
-    if tail:
-        error += f"; last log lines:\n{tail}"
-    now = time.time()
-    stable = (
-        rec.running_since is not None
-        and now - rec.running_since >= ctx.settings.restart_reset_after_s
-    )
-    restarts = 0 if stable else rec.restart_count
-    if not ctx.policy.can_restart(restarts):
-        return fail_final(
-            ctx, rec.id, error + f"; gave up after {restarts} restart(s)", pid=rec.pid
-        )
-    delay = ctx.policy.restart_delay(restarts)
-
-    def mark_pending_restart(r: EngineRecord) -> None:
-        if r.pid != rec.pid or r.state in (S.STOPPING, S.STOPPED):
-            raise _Abort("handled elsewhere")
-        target = pending_restart_state(r.state)
-        if r.state is not target:
-            r.transition(target, error=error)
-        r.last_error = error
-        r.exit_code = code
-        r.restart_count = restarts
-        r.pid = r.process_create_time = r.running_since = None
-        r.next_restart_at = time.time() + delay
-
-    try:
-        updated = ctx.registry.update(rec.id, mark_pending_restart)
-    except (_Abort, NotFoundError, IllegalTransition):
-        return None
-    log.warning("engine %s died (%s); restart in %.1fs", rec.id, reason, delay)
-    from app.state.queues import send_to_host
-
-    send_to_host(
-        ctx.celery,
-        ctx.host,
-        "sagellm.restart_engine",
-        (rec.id,),
-        expires_s=60 + delay,
-        countdown_s=delay,
-    )
-    return updated
 
 
 def fail_final(
     ctx: HostContext, engine_id: str, error: str, *, pid: int | None = None
 ) -> EngineRecord | None:
-    """FAILED for good: record why; the same atomic write releases GPU memory and port
-    (exactly once)."""
-
-    def mark_failed(r: EngineRecord) -> None:
-        if pid is not None and r.pid not in (pid, None):
-            raise _Abort("another process took over")
-        if r.state in (S.STOPPING, S.STOPPED):
-            raise _Abort("being stopped")
-        if r.state is S.RUNNING:
-            r.transition(S.UNHEALTHY)
-        if r.state is not S.FAILED:
-            r.transition(S.FAILED, error=error)
-        r.last_error = error
-        r.next_restart_at = None
-        r.pid = r.process_create_time = r.running_since = None
-
+    """FAILED for good (``EngineRecord.fail``): record why; the same atomic write
+    releases GPU memory and port (exactly once)."""
     try:
-        rec, result = ctx.registry.commit(engine_id, mark_failed)
-    except (_Abort, NotFoundError, IllegalTransition):
+        rec, result = ctx.registry.commit(engine_id, lambda r: r.fail(error, pid=pid))
+    except (NotFoundError, IllegalTransition):
         return None
     if result.released:
         log.warning("engine %s FAILED: %s", engine_id, error.splitlines()[0])
@@ -410,13 +268,8 @@ def finalize_stop(ctx: HostContext, engine_id: str) -> EngineRecord | None:
         processes.sweep_session(current.pid, current.process_create_time, ctx.settings.stop_grace_s)
     rec: EngineRecord | None = None
     released = False
-
-    def stopped(r: EngineRecord) -> None:
-        r.transition(S.STOPPED)
-        r.pid = r.process_create_time = None
-
     try:
-        rec, result = ctx.registry.commit(engine_id, stopped)
+        rec, result = ctx.registry.commit(engine_id, EngineRecord.mark_stopped)
         released = result.released
     except IllegalTransition:
         rec = ctx.registry.find(engine_id)
@@ -428,188 +281,6 @@ def finalize_stop(ctx: HostContext, engine_id: str) -> EngineRecord | None:
     if rec is None or rec.owns_nothing:
         ctx.manifests.remove(engine_id)
     return rec
-
-
-# ----------------------------------------------------------------------------- health
-
-
-def probe_health(ctx: HostContext, rec: EngineRecord) -> tuple[bool, str]:
-    """GET /health with the configured timeout."""
-    try:
-        resp = ctx.http.get(f"{rec.base_url}/health", timeout=ctx.settings.health_timeout_s)
-    except Exception as exc:
-        return False, f"/health: {type(exc).__name__}"
-    return resp.status_code == 200, f"/health answered {resp.status_code}"
-
-
-def check_engine(ctx: HostContext, rec: EngineRecord, now: float) -> None:
-    """One health-loop step for one engine of this host."""
-    s = rec.state
-    if s is S.PENDING:
-        if now - rec.created_at > PENDING_GRACE_S:
-            spawn_engine(ctx, rec.id)  # its start task was lost or expired
-    elif s is S.STARTING:
-        check_start(ctx, rec.id)
-    elif s in (S.FAILED, S.UNHEALTHY) and rec.next_restart_at is not None:
-        if now >= rec.next_restart_at:
-            spawn_engine(ctx, rec.id)
-    elif s in (S.RUNNING, S.UNHEALTHY):
-        if not _alive(rec):
-            handle_dead(ctx, rec, "engine process exited")
-            return
-        ok, detail = probe_health(ctx, rec)
-        verdict, failures = ctx.policy.judge(s, ok, rec.health_failures)
-        if verdict is Verdict.RESTART:
-            assert rec.pid is not None
-            kill_process(ctx, rec.pid, rec.process_create_time, rec.id)
-            handle_dead(ctx, rec, f"unhealthy for {failures} checks in a row ({detail})")
-            return
-        _record_health(ctx, rec, verdict, failures, detail)
-    elif s is S.STOPPING:
-        # No stop is running in this worker (check_host holds the engine's lock), so
-        # the stop task was lost, expired while the host was down, or its worker died:
-        # finish the stop now. A stop is never forgotten.
-        stop_engine(ctx, rec.id)
-    elif s is S.LOST:
-        reconcile_lost(ctx, rec)
-
-
-def _record_health(
-    ctx: HostContext, rec: EngineRecord, verdict: Verdict, failures: int, detail: str
-) -> None:
-    def apply(r: EngineRecord) -> None:
-        if r.pid != rec.pid or r.state not in (S.RUNNING, S.UNHEALTHY):
-            raise _Abort("changed")
-        r.health_failures = failures
-        if verdict is Verdict.HEALTHY:
-            r.last_health_at = time.time()
-            if r.state is S.UNHEALTHY and not r.reservation_error:
-                r.transition(S.RUNNING)
-        elif verdict is Verdict.UNHEALTHY:
-            r.transition(S.UNHEALTHY, error=f"{failures} failed health checks ({detail})")
-
-    with contextlib.suppress(_Abort, NotFoundError, IllegalTransition):
-        ctx.registry.update(rec.id, apply)
-
-
-def reconcile_lost(ctx: HostContext, rec: EngineRecord) -> None:
-    """Our host is back: a LOST engine is RUNNING again if its process lives, else it died."""
-    if not _alive(rec):
-        handle_dead(ctx, rec, "engine process gone while its host was down")
-        return
-    reserved = ensure_reserved(ctx, rec)
-    ok, detail = probe_health(ctx, rec)
-
-    def back(r: EngineRecord) -> None:
-        if r.state is not S.LOST:
-            raise _Abort("changed")
-        healthy = ok and reserved
-        r.transition(S.RUNNING if healthy else S.UNHEALTHY)
-        if not healthy:
-            r.last_error = r.reservation_error or detail
-        r.health_failures = 0 if ok else 1
-
-    with contextlib.suppress(_Abort, NotFoundError, IllegalTransition):
-        ctx.registry.update(rec.id, back)
-
-
-def room_of(ctx: HostContext, rec: EngineRecord, *, reclaim: bool) -> ReserveRequest:
-    """What ``rec`` holds (its GPUs and port) as a request to take it again: as a new
-    request (margin included), or ``reclaim`` for an engine that already runs (see
-    ``ReserveRequest``)."""
-    assert rec.host is not None and rec.port is not None
-    return ReserveRequest(
-        rec.host,
-        tuple((g.uuid, g.memory_mib) for g in rec.gpus),
-        port_range=ctx.settings.port_range,
-        margin_mib=ctx.settings.gpu_safety_margin_mib,
-        port=rec.port,
-        reclaim=reclaim,
-    )
-
-
-def ensure_reserved(ctx: HostContext, rec: EngineRecord) -> bool:
-    """Re-take the reservation of a live engine if the ledger lost it (a lost Redis),
-    in the same write as its record. When someone else took the room meanwhile, the
-    engine is UNHEALTHY with ``reservation_error`` saying why (not routed to), and
-    rediscovery tries again. True when the engine holds its reservation."""
-    if rec.port is None or rec.host is None or rec.owns_nothing:
-        return False
-    req = room_of(ctx, rec, reclaim=True)
-
-    def clear(r: EngineRecord) -> None:
-        if r.reservation_error:
-            r.reservation_error = None
-            r.last_error = "reservation re-taken"
-
-    try:
-        ctx.registry.update(rec.id, clear, reserve=req)
-        return True
-    except NotFoundError:
-        return False
-    except ReservationConflict as exc:
-        message = f"running without its reservation: {exc.message}"
-
-        def conflict(r: EngineRecord) -> None:
-            r.reservation_error = r.last_error = message
-            if r.state is S.RUNNING:
-                r.transition(S.UNHEALTHY)
-
-        if rec.reservation_error != message:
-            note(ctx, rec.id, message)
-        with contextlib.suppress(NotFoundError, IllegalTransition):
-            ctx.registry.update(rec.id, conflict)
-        return False
-
-
-def check_host(ctx: HostContext) -> dict[str, int]:
-    """The health loop for every engine of this host; returns counts by state."""
-    processes.reap_children()
-    now = time.time()
-    counts: dict[str, int] = {}
-    for rec in ctx.registry.engines(host=ctx.host):
-        counts[rec.state.value] = counts.get(rec.state.value, 0) + 1
-        with ctx.engine_lock(rec.id, blocking=False) as free:
-            if not free:
-                continue  # a start, stop or restart of it runs now; next tick
-            try:
-                current = ctx.registry.find(rec.id)  # as it is now that we hold it
-                if current is not None:
-                    check_engine(ctx, current, now)
-            except Exception:
-                log.exception("health check of %s failed", rec.id)
-    return counts
-
-
-def manual_restart(ctx: HostContext, engine_id: str) -> EngineRecord | None:
-    """A restart a person asked for: stop the process, start it again at once.
-
-    It does not count against ``SAGELLM_MAX_RESTARTS`` (that budget is for crashes).
-    The reservation is held throughout (a restart-pending engine owns its room).
-    """
-    with ctx.engine_lock(engine_id):
-        rec = ctx.registry.find(engine_id)
-        if rec is None or rec.host != ctx.host:
-            return None
-        if rec.pid is not None:
-            kill_process(ctx, rec.pid, rec.process_create_time, engine_id)
-
-        def pending(r: EngineRecord) -> None:
-            if r.state in (S.STOPPING, S.STOPPED) or r.owns_nothing:
-                raise _Abort(r.state.value)
-            if r.state is not S.PENDING:
-                target = pending_restart_state(r.state)
-                if r.state is not target:
-                    r.transition(target)
-            r.pid = r.process_create_time = r.running_since = None
-            r.next_restart_at = time.time()
-            r.last_error = "restart requested"
-
-        try:
-            ctx.registry.update(engine_id, pending)
-        except (_Abort, NotFoundError, IllegalTransition):
-            return ctx.registry.find(engine_id)
-        return spawn_engine(ctx, engine_id, count_restart=False)
 
 
 def read_log(ctx: HostContext, engine_id: str, tail: int) -> list[str]:

@@ -29,11 +29,12 @@ from dataclasses import dataclass, field
 
 import psutil
 
+from app.core.engine_policy import ENGINE_HOST_ENV, ENGINE_OWNER_ENV
 from app.core.errors import NotFoundError, ReservationConflict
 from app.core.models import LIVE_STATES, EngineRecord, EngineState
 from app.state.registry import RecordExists
-from workers.agent import lifecycle
-from workers.agent.context import ENGINE_HOST_ENV, ENGINE_OWNER_ENV, HostContext
+from workers.agent import lifecycle, supervise
+from workers.agent.context import HostContext
 from workers.agent.heartbeat import publish_heartbeat
 from workers.host import processes
 from workers.runtimes import get_runtime
@@ -165,28 +166,23 @@ def _account(ctx: HostContext, eid: str, proc: Found, report: RediscoveryReport)
         rec = relinked
         report.relinked.append(eid)
     if rec.state is S.LOST:
-        lifecycle.reconcile_lost(ctx, rec)
-    elif not lifecycle.ensure_reserved(ctx, rec):
+        supervise.reconcile_lost(ctx, rec)
+    elif not supervise.ensure_reserved(ctx, rec):
         report.unreserved.append(eid)
 
 
 def _adopt(ctx: HostContext, rec: EngineRecord, proc: Found, report: RediscoveryReport) -> None:
     """Re-create a lost record from the host's manifest and re-take its reservation
     in the same write (or record why it could not be)."""
-    rec.pid, rec.process_create_time = proc.pid, proc.create_time
     ready = get_runtime(rec.spec.effective_runtime).probe(
         rec, ctx.http, ctx.settings.health_timeout_s
     )
-    now = time.time()
-    # Adoption re-creates the record in the state the process shows; it is not a
-    # transition (there was no record to move).
-    rec.state = S.RUNNING if ready.ready else S.STARTING
-    rec.start_deadline = None if ready.ready else now + ctx.settings.start_timeout_s
-    rec.running_since = now if ready.ready else None
-    rec.state_changed_at = rec.updated_at = now
-    rec.next_restart_at, rec.health_failures = None, 0
-    rec.reservation_error = None
-    rec.last_error = "re-adopted by rediscovery after the registry lost it"
+    rec.adopt(
+        proc.pid,
+        proc.create_time,
+        ready=ready.ready,
+        start_deadline=time.time() + ctx.settings.start_timeout_s,
+    )
     try:
         holds = rec.host is not None and rec.port is not None
         ctx.registry.create(
@@ -195,14 +191,13 @@ def _adopt(ctx: HostContext, rec: EngineRecord, proc: Found, report: Rediscovery
     except RecordExists:
         return  # adopted concurrently
     except ReservationConflict as exc:  # the room is taken: adopt without it, visibly
-        rec.reservation_error = rec.last_error = f"running without its reservation: {exc.message}"
-        if rec.state is S.RUNNING:
-            rec.state = S.UNHEALTHY
+        message = f"running without its reservation: {exc.message}"
+        rec.mark_unreserved(message)
         try:
             ctx.registry.create(rec)
         except RecordExists:
             return
-        lifecycle.note(ctx, rec.id, rec.reservation_error)
+        lifecycle.note(ctx, rec.id, message)
         report.unreserved.append(rec.id)
     ctx.manifests.write(rec)
     lifecycle.note(ctx, rec.id, f"re-adopted process {proc.pid} after the registry lost it")
@@ -220,7 +215,7 @@ def _handle_gone(ctx: HostContext, found: dict[str, Found], report: RediscoveryR
             cur = ctx.registry.find(rec.id)
             if cur is None or cur.owns_nothing or cur.state not in LIVE_STATES | {S.LOST}:
                 continue
-            if cur.pid is None and (cur.state is S.PENDING or cur.next_restart_at is not None):
+            if cur.pid is None and (cur.state is S.PENDING or cur.restart_pending):
                 continue  # its start or restart is pending: spawn handles it
             if cur.pid is not None and processes.is_alive(cur.pid, cur.process_create_time):
                 continue
@@ -228,7 +223,7 @@ def _handle_gone(ctx: HostContext, found: dict[str, Found], report: RediscoveryR
             if cur.state is S.STOPPING or cur.pid is None:
                 lifecycle.finalize_stop(ctx, cur.id)
             else:
-                lifecycle.handle_dead(ctx, cur, "engine process gone (found by rediscovery)")
+                supervise.handle_dead(ctx, cur, "engine process gone (found by rediscovery)")
 
 
 def _release_leaks(ctx: HostContext, found: dict[str, Found], report: RediscoveryReport) -> None:

@@ -21,11 +21,10 @@ from typing import Any, Literal
 
 import psutil
 
+from app.core.engine_policy import ENGINE_ID_ENV
 from app.core.inventory_spec import parse_mock_gpus
 from app.core.models import GpuCapacity, GpuInfo, GpuProcess
 from app.settings import Settings
-
-ENGINE_ID_ENV = "SAGELLM_ENGINE_ID"
 
 InventorySource = Literal["nvml", "mock", "none"]
 

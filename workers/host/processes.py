@@ -7,20 +7,9 @@ the group reaches vLLM's tensor-parallel workers, and Ctrl-C or SIGTERM to the w
 own group does not reach engines. (Under systemd, run the worker with
 ``KillMode=process`` so that restarting it does not kill the engines in its cgroup.)
 
-The tag is not enough to find an engine's processes: vLLM renames its processes
-(API server, engine core, tensor-parallel workers) with ``setproctitle``, which
-overwrites the memory ``/proc/<pid>/environ`` reads, so a renamed process shows no tag.
-An engine is therefore identified by its leader's identity as ``spawn`` recorded it,
-(pid, create time) (the create time excludes a reused pid), and its processes are that
-leader, the members of its session and process group, and their descendants. A leader
-is ours when its identity matches or, without a create time, when it carries our tag;
-a readable tag of another engine is proof that it is not ours (``NotOurProcess``), and
-a pid alone is never trusted. Members of the session stay ours after the leader dies:
-Linux does not hand a pid out again while processes still use it as their session or
-group id, so the session cannot have been reused while it has members; as a cheap extra
-guard only processes created no earlier than the leader count, and without a create
-time only tagged ones. ``stop`` stops the whole tree, ``sweep_session`` the processes a
-dead leader left behind, ``engine_tree`` and ``is_alive_tree`` look at it, and
+Which processes belong to an engine (its leader's identity, its session and group, the
+tag rules) is ``workers.host.process_tree``; ``stop`` stops that whole tree,
+``sweep_session`` the processes a dead leader left behind, and
 ``find_tagged_processes`` (rediscovery) finds engines by the tags still readable.
 
 Reaping: an engine is a child of the process that spawned it (the worker, or one of its
@@ -56,12 +45,11 @@ from typing import Any
 
 import psutil
 
+from app.core.engine_policy import ENGINE_ID_ENV
 from app.core.errors import SagellmError
-from workers.runtimes.base import ENGINE_ID_ENV, LaunchPlan, RuntimeUnavailable
+from workers.host import process_tree
+from workers.runtimes.base import LaunchPlan, RuntimeUnavailable
 
-# psutil derives create_time from clock ticks (1/100 s on Linux); the value is stable
-# for one process, so the tolerance only absorbs float round-trips through JSON.
-CREATE_TIME_TOLERANCE_S = 1e-2
 _POLL_S = 0.05
 _KILL_WAIT_S = 5.0  # SIGKILL is not refusable; this only bounds a process in D state
 _MAX_EXIT_CODES = 1024  # remembered exit codes, oldest forgotten first
@@ -219,22 +207,6 @@ def exit_code(pid: int) -> int | None:
 # ---------------------------------------------------------------------------- checking
 
 
-def _same_process(proc: psutil.Process, create_time: float | None) -> bool:
-    if create_time is None:
-        return True
-    return abs(proc.create_time() - create_time) <= CREATE_TIME_TOLERANCE_S
-
-
-def _running(proc: psutil.Process) -> bool:
-    # is_running() also compares create time, so a reused pid reads as not running.
-    try:
-        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-    except (psutil.NoSuchProcess, psutil.ZombieProcess):
-        return False
-    except psutil.AccessDenied:
-        return True
-
-
 def is_alive(pid: int, create_time: float | None) -> bool:
     """True if ``pid`` runs, is the process started at ``create_time`` (when given), and
     is not a zombie."""
@@ -242,161 +214,13 @@ def is_alive(pid: int, create_time: float | None) -> bool:
         return False
     try:
         proc = psutil.Process(pid)
-        if not _same_process(proc, create_time):
+        if not process_tree.same_process(proc, create_time):
             return False
         return proc.status() != psutil.STATUS_ZOMBIE
     except (psutil.NoSuchProcess, psutil.ZombieProcess):
         return False
     except psutil.AccessDenied:
         return True  # it exists; only its owner can see more
-
-
-# A process younger than this may be between two execs (``#!/usr/bin/env python3`` runs
-# env, which execs python): /proc/<pid>/environ can read empty for that instant.
-_EXEC_SETTLE_S = 1.0
-
-
-def _tag(proc: psutil.Process, *, settle: bool = True) -> str | None:
-    """The process's ``SAGELLM_ENGINE_ID``; None when absent or unreadable (or wiped by
-    ``setproctitle``).
-
-    With ``settle``, a just-spawned engine (a stop right after its start, as in a
-    rollback) is read again for up to ~0.2 s rather than taken for a stranger while it
-    is still exec'ing.
-    """
-    for _ in range(10 if settle else 1):
-        try:
-            tag = proc.environ().get(ENGINE_ID_ENV) or None
-            if tag is not None or time.time() - proc.create_time() > _EXEC_SETTLE_S:
-                return tag
-        except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
-            return None
-        time.sleep(0.02)
-    return None
-
-
-def _session_members(sid: int) -> list[psutil.Process]:
-    """Processes (but this one) in session ``sid`` or in process group ``sid``."""
-    out = []
-    me = os.getpid()
-    for proc in psutil.process_iter():
-        if proc.pid == me:
-            continue
-        try:
-            if os.getsid(proc.pid) == sid or os.getpgid(proc.pid) == sid:
-                out.append(proc)
-        except OSError:
-            continue
-    return out
-
-
-def _resolve_leader(pid: int, create_time: float | None) -> tuple[psutil.Process | None, bool]:
-    """(the leader if it still runs, whether its session may still have members).
-
-    A pid now held by another process means ours is gone, and so is its session: a pid
-    is not handed out again while a session or group still uses it as its id.
-    """
-    if pid <= 0:
-        return None, False
-    try:
-        proc = psutil.Process(pid)
-        if not _same_process(proc, create_time):
-            return None, False
-        if proc.status() == psutil.STATUS_ZOMBIE:
-            return None, True
-        return proc, True
-    except (psutil.NoSuchProcess, psutil.ZombieProcess):
-        return None, True
-
-
-def _member_is_ours(
-    proc: psutil.Process, create_time: float | None, engine_id: str | None, *, leader_runs: bool
-) -> bool:
-    """Whether ``proc``, found in our leader's session or group or below it, is ours.
-
-    It is, unless it is older than the leader, carries another engine's tag, or (the
-    leader gone and no create time known, so nothing proves whose session this was)
-    carries no tag at all.
-    """
-    try:
-        if proc.pid == os.getpid():
-            return False
-        if create_time is not None and proc.create_time() < create_time - CREATE_TIME_TOLERANCE_S:
-            return False
-    except psutil.Error:
-        return False
-    tag = _tag(proc, settle=False)
-    if tag is not None and engine_id is not None and tag != engine_id:
-        return False
-    if create_time is None and not leader_runs:
-        return (tag or _tag(proc)) is not None
-    return True
-
-
-def _tree(
-    pid: int, create_time: float | None, engine_id: str | None, leader: psutil.Process | None
-) -> list[psutil.Process]:
-    """``leader`` (when given: the caller has checked it is ours and runs), the running
-    members of session/group ``pid`` that are ours, and their running descendants."""
-    runs = leader is not None
-    roots = [leader] if leader is not None else []
-    if pid not in (os.getsid(0), os.getpgrp()):  # never our own session or group
-        roots += [
-            p
-            for p in _session_members(pid)
-            if p.pid != pid and _member_is_ours(p, create_time, engine_id, leader_runs=runs)
-        ]
-    below: list[psutil.Process] = []
-    for root in roots:
-        try:
-            below += root.children(recursive=True)
-        except psutil.Error:
-            continue
-    known = {p.pid for p in roots}
-    below = [
-        p
-        for p in _unique(below)
-        if p.pid not in known and _member_is_ours(p, create_time, engine_id, leader_runs=runs)
-    ]
-    return [p for p in _unique([*roots, *below]) if _running(p)]
-
-
-def _leader_is_ours(
-    leader: psutil.Process, create_time: float | None, engine_id: str | None
-) -> tuple[bool, str | None]:
-    """(ours, its readable tag): ours by identity (a create time was given and matched)
-    or by tag, never with another engine's tag."""
-    tag = _tag(leader)
-    if tag is not None and engine_id is not None and tag != engine_id:
-        return False, tag
-    return create_time is not None or tag is not None, tag
-
-
-def engine_tree(
-    pid: int, create_time: float | None, *, engine_id: str | None = None
-) -> list[psutil.Process]:
-    """The running processes of the engine whose leader ``spawn`` started as (``pid``,
-    ``create_time``): the leader while it is that process, the members of its session
-    and process group, and their descendants (also those that left the session).
-
-    Members count after the leader died (e.g. tensor-parallel workers of a crashed API
-    server, renamed so that they show no tag); only those created no earlier than the
-    leader, never one tagged for another engine than ``engine_id``. Without a create
-    time, only tagged processes count. Zombies are left out; [] when the pid now belongs
-    to another process.
-    """
-    leader, may_have_members = _resolve_leader(pid, create_time)
-    if not may_have_members:
-        return []
-    if leader is not None and not _leader_is_ours(leader, create_time, engine_id)[0]:
-        return []
-    return _tree(pid, create_time, engine_id, leader)
-
-
-def is_alive_tree(pid: int, create_time: float | None, *, engine_id: str | None = None) -> bool:
-    """True while the engine's leader or any process of its tree (``engine_tree``) still
-    runs: a live worker of a dead leader still holds the engine's GPU memory."""
-    return bool(engine_tree(pid, create_time, engine_id=engine_id))
 
 
 # ---------------------------------------------------------------------------- signalling
@@ -430,7 +254,7 @@ def _wait_gone(procs: list[psutil.Process], timeout_s: float) -> list[psutil.Pro
     deadline = time.monotonic() + timeout_s
     while True:
         reap_children()
-        alive = [p for p in procs if _running(p)]
+        alive = [p for p in procs if process_tree.running(p)]
         remaining = deadline - time.monotonic()
         if not alive or remaining <= 0:
             return alive
@@ -455,12 +279,12 @@ def stop(
     leader).
     """
     reap_children()
-    leader, may_have_members = _resolve_leader(pid, create_time)
+    leader, may_have_members = process_tree.resolve_leader(pid, create_time)
     if leader is None:
         killed = may_have_members and _sweep(pid, create_time, engine_id, grace_s)[1]
         return StopResult(exited=True, killed=killed, exit_code=exit_code(pid))
 
-    ours, tag = _leader_is_ours(leader, create_time, engine_id)
+    ours, tag = process_tree.leader_is_ours(leader, create_time, engine_id)
     if not ours:
         raise NotOurProcess(
             f"pid {pid} ({_describe(leader)}) carries "
@@ -469,7 +293,7 @@ def stop(
             + ("" if tag or create_time is not None else " and no create time was given")
             + ": not signalled"
         )
-    members = _tree(pid, create_time, engine_id, leader)
+    members = process_tree.tree(pid, create_time, engine_id, leader)
     in_group = {p.pid for p in members if _pgid(p.pid) == pid}
     signal_group(pid, signal.SIGTERM)
     # Processes that left the group (setpgid/setsid) got nothing from killpg. Members
@@ -479,15 +303,17 @@ def stop(
     alive = _wait_gone(members, grace_s)
     # Late forks during shutdown are found by a fresh scan, by the rule of a dead
     # leader's session (the leader may have exited by now).
-    late = _tree(pid, create_time, engine_id if engine_id else tag, None)
-    leftovers = _unique([*alive, *late])
+    late = process_tree.tree(pid, create_time, engine_id if engine_id else tag, None)
+    leftovers = process_tree.unique([*alive, *late])
     killed = bool(leftovers)
     if killed:
-        if _running(leader):
+        if process_tree.running(leader):
             signal_group(pid, signal.SIGKILL)
         _signal_each(leftovers, signal.SIGKILL)
         _wait_gone(leftovers, _KILL_WAIT_S)
-    return StopResult(exited=not _running(leader), killed=killed, exit_code=exit_code(pid))
+    return StopResult(
+        exited=not process_tree.running(leader), killed=killed, exit_code=exit_code(pid)
+    )
 
 
 def sweep_session(
@@ -502,7 +328,7 @@ def sweep_session(
     of processes signalled (0: nothing was left).
     """
     reap_children()
-    leader, may_have_members = _resolve_leader(pid, create_time)
+    leader, may_have_members = process_tree.resolve_leader(pid, create_time)
     if leader is not None or not may_have_members:
         return 0
     return _sweep(pid, create_time, engine_id, grace_s)[0]
@@ -513,7 +339,7 @@ def _sweep(
 ) -> tuple[int, bool]:
     """Terminate, then kill, the tree of gone leader ``pid``: (processes signalled,
     whether SIGKILL was needed)."""
-    leftovers = _tree(pid, create_time, engine_id, None)
+    leftovers = process_tree.tree(pid, create_time, engine_id, None)
     if not leftovers:
         return 0, False
     _signal_each(leftovers, signal.SIGTERM)
@@ -529,13 +355,6 @@ def _pgid(pid: int) -> int | None:
         return os.getpgid(pid)
     except OSError:
         return None
-
-
-def _unique(procs: list[psutil.Process]) -> list[psutil.Process]:
-    seen: dict[int, psutil.Process] = {}
-    for p in procs:
-        seen.setdefault(p.pid, p)
-    return list(seen.values())
 
 
 def _describe(proc: psutil.Process) -> str:
@@ -561,7 +380,7 @@ def find_tagged_processes() -> dict[str, TaggedProcess]:
         info = proc.info
         if info.get("status") == psutil.STATUS_ZOMBIE or proc.pid == os.getpid():
             continue
-        tag = _tag(proc)
+        tag = process_tree.tag_of(proc)
         if tag is not None:
             tagged[proc.pid] = (tag, proc, info)
 

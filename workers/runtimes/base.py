@@ -20,12 +20,17 @@ from pathlib import Path
 
 import httpx
 
-from app.core.engine_policy import EnginePolicy, check_spec
+from app.core.engine_policy import (
+    DEVICE_ORDER_ENV,
+    ENGINE_ID_ENV,
+    VISIBLE_DEVICES_ENV,
+    EnginePolicy,
+    check_spec,
+)
 from app.core.errors import SagellmError, ValidationError
 from app.core.models import EngineRecord
+from app.core.runtimes import owned_flags
 from app.core.spec import EngineSpec
-
-ENGINE_ID_ENV = "SAGELLM_ENGINE_ID"
 
 
 class RuntimeUnavailable(SagellmError):
@@ -61,8 +66,8 @@ def engine_env(record: EngineRecord) -> dict[str, str]:
     proxies...), less the control plane's own variables (``processes.spawn``); then the
     user's ``spec.env`` (the allow-list of ``app.core.engine_policy``); then the keys
     that pin and tag the process, which the user cannot override (the allow-list
-    already refuses ``SAGELLM_ENGINE_ID``, ``CUDA_VISIBLE_DEVICES`` and
-    ``CUDA_DEVICE_ORDER``; they are forced here all the same).
+    already refuses them, ``app.core.engine_policy.RESERVED_ENV``; they are forced
+    here all the same).
 
     ``CUDA_VISIBLE_DEVICES`` lists GPU UUIDs exactly as NVML reports them
     (``GPU-xxxxxxxx-...``) because NVML's index order is not CUDA's. An engine without
@@ -74,8 +79,8 @@ def engine_env(record: EngineRecord) -> dict[str, str]:
     env.update(
         {
             ENGINE_ID_ENV: record.id,
-            "CUDA_VISIBLE_DEVICES": ",".join(g.uuid for g in record.gpus),
-            "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
+            VISIBLE_DEVICES_ENV: ",".join(g.uuid for g in record.gpus),
+            DEVICE_ORDER_ENV: "PCI_BUS_ID",
         }
     )
     return env
@@ -156,19 +161,21 @@ def probe_openai(
 
 
 class Runtime:
-    """Base class; subclasses set ``name`` and ``owned_flags`` and implement ``argv``.
+    """Base class; subclasses set ``name`` and implement ``argv``.
 
     ``build`` = ``validate`` + ``argv`` + ``engine_env``; ``probe`` = ``probe_openai``.
     ``validate`` applies ``app.core.engine_policy`` with this runtime's ``owned_flags``;
-    it runs at the API edge (``app.services.engines``, before anything is reserved) and again
-    in ``build`` on the worker.
+    it runs at the API edge (``app.services.admission``, before anything is reserved) and
+    again in ``build`` on the worker.
     """
 
     name = ""
-    # The flags argv sets itself, each mapped to the spec field to use instead. A user
-    # --port would listen on a port the ledger never reserved and readiness would probe
-    # the wrong one; --tensor-parallel-size would use GPUs never reserved.
-    owned_flags: Mapping[str, str] = {}
+
+    @property
+    def owned_flags(self) -> Mapping[str, str]:
+        """The flags argv sets itself, each mapped to the spec field to use instead:
+        ``app.core.runtimes.OWNED_FLAGS`` (so the API checks them without this package)."""
+        return owned_flags(self.name)
 
     def validate(self, spec: EngineSpec, policy: EnginePolicy | None = None) -> None:
         """Raise ``ValidationError`` if this runtime may not run ``spec``: the engine
@@ -203,13 +210,6 @@ class ServerModuleRuntime(Runtime):
     may not repeat them."""
 
     module = ""
-    owned_flags = {
-        "--model": "model",
-        "--host": "the worker's SAGELLM_HOST_ADDRESS",
-        "--port": "port",
-        "--served-model-name": "served_model_name",
-        "--device": "use_gpu (cuda when GPUs are reserved, else cpu)",
-    }
 
     def argv(self, record: EngineRecord) -> list[str]:
         """``python -m <module> ...`` for ``record``."""

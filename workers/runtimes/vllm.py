@@ -2,13 +2,14 @@
 
 Flags sagellm sets, and who wins when ``spec.extra_args`` names them too:
 
-* Owned by placement (``OWNED_FLAGS``), refused in ``extra_args`` in any spelling
-  argparse accepts (``--po``, ``--port=1``, ``--tensor_p``, ``-tp8``; the rule is
-  ``app.core.engine_policy``'s, which also refuses ``--config``, a lone ``--`` and
-  unsafe flags): ``--host``, ``--port``, ``--tensor-parallel-size``/``-tp``,
-  ``--pipeline-parallel-size``/``-pp``, ``--served-model-name``, ``--model``. Another
-  value would listen on a port the ledger never reserved, use GPUs never reserved, or
-  make readiness look for the wrong name; the spec has a field for each.
+* Owned by placement (``app.core.runtimes.VLLM_OWNED_FLAGS``), refused in
+  ``extra_args`` in any spelling argparse accepts (``--po``, ``--port=1``,
+  ``--tensor_p``, ``-tp8``; the rule is ``app.core.engine_policy``'s, which also
+  refuses ``--config``, a lone ``--`` and unsafe flags): ``--host``, ``--port``,
+  ``--tensor-parallel-size``/``-tp``, ``--pipeline-parallel-size``/``-pp``,
+  ``--served-model-name``, ``--model``. Another value would listen on a port the
+  ledger never reserved, use GPUs never reserved, or make readiness look for the wrong
+  name; the spec has a field for each.
 * Tunables, the user's value wins and ours is dropped: ``--gpu-memory-utilization``
   and ``--max-model-len`` (from ``record.launch``, which the memory estimate derived
   from the reservation), ``--dtype``, ``--quantization``/``-q``. Either ``--flag value``
@@ -38,16 +39,6 @@ from workers.runtimes.base import (
 
 EXECUTABLE = "vllm"
 
-OWNED_FLAGS = {
-    "--host": "the worker's SAGELLM_HOST_ADDRESS",
-    "--port": "port",
-    "--tensor-parallel-size": "tensor_parallel",
-    "-tp": "tensor_parallel",
-    "--pipeline-parallel-size": "pipeline_parallel",
-    "-pp": "pipeline_parallel",
-    "--served-model-name": "served_model_name",
-    "--model": "model",
-}
 # Short aliases vLLM accepts for the tunables, mapped to the long flag we emit.
 _ALIASES = {"-q": "--quantization"}
 
@@ -71,7 +62,7 @@ def find_vllm(path: str | None = None) -> str:
 
 
 def _format_utilization(value: Any) -> str:
-    # Same precision as app.core.memory.VllmFit.args: three decimals of a fraction.
+    # Three decimals of a fraction, as app.core.memory.fit.vllm_fit_flags rounds down.
     return f"{float(value):.3f}"
 
 
@@ -79,7 +70,6 @@ class VllmRuntime(Runtime):
     """``vllm serve MODEL`` pinned to the record's GPUs, sized by ``record.launch``."""
 
     name = "vllm"
-    owned_flags = OWNED_FLAGS
 
     def argv(self, record: EngineRecord) -> list[str]:
         """``vllm serve`` argv; the executable is resolved now, on the worker's PATH (a
