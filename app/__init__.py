@@ -144,6 +144,7 @@ def _install_gateway(flask_app: Flask, settings: Settings) -> None:
         settings.gateway_policy,
         settings.gateway_read_timeout_s,
         settings.gateway_refresh_s,
+        changes=cluster.registry.r,  # record writes keep discovery current (drains)
     )
     flask_app.extensions["sagellm.gateway"] = gateway
     gateway.in_flight.start_publishing(cluster.in_flight)

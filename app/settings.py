@@ -64,6 +64,16 @@ SETTINGS_DOC: dict[str, tuple[str, str]] = {
     "SAGELLM_RESTART_BACKOFF_MAX_S": ("60", "Cap of the restart delay."),
     "SAGELLM_START_TIMEOUT_S": ("900", "An engine not ready this long after spawn FAILs."),
     "SAGELLM_STOP_GRACE_S": ("20", "SIGTERM to SIGKILL grace when stopping an engine."),
+    "SAGELLM_DRAIN_TIMEOUT_S": (
+        "30",
+        "A stop first drains a serving engine (no new request, in-flight ones finish) "
+        "this long at most; 0 = no drain.",
+    ),
+    "SAGELLM_REMEDIATION_ATTEMPTS": (
+        "2",
+        "Automatic fixes of an engine that failed to start for lack of GPU memory (a "
+        "shorter --max-model-len, another GPU); 0 = off.",
+    ),
     "SAGELLM_REDISCOVERY_INTERVAL_S": ("30", "How often workers re-adopt/reconcile processes."),
     "SAGELLM_PRUNE_AFTER_S": ("86400", "STOPPED/FAILED records older than this are pruned."),
     "SAGELLM_WORKER_CONCURRENCY": ("8", "Threads of a host worker."),
@@ -183,6 +193,8 @@ class Settings:
     restart_backoff_max_s: float = 60.0
     start_timeout_s: float = 900.0
     stop_grace_s: float = 20.0
+    drain_timeout_s: float = 30.0
+    remediation_attempts: int = 2
     rediscovery_interval_s: float = 30.0
     prune_after_s: float = 86400.0
     worker_concurrency: int = 8
@@ -277,6 +289,8 @@ class Settings:
             restart_backoff_max_s=_float(env, "SAGELLM_RESTART_BACKOFF_MAX_S", 0.0),
             start_timeout_s=_float(env, "SAGELLM_START_TIMEOUT_S", 1.0),
             stop_grace_s=_float(env, "SAGELLM_STOP_GRACE_S", 0.0),
+            drain_timeout_s=_float(env, "SAGELLM_DRAIN_TIMEOUT_S", 0.0),
+            remediation_attempts=_int(env, "SAGELLM_REMEDIATION_ATTEMPTS", 0),
             rediscovery_interval_s=_float(env, "SAGELLM_REDISCOVERY_INTERVAL_S", 0.5),
             prune_after_s=_float(env, "SAGELLM_PRUNE_AFTER_S", 0.0),
             worker_concurrency=_int(env, "SAGELLM_WORKER_CONCURRENCY", 1),

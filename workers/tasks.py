@@ -38,6 +38,11 @@ def _watch(ctx: HostContext, engine_id: str) -> None:
 
 
 def _watch_if_starting(ctx: HostContext, rec: EngineRecord | None) -> None:
+    """Watch a just-spawned engine: the worker's engine watch probes its readiness and
+    its exit in this process (``workers.agent.watch``); without one (it has not
+    started yet), the ``sagellm.watch_start`` task polls readiness."""
+    if ctx.track(rec):
+        return
     if rec is not None and rec.state is S.STARTING:
         _watch(ctx, rec.id)
 
@@ -53,8 +58,14 @@ def start_engine(engine_id: str) -> dict[str, Any]:
 
 @shared_task(name="sagellm.watch_start")
 def watch_start(engine_id: str) -> str:
-    """One readiness poll; re-schedules itself while the engine is still starting."""
+    """The fallback readiness poll: hands the engine to the worker's engine watch when
+    there is one (a poll sent before a worker restart lands here); else one poll that
+    re-schedules itself while the engine is still starting."""
     ctx = host_context()
+    if ctx.watch is not None:
+        rec = ctx.registry.find(engine_id)
+        ctx.track(rec)
+        return "watched" if rec is not None and rec.state is S.STARTING else "not starting"
     status = supervise.check_start(ctx, engine_id)
     if status == "waiting":
         _watch(ctx, engine_id)
@@ -106,7 +117,10 @@ def rediscover_host(host: str) -> dict[str, list[str]]:
     ctx = host_context()
     if host != ctx.host:
         return {}
-    return rediscover(ctx).to_dict()
+    report = rediscover(ctx).to_dict()
+    if ctx.watch is not None and (report["adopted"] or report["relinked"]):
+        ctx.watch.sync()
+    return report
 
 
 def _fan_out(task: str, every_s: float) -> list[str]:

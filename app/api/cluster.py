@@ -1,17 +1,24 @@
-"""/v1/management: status, gpus, hosts, backends, tasks."""
+"""/v1/management: status, gpus, hosts, backends, tasks.
+
+The status views read the cluster with ``Registry.snapshot``: one Redis round trip
+(one atomic read-only script) whatever the number of engines, and records sent as Redis
+stores them (``app.api.documents``). Each view's docstring states its cost per engine.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 import marshmallow as ma
+from flask import Response
 from flask.views import MethodView
 from flask_smorest import Blueprint
 
+from app.api import documents
 from app.api.context import cluster
 from app.api.schemas import EngineSchema, TaskSchema
 from app.core import status as views
-from app.core.models import HostRecord
+from app.core.models import GpuCapacity, HostRecord
 
 blp = Blueprint(
     "cluster",
@@ -83,11 +90,8 @@ class StatusSchema(ma.Schema):
     counts = ma.fields.Dict(keys=ma.fields.String(), values=ma.fields.Integer())
 
 
-def _gpus(hosts: list[HostRecord] | None = None) -> list[dict[str, Any]]:
-    c = cluster()
-    hosts = c.registry.hosts() if hosts is None else hosts
-    caps = {h.name: c.ledger.capacity(h.name) for h in hosts}
-    return views.gpu_rows(hosts, caps, c.settings.gpu_safety_margin_mib)
+def _gpus(hosts: list[HostRecord], caps: dict[str, list[GpuCapacity]]) -> list[dict[str, Any]]:
+    return views.gpu_rows(hosts, caps, cluster().settings.gpu_safety_margin_mib)
 
 
 def in_flight_counts() -> dict[str, int]:
@@ -100,48 +104,50 @@ def in_flight_counts() -> dict[str, int]:
 @blp.route("/status")
 class Status(MethodView):
     @blp.response(200, StatusSchema)
-    def get(self) -> dict[str, Any]:
-        """Hosts (up/down, heartbeat age), GPUs, engines and reservations."""
-        c = cluster()
-        engines = c.registry.engines()
-        reservations = []
-        for eid in sorted(c.ledger.reserved_engines()):
-            res = c.ledger.reservation(eid)
-            if res is not None:
-                reservations.append(
-                    {
-                        "engine_id": eid,
-                        "host": res.host,
-                        "port": res.port,
-                        "gpus": [{"uuid": u, "memory_mib": m} for u, m in res.gpus],
-                    }
-                )
-        counts: dict[str, int] = {}
-        for rec in engines:
-            counts[rec.state.value] = counts.get(rec.state.value, 0) + 1
-        hosts = c.registry.hosts()
-        return {
-            "hosts": views.host_rows(hosts),
-            "gpus": _gpus(hosts),
-            "engines": [r.to_dict() for r in engines],
+    def get(self) -> Response:
+        """Hosts (up/down, heartbeat age), GPUs, engines and reservations.
+
+        Cost: one Redis round trip (one atomic script) whatever the size of the
+        cluster; per engine, the bytes of its record and of its reservation (a record
+        is decoded only when it changed since the last read), one pass for the
+        counts; per GPU, one row."""
+        snap = cluster().registry.snapshot(capacity=True, reservations=True)
+        reservations = [
+            {
+                "engine_id": res.engine_id,
+                "host": res.host,
+                "port": res.port,
+                "gpus": [{"uuid": u, "memory_mib": m} for u, m in res.gpus],
+            }
+            for res in snap.reservations
+        ]
+        body = {
+            "hosts": views.host_rows(snap.hosts),
+            "gpus": _gpus(snap.hosts, snap.capacity),
             "reservations": reservations,
-            "counts": counts,
+            "counts": views.state_counts(d.state for d in snap.engines),
         }
+        return documents.with_engines(body, snap.engines)
 
 
 @blp.route("/gpus")
 class Gpus(MethodView):
     @blp.response(200, GpuSchema(many=True))
-    def get(self) -> list[dict[str, Any]]:
-        """Every GPU: total, held by outside processes, reserved, available."""
-        return _gpus()
+    def get(self) -> Response:
+        """Every GPU: total, held by outside processes, reserved, available.
+
+        Cost: one Redis round trip; nothing per engine; per GPU, one row."""
+        snap = cluster().registry.snapshot(engines=False, capacity=True)
+        return documents.plain(_gpus(snap.hosts, snap.capacity))
 
 
 @blp.route("/hosts")
 class Hosts(MethodView):
     @blp.response(200, HostSchema(many=True))
     def get(self) -> list[dict[str, Any]]:
-        """Hosts known to the cluster; ``up`` is false once the heartbeat expired."""
+        """Hosts known to the cluster; ``up`` is false once the heartbeat expired.
+
+        Cost: two Redis round trips; nothing per engine."""
         return views.host_rows(cluster().registry.hosts())
 
 
@@ -166,9 +172,14 @@ class HostOne(MethodView):
 @blp.route("/backends")
 class Backends(MethodView):
     @blp.response(200, BackendsSchema)
-    def get(self) -> dict[str, Any]:
-        """Engines the gateway can route to, by kind, with in-flight request counts."""
-        return views.backend_rows(cluster().registry.engines(), in_flight_counts())
+    def get(self) -> Response:
+        """Engines the gateway can route to, by kind, with in-flight request counts.
+
+        Cost: one Redis round trip; per engine, the bytes of its record (decoded only
+        when it changed since the last read); one row per routable engine."""
+        snap = cluster().registry.snapshot()
+        docs = (d.doc for d in snap.engines)
+        return documents.plain(views.backend_rows(docs, in_flight_counts()))
 
 
 @blp.route("/tasks/<task_id>")

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
+import marshmallow as ma
+from flask import Response
 from flask.views import MethodView
 from flask_smorest import Blueprint
 
+from app.api import documents
 from app.api.context import cluster
 from app.api.schemas import (
     EngineAcceptedSchema,
     EngineCreateSchema,
+    EngineEventsSchema,
     EngineListArgsSchema,
     EngineSchema,
     LogArgsSchema,
@@ -41,6 +45,17 @@ ERRORS = {
 }
 
 
+class StopArgsSchema(ma.Schema):
+    drain = ma.fields.Boolean(
+        load_default=True,
+        metadata={"description": "Let in-flight requests finish first (DRAINING)"},
+    )
+    drain_timeout = ma.fields.Float(
+        validate=ma.validate.Range(0, 3600),
+        metadata={"description": "Seconds the drain may take (default SAGELLM_DRAIN_TIMEOUT_S)"},
+    )
+
+
 class EngineStartFailed(SagellmError):
     status_code = 502
 
@@ -53,15 +68,18 @@ def _doc_errors(*codes: int) -> dict[str, Any]:
 class Engines(MethodView):
     @blp.arguments(EngineListArgsSchema, location="query")
     @blp.response(200, EngineSchema(many=True))
-    def get(self, args: dict[str, Any]) -> list[dict[str, Any]]:
-        """List engines (filter by state, host, kind, label)."""
-        recs = cluster().registry.engines(
+    def get(self, args: dict[str, Any]) -> Response:
+        """List engines (filter by state, host, kind, label).
+
+        Cost: one Redis round trip; per engine, the bytes of its record, sent as
+        stored (decoded only when it changed since the last read, to filter)."""
+        docs = cluster().registry.engine_documents(
             state=EngineState(args["state"]) if "state" in args else None,
             host=args.get("host"),
             kind=args.get("kind"),
             label=args.get("label"),
         )
-        return [r.to_dict() for r in recs]
+        return documents.engine_list(docs)
 
     @blp.arguments(EngineCreateSchema)
     @blp.arguments(WaitArgsSchema, location="query")
@@ -93,11 +111,17 @@ class Engine(MethodView):
         """One engine's record."""
         return cluster().registry.get(engine_id).to_dict()
 
-    @blp.response(202, EngineSchema, description="Stopping (graceful)")
-    @blp.doc(**_doc_errors(404))
-    def delete(self, engine_id: str) -> dict[str, Any]:
-        """Stop an engine gracefully: SIGTERM, grace period, SIGKILL; then release."""
-        return control.stop_engine(cluster(), engine_id).to_dict()
+    @blp.arguments(StopArgsSchema, location="query")
+    @blp.response(202, EngineSchema, description="DRAINING or STOPPING (graceful)")
+    @blp.doc(**_doc_errors(400, 404))
+    def delete(self, args: dict[str, Any], engine_id: str) -> dict[str, Any]:
+        """Stop an engine gracefully: a serving engine is DRAINING first (the gateway
+        sends it no new request; those in flight finish, ``drain_timeout`` seconds at
+        most), then SIGTERM, grace period, SIGKILL; then release. ``drain=false`` skips
+        the drain (and ends one under way)."""
+        return control.stop_engine(
+            cluster(), engine_id, drain=args["drain"], drain_timeout_s=args.get("drain_timeout")
+        ).to_dict()
 
 
 @blp.route("/<engine_id>/restart")
@@ -119,6 +143,23 @@ class EngineLogs(MethodView):
         rec = cluster().registry.get(engine_id)
         lines = control.engine_logs(cluster(), engine_id, args["tail"])
         return {"engine_id": engine_id, "host": rec.host, "lines": lines}
+
+
+@blp.route("/<engine_id>/events")
+class EngineEventList(MethodView):
+    @blp.response(200, EngineEventsSchema)
+    @blp.doc(**_doc_errors(404))
+    def get(self, engine_id: str) -> dict[str, Any]:
+        """The engine's timeline, oldest first (bounded: the newest 200): placed,
+        spawned, ready, probe failures, crashes with their reason, remediation,
+        draining, stopped, and every state change."""
+        c = cluster()
+        c.registry.get(engine_id)  # 404 for an unknown engine
+        events = []
+        for ev in c.registry.events.list(engine_id):
+            at, kind, message = ev.pop("at", None), ev.pop("kind", ""), ev.pop("message", "")
+            events.append({"at": at, "kind": kind, "message": message, "data": ev})
+        return {"engine_id": engine_id, "events": events}
 
 
 @blp.route("/prune")

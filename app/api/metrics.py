@@ -1,7 +1,8 @@
 """Prometheus metrics: ``GET /metrics`` on the API.
 
-* Cluster state (engines, GPUs, hosts, restarts, task stats) is read from Redis at
-  scrape time by ``ClusterCollector``, so every API process reports the same truth.
+* Cluster state (engines, GPUs, hosts, restarts, failures by reason, task stats) is
+  read from Redis at scrape time by ``ClusterCollector``, so every API process reports
+  the same truth.
 * Gateway traffic (requests, errors, latency) is counted in the process serving it.
   Under gunicorn, set ``PROMETHEUS_MULTIPROC_DIR`` (``up`` and docker-compose do) and
   the scrape sums every process.
@@ -74,6 +75,23 @@ class ClusterCollector(Collector):
         for e in engines:
             restarts.add_metric([e.id, e.spec.name, e.host or ""], e.restart_count)
         yield restarts
+
+        # Each engine's record counts its deaths by reason (``failure_counts``, written
+        # by its worker in the same write as the death): summed here, every API process
+        # reports the same. An engine's share leaves with its record when it is pruned,
+        # which Prometheus reads as a counter reset (rate() and increase() handle it).
+        by_reason: Tally[str] = Tally()
+        for e in engines:
+            by_reason.update(e.failure_counts)
+        failures = CounterMetricFamily(
+            "sagellm_engine_failures",
+            "Engine processes that ended (crash or failed start), by the reason read from "
+            "their exit status and log (app.core.failures.Reason)",
+            labels=["reason"],
+        )
+        for reason, n in sorted(by_reason.items()):
+            failures.add_metric([reason], n)
+        yield failures
 
         up = GaugeMetricFamily(
             "sagellm_host_up", "1 when the host's heartbeat is fresh", labels=["host"]

@@ -11,7 +11,7 @@ from flask_smorest import Blueprint
 
 from app.api.context import cluster
 from app.core.models import mib_to_gb
-from app.services.allocation import models_on_hosts
+from app.services.models import models_on_hosts
 
 blp = Blueprint(
     "models",

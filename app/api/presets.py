@@ -77,9 +77,11 @@ class ApplyResultSchema(ma.Schema):
 
 
 def _admit(spec: EngineSpec) -> EngineSpec:
-    # The same admission as a direct start: a refused field is a 400 when the preset is
-    # read, naming the engine, not a 409 from the apply.
-    return admit(cluster().settings, spec)
+    # The same admission as a direct start (a model path no host has included): a
+    # refused field is a 400 when the preset is read, naming the engine, before anything
+    # is reserved; not a 409 from the apply.
+    c = cluster()
+    return admit(c.settings, spec, c.registry)
 
 
 def _locations() -> dict[str, str]:

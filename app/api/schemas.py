@@ -64,6 +64,22 @@ class GpuAssignmentSchema(ma.Schema):
     memory_mib = fields.Integer()
 
 
+class EngineFailureSchema(ma.Schema):
+    reason = fields.String(
+        metadata={
+            "description": "kv_cache_too_small, insufficient_free_memory, cuda_oom, "
+            "port_in_use, model_not_found, missing_runtime, start_timeout, unresponsive, "
+            "killed_by_signal or unknown"
+        }
+    )
+    evidence = fields.String(metadata={"description": "The log line it was read from."})
+    advice = fields.String(metadata={"description": "What to do about it."})
+    exit_code = fields.Integer(allow_none=True)
+    signal = fields.Integer(allow_none=True)
+    details = fields.Dict()
+    at = fields.Float(allow_none=True)
+
+
 class EngineSchema(ma.Schema):
     id = fields.String()
     spec = fields.Dict()
@@ -91,6 +107,18 @@ class EngineSchema(ma.Schema):
     last_health_at = fields.Float(allow_none=True)
     running_since = fields.Float(
         allow_none=True, metadata={"description": "When this process became ready."}
+    )
+    failure = fields.Nested(
+        EngineFailureSchema,
+        allow_none=True,
+        metadata={"description": "Why its last process ended, and what to do."},
+    )
+    failure_counts = fields.Dict(keys=fields.String(), values=fields.Integer())
+    remediations = fields.Integer(
+        metadata={"description": "Automatic remediations so far (SAGELLM_REMEDIATION_ATTEMPTS)."}
+    )
+    drain_deadline = fields.Float(
+        allow_none=True, metadata={"description": "When a DRAINING engine is stopped anyway."}
     )
     reservation_error = fields.String(
         allow_none=True,
@@ -126,3 +154,21 @@ class TaskSchema(ma.Schema):
     result = fields.Raw(allow_none=True)
     error = fields.String(allow_none=True)
     progress = fields.Dict(allow_none=True)
+
+
+class EngineEventSchema(ma.Schema):
+    at = fields.Float(metadata={"description": "Unix time"})
+    kind = fields.String(
+        metadata={
+            "description": "placed, spawned, ready, probe_failed, crashed, remediated, "
+            "draining, drain_timeout, stopped, failed, restarting, or state (a state "
+            "change: data has from, to and last_error when set)"
+        }
+    )
+    message = fields.String()
+    data = fields.Dict(metadata={"description": "What the event carries besides its message"})
+
+
+class EngineEventsSchema(ma.Schema):
+    engine_id = fields.String()
+    events = fields.List(fields.Nested(EngineEventSchema), metadata={"description": "Oldest first"})

@@ -224,9 +224,15 @@ def engine_show(ref: str, output: str) -> None:
         emit_data(rec, output)
         return
     click.echo(f"{rec['id']}: {describe(rec)}")
+    failure = rec.get("failure") or {}
+    if failure.get("reason"):
+        # Why its last process ended, and what to do, before the details.
+        click.echo(f"why: {failure['reason']}: {failure.get('evidence') or '-'}")
+        if failure.get("advice"):
+            click.echo(f"what to do: {failure['advice']}")
     shown = readable(rec)
     # A reader wants who and where first, the full spec and launch flags last.
-    first = ("id", "state", "host", "base_url")
+    first = ("id", "state", "host", "base_url", "failure")
     last = ("spec", "launch")
     order = [k for k in first if k in shown]
     order += [k for k in shown if k not in first and k not in last]
@@ -346,15 +352,33 @@ def start_command(spec: dict[str, Any]) -> str:
 @engine.command("stop")
 @click.argument("ref", metavar=ENGINE_REF)
 @click.option("--wait/--no-wait", default=True, show_default=True, help="Follow until STOPPED.")
-@click.option("--timeout", type=float, default=120.0, show_default=True, help="Seconds to wait.")
-def engine_stop(ref: str, wait: bool, timeout: float) -> None:
-    """Stop an engine gracefully (SIGTERM, grace period, SIGKILL); release what it holds.
-    Prints the state it ends in."""
+@click.option(
+    "--timeout", type=float, default=120.0, show_default=True, help="Seconds to wait (+ the drain)."
+)
+@click.option(
+    "--no-drain", is_flag=True, help="Stop at once: requests in flight to it are cut off."
+)
+@click.option(
+    "--drain-timeout",
+    type=click.FloatRange(0, 3600),
+    default=None,
+    metavar="S",
+    help="Drain at most S seconds (default: the API's SAGELLM_DRAIN_TIMEOUT_S; 0: no drain).",
+)
+def engine_stop(
+    ref: str, wait: bool, timeout: float, no_drain: bool, drain_timeout: float | None
+) -> None:
+    """Stop an engine gracefully: a serving engine is DRAINING first (the gateway sends
+    it no new request; those in flight finish), then SIGTERM, grace period, SIGKILL;
+    release what it holds. Prints the state it ends in."""
     api = connect()
     eid = resolve_engine(api, ref)["id"]
-    progress = EngineProgress("stopping")
-    rec = api.request("DELETE", f"{ENGINES}/{eid}")
+    progress = EngineProgress("stopping", line=_stop_line)
+    params = {"drain": "false" if no_drain else None, "drain_timeout": drain_timeout}
+    rec = api.request("DELETE", f"{ENGINES}/{eid}", params=params)
     if wait and rec["state"] not in _ENDED:
+        if rec["state"] == EngineState.DRAINING and rec.get("drain_deadline"):
+            timeout += max(0.0, float(rec["drain_deadline"]) - time.time())
         with progress:
             rec, done = follow_engine(
                 api, rec, until=lambda r: r["state"] in _ENDED, timeout_s=timeout, progress=progress
@@ -364,7 +388,15 @@ def engine_stop(ref: str, wait: bool, timeout: float) -> None:
                 f"engine {eid} is still {rec['state']} after {timeout:g}s; its host's "
                 "worker stops it when it can (is the worker running? `sagellm status`)"
             )
-    click.echo(f"engine {eid}: {describe(rec)}")
+    click.echo(f"engine {eid}: {_stop_line(rec)}")
+
+
+def _stop_line(rec: dict[str, Any]) -> str:
+    """``describe``, with what a DRAINING engine waits for."""
+    if rec.get("state") == EngineState.DRAINING:
+        left = max(0.0, float(rec.get("drain_deadline") or 0.0) - time.time())
+        return f"DRAINING: no new request; stops once none is in flight (in {left:.0f}s at most)"
+    return describe(rec)
 
 
 engine_stop.help = f"{engine_stop.help}\n\n{REF_HELP}"
@@ -499,3 +531,37 @@ def engine_prune(older_than: float | None) -> None:
     data = connect().request("POST", f"{ENGINES}/prune", params={"older_than_s": older_than})
     pruned = data.get("pruned") or []
     click.echo(f"pruned {len(pruned)} record(s)" + (f": {', '.join(pruned)}" if pruned else ""))
+
+
+@engine.command("events")
+@click.argument("ref", metavar=ENGINE_REF)
+@output_option
+def engine_events(ref: str, output: str) -> None:
+    """The engine's timeline, oldest first: TIME (local), KIND, MESSAGE (placed,
+    spawned, ready, probe failures, crashes and their reason, remediation, draining,
+    stopped, every state change)."""
+    api = connect()
+    eid = resolve_engine(api, ref)["id"]
+    events = api.get(f"{ENGINES}/{eid}/events").get("events") or []
+    if output != "text":
+        emit_data(events, output)
+        return
+    if not events:
+        click.echo(f"engine {eid}: no events")
+        return
+    print_table(
+        ("TIME", "KIND", "MESSAGE"),
+        (
+            (
+                time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["at"]))
+                + f".{int(e['at'] % 1 * 1000):03d}",
+                e["kind"],
+                e["message"],
+            )
+            for e in events
+        ),
+        state_column=None,
+    )
+
+
+engine_events.help = f"{engine_events.help}\n\n{REF_HELP}"

@@ -32,6 +32,7 @@ STATE_STYLES: dict[EngineState, str] = {
     EngineState.STARTING: "cyan",
     EngineState.RUNNING: "bold green",
     EngineState.UNHEALTHY: "bold magenta",
+    EngineState.DRAINING: "yellow",
     EngineState.STOPPING: "yellow",
     EngineState.STOPPED: "dim",
     EngineState.FAILED: "bold red",
@@ -219,6 +220,8 @@ def served_name(engine: dict[str, Any]) -> str:
 def describe(engine: dict[str, Any]) -> str:
     """One line saying where an engine is in its life, e.g. ``STARTING (pid 1234)``."""
     state = engine.get("state", "?")
+    if state == EngineState.DRAINING:
+        return "DRAINING (no new request; in-flight ones finish)"
     if state == EngineState.PENDING:
         gpus = [g["index"] for g in engine.get("gpus") or []]
         where = f"GPUs {gpu_list(gpus)}" if gpus else "no GPU"

@@ -1,6 +1,6 @@
 """From an engine spec to a placement and a reservation: estimate, place, reserve.
 
-``plan`` is pure (a dry run). ``app.services.allocation.allocate`` runs the same
+``plan`` is pure (a dry run). ``app.state.allocation.allocate`` runs the same
 placement on live state and reserves the result in the ledger.
 
 The estimate is arithmetic over the model's facts as measured by the hosts that have

@@ -121,6 +121,7 @@ class EngineState(enum.StrEnum):
     STARTING = "STARTING"
     RUNNING = "RUNNING"
     UNHEALTHY = "UNHEALTHY"
+    DRAINING = "DRAINING"  # being stopped: no new request; in-flight ones finish
     STOPPING = "STOPPING"
     STOPPED = "STOPPED"
     FAILED = "FAILED"
@@ -130,21 +131,28 @@ class EngineState(enum.StrEnum):
 S = EngineState
 # The state machine of ARCHITECTURE.md. LOST is reachable from any live state (its
 # host's heartbeat expired) and leaves to whatever the host's worker finds on return.
+# DRAINING is a stop that first lets the requests in flight finish: entered from a
+# serving engine only, it leaves only to STOPPING (or LOST, and back from LOST).
 ALLOWED_TRANSITIONS: dict[EngineState, frozenset[EngineState]] = {
     S.PENDING: frozenset({S.STARTING, S.FAILED, S.STOPPING, S.LOST}),
     S.STARTING: frozenset({S.RUNNING, S.FAILED, S.STOPPING, S.LOST}),
-    S.RUNNING: frozenset({S.UNHEALTHY, S.STOPPING, S.LOST}),
-    S.UNHEALTHY: frozenset({S.RUNNING, S.STARTING, S.FAILED, S.STOPPING, S.LOST}),
+    S.RUNNING: frozenset({S.UNHEALTHY, S.DRAINING, S.STOPPING, S.LOST}),
+    S.UNHEALTHY: frozenset({S.RUNNING, S.STARTING, S.FAILED, S.DRAINING, S.STOPPING, S.LOST}),
+    S.DRAINING: frozenset({S.STOPPING, S.LOST}),
     S.STOPPING: frozenset({S.STOPPED, S.LOST}),
     S.STOPPED: frozenset(),
     # restart with backoff; a stop while a restart is pending ends it at once
     S.FAILED: frozenset({S.STARTING, S.STOPPED}),
-    S.LOST: frozenset({S.RUNNING, S.UNHEALTHY, S.STARTING, S.FAILED, S.STOPPING, S.STOPPED}),
+    S.LOST: frozenset(
+        {S.RUNNING, S.UNHEALTHY, S.STARTING, S.FAILED, S.DRAINING, S.STOPPING, S.STOPPED}
+    ),
 }
 TERMINAL_STATES = frozenset({S.STOPPED, S.FAILED})
 # States an engine may wait in for a restart (with ``next_restart_at`` set).
 _RESTARTABLE = frozenset({S.FAILED, S.UNHEALTHY, S.LOST})
-LIVE_STATES = frozenset({S.PENDING, S.STARTING, S.RUNNING, S.UNHEALTHY, S.STOPPING})
+LIVE_STATES = frozenset({S.PENDING, S.STARTING, S.RUNNING, S.UNHEALTHY, S.DRAINING, S.STOPPING})
+# Being stopped: the gateway sends nothing new; the engine keeps its room until STOPPED.
+STOPPING_STATES = frozenset({S.DRAINING, S.STOPPING})
 
 
 def _waiting_state(state: EngineState) -> EngineState:
@@ -200,6 +208,17 @@ class EngineRecord:
     # Set while a running engine could not re-take its reservation (someone else took
     # the room while Redis was lost): the engine is UNHEALTHY until it can.
     reservation_error: str | None = None
+    # Why its last process ended (``app.core.failures.Failure.to_dict()``: reason,
+    # evidence, advice, exit code, signal), how often each reason ended one (the
+    # ``sagellm_engine_failures_total`` metric sums them), and how many automatic
+    # remediations (a shorter max length, another GPU) it has had.
+    failure: dict[str, Any] | None = None
+    failure_counts: dict[str, int] = field(default_factory=dict)  # deaths by reason
+    remediations: int = 0
+    # Set by a stop that drains first (``start_drain``): the time by which the host's
+    # worker stops it even if requests are still in flight. Kept after DRAINING (a
+    # LOST engine returns to its drain).
+    drain_deadline: float | None = None
 
     # ------------------------------------------------------------------ the rules
     # Every change of state and the bookkeeping that goes with it is one of the
@@ -243,8 +262,23 @@ class EngineRecord:
     def in_service(self) -> bool:
         """Serving, or on its way to serving without anyone acting (PENDING, STARTING,
         UNHEALTHY, LOST, a restart pending): the model it serves exists. Not when it is
-        being stopped, stopped, or failed for good."""
-        return self.state is not EngineState.STOPPING and not self.owns_nothing
+        being stopped (DRAINING, STOPPING), stopped, or failed for good: the gateway
+        sends it no new request."""
+        return self.state not in STOPPING_STATES and not self.owns_nothing
+
+    @property
+    def drainable(self) -> bool:
+        """A serving process may have requests in flight: RUNNING, or UNHEALTHY with its
+        process (not waiting for a restart). A stop of it may drain first."""
+        return (
+            self.state in (EngineState.RUNNING, EngineState.UNHEALTHY)
+            and not self.restart_pending
+            and self.pid is not None
+        )
+
+    def drain_over(self, now: float) -> bool:
+        """Its drain deadline has passed (False when it is not draining)."""
+        return self.drain_deadline is not None and now >= self.drain_deadline
 
     def _refuse(self, why: str) -> IllegalTransition:
         return IllegalTransition(f"engine {self.id} is {self.state.value}: {why}")
@@ -252,10 +286,21 @@ class EngineRecord:
     def _forget_process(self) -> None:
         self.pid = self.process_create_time = self.running_since = None
 
+    def start_drain(self, deadline: float) -> None:
+        """A stop that lets the requests in flight finish first: a serving engine
+        (``drainable``) becomes DRAINING until ``deadline`` at the latest; the gateway
+        sends it nothing new, and its host's worker stops it (``request_stop``) once
+        nothing is in flight or the deadline passed. It keeps its room meanwhile."""
+        if not self.drainable:
+            raise self._refuse("only a serving engine with its process drains")
+        self.transition(EngineState.DRAINING)
+        self.drain_deadline = deadline
+
     def request_stop(self) -> None:
-        """A stop was asked for: live engines become STOPPING; a FAILED engine with a
-        restart pending is STOPPED at once. Either way a pending restart is cancelled
-        (in the caller's write). Already stopping or stopped: nothing changes."""
+        """A stop was asked for: live engines (DRAINING ones included: the drain is over
+        or skipped) become STOPPING; a FAILED engine with a restart pending is STOPPED
+        at once. Either way a pending restart is cancelled (in the caller's write).
+        Already stopping or stopped: nothing changes."""
         if self.state in (EngineState.STOPPED, EngineState.STOPPING):
             return
         if self.state is EngineState.FAILED:
@@ -266,7 +311,10 @@ class EngineRecord:
         self.next_restart_at = None
 
     def mark_stopped(self) -> None:
-        """Its process is gone: STOPPED (from STOPPING, or an engine with no process)."""
+        """Its process is gone: STOPPED (from STOPPING, or an engine with no process; a
+        DRAINING engine whose process is gone has nothing left to drain)."""
+        if self.state is EngineState.DRAINING:
+            self.transition(EngineState.STOPPING)
         self.transition(EngineState.STOPPED)
         self.pid = self.process_create_time = None
 
@@ -362,9 +410,13 @@ class EngineRecord:
 
     def return_from_lost(self, *, answers: bool, reserved: bool, detail: str) -> None:
         """Its host is back and the process lives: RUNNING if it ``answers`` its health
-        check and holds its reservation, else UNHEALTHY saying why."""
+        check and holds its reservation, else UNHEALTHY saying why. An engine that was
+        draining (``drain_deadline`` set) goes back to DRAINING: its stop goes on."""
         if self.state is not EngineState.LOST:
             raise self._refuse("it is not LOST")
+        if self.drain_deadline is not None:
+            self.transition(EngineState.DRAINING)
+            return
         healthy = answers and reserved
         self.transition(EngineState.RUNNING if healthy else EngineState.UNHEALTHY)
         if not healthy:
@@ -395,8 +447,9 @@ class EngineRecord:
     ) -> None:
         """Its process ``pid`` died: wait for a restart at ``at`` (backoff), keeping its
         room. A process that was serving waits as UNHEALTHY, one that never became ready
-        (or whose host vanished) as FAILED; both move to STARTING on restart."""
-        if self.pid != pid or self.state in (EngineState.STOPPING, EngineState.STOPPED):
+        (or whose host vanished) as FAILED; both move to STARTING on restart. An engine
+        being stopped (DRAINING included) is left to its stop."""
+        if self.pid != pid or self.state in STOPPING_STATES | {EngineState.STOPPED}:
             raise self._refuse(f"process {pid} is not its process any more")
         target = _waiting_state(self.state)
         if self.state is not target:
@@ -410,7 +463,7 @@ class EngineRecord:
     def request_restart(self) -> None:
         """A person asked for a restart: due at once, keeping its room (its process is
         being stopped by the caller). A PENDING engine stays PENDING."""
-        if self.state in (EngineState.STOPPING, EngineState.STOPPED) or self.owns_nothing:
+        if self.state in STOPPING_STATES | {EngineState.STOPPED} or self.owns_nothing:
             raise self._refuse("only an engine that holds its room restarts in place")
         if self.state is not EngineState.PENDING:
             target = _waiting_state(self.state)
@@ -433,10 +486,10 @@ class EngineRecord:
         applies it releases the engine's GPU memory and port.
 
         ``pid``: fail only while that process (or none) is the engine's. An engine being
-        stopped is left to its stop."""
+        stopped (DRAINING, STOPPING) is left to its stop."""
         if pid is not None and self.pid not in (pid, None):
             raise self._refuse(f"another process ({self.pid}) took over from {pid}")
-        if self.state in (EngineState.STOPPING, EngineState.STOPPED):
+        if self.state in STOPPING_STATES | {EngineState.STOPPED}:
             raise self._refuse("it is being stopped")
         if self.state is EngineState.RUNNING:
             self.transition(EngineState.UNHEALTHY)

@@ -1,12 +1,20 @@
-"""Cluster status views, pure: hosts, GPUs, engines and reservations as plain dicts."""
+"""Cluster status views, pure: hosts, GPUs, engines and reservations as plain dicts.
+
+Each is one pass over what it is given; engines are given as their records' dicts (the
+API's representation, ``EngineRecord.to_dict``), so no record object is built per
+engine to answer a status request.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from app.core.models import EngineRecord, EngineState, GpuCapacity, HostRecord, mib_to_gb
+from app.core.models import EngineState, GpuCapacity, HostRecord, mib_to_gb
 from app.core.spec import EngineKind
+
+_ROUTABLE = {EngineState.RUNNING.value, EngineState.UNHEALTHY.value}
 
 
 def gpu_rows(
@@ -61,26 +69,36 @@ def host_rows(hosts: Sequence[HostRecord]) -> list[dict[str, Any]]:
     ]
 
 
+def state_counts(states: Iterable[str]) -> dict[str, int]:
+    """Engines per state (only states that have one), in one pass."""
+    return dict(Counter(states))
+
+
 def backend_rows(
-    engines: Sequence[EngineRecord], in_flight: dict[str, int] | None = None
+    engines: Iterable[Mapping[str, Any]], in_flight: dict[str, int] | None = None
 ) -> dict[str, list[dict[str, Any]]]:
-    """Engines clients can be routed to, split by kind. Healthy = RUNNING."""
+    """Engines clients can be routed to, split by kind. Healthy = RUNNING.
+
+    ``engines``: records as dicts (``EngineRecord.to_dict``)."""
     in_flight = in_flight or {}
     out: dict[str, list[dict[str, Any]]] = {"llm_backends": [], "embedding_backends": []}
     for rec in engines:
-        if rec.state not in (EngineState.RUNNING, EngineState.UNHEALTHY) or not rec.base_url:
+        if rec["state"] not in _ROUTABLE or not rec.get("base_url"):
             continue
-        key = "llm_backends" if rec.spec.kind is EngineKind.LLM else "embedding_backends"
+        spec = rec["spec"]
+        kind = spec.get("kind", EngineKind.LLM.value)
+        key = "llm_backends" if kind == EngineKind.LLM.value else "embedding_backends"
         out[key].append(
             {
-                "engine_id": rec.id,
-                "model": rec.spec.model,
-                "served_model_name": rec.spec.name,
-                "label": rec.spec.label,
-                "base_url": rec.base_url,
-                "host": rec.host,
-                "healthy": rec.state is EngineState.RUNNING,
-                "in_flight": in_flight.get(rec.id, 0),
+                "engine_id": rec["id"],
+                "model": spec["model"],
+                # EngineSpec.name: the served name, else the model id
+                "served_model_name": spec.get("served_model_name") or spec["model"],
+                "label": spec.get("label"),
+                "base_url": rec["base_url"],
+                "host": rec.get("host"),
+                "healthy": rec["state"] == EngineState.RUNNING.value,
+                "in_flight": in_flight.get(rec["id"], 0),
             }
         )
     return out

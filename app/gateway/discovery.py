@@ -6,9 +6,17 @@ A model no engine in service names (``EngineRecord.in_service``) does not exist 
 fails at once. A model whose engines are all starting, restarting or out of rotation
 is a 503 (``NoBackend``): it is worth retrying.
 
-The view is refreshed from Redis at most every ``refresh_s`` per process. A backend
-that fails a request is taken out of rotation here at once and comes back when its
-host's health loop records a passing check after the failure (``last_health_at``).
+The view is cached per process and re-read from Redis when an engine changes state:
+each process hears every record write on ``keys.ENGINE_CHANGES`` (a subscriber thread,
+``app.state.change_feed``, started on first use) and drops its view when the write
+changes what it knows, so the next request reads the registry again and a DRAINING
+engine gets nothing new within milliseconds. It is also re-read every ``refresh_s``
+(the only way while the subscription is down). ``fresh_as_of`` tells the in-flight
+board how current this process's routing is, which is what lets a drain end safely.
+
+A backend that fails a request is taken out of rotation here at once and comes back
+when its host's health loop records a passing check after the failure
+(``last_health_at``).
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from app.core.errors import SagellmError, ValidationError
 from app.core.models import EngineRecord, EngineState
@@ -58,9 +67,24 @@ class Known:
 
 @dataclass
 class _View:
-    at: float = 0.0
+    at: float = 0.0  # monotonic time of the read (0: none yet)
     backends: list[Backend] = field(default_factory=list)
     known: list[Known] = field(default_factory=list)
+    read_at: float = 0.0  # wall time the read began: it knows every write before
+    generation: int = 0  # the directory's generation when the read began
+    states: dict[str, str] = field(default_factory=dict)  # engine id -> state
+
+
+class Feed(Protocol):
+    """A subscription to record changes (``app.state.change_feed.ChangeFeed``)."""
+
+    up: bool
+
+    def start(self) -> None: ...
+
+
+# Builds the feed of a directory, given what to call on a change and on a reset.
+FeedFactory = Callable[[Callable[[str, str], None], Callable[[], None]], Feed]
 
 
 def _names(rec: EngineRecord) -> frozenset[str]:
@@ -96,29 +120,76 @@ def backends_from(records: Iterable[EngineRecord]) -> list[Backend]:
 
 class BackendDirectory:
     """``load`` returns engine records (any state): RUNNING ones are the backends, those
-    in service are the models that exist."""
+    in service are the models that exist. ``feed``: builds the subscription to record
+    changes (None: re-read every ``refresh_s`` only)."""
 
-    def __init__(self, load: Callable[[], list[EngineRecord]], refresh_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        load: Callable[[], list[EngineRecord]],
+        refresh_s: float = 1.0,
+        feed: FeedFactory | None = None,
+    ) -> None:
         self._load = load
         self._refresh_s = refresh_s
         self._view = _View()
         self._lock = threading.Lock()
         self._ejected: dict[str, float] = {}
+        # Bumped by each change heard that the view does not show: a view read in an
+        # older generation is not used again.
+        self._generation = 0
+        self._dropped_at = 0.0  # wall time of the last bump
+        self._feed = feed(self._changed, self._reset) if feed is not None else None
+
+    def _changed(self, engine_id: str, state: str) -> None:
+        if self._view.states.get(engine_id) != state:
+            self._reset()
+
+    def _reset(self) -> None:
+        self._dropped_at = time.time()
+        self._generation += 1
+
+    def _stale(self, view: _View, now: float) -> bool:
+        old = now - view.at >= self._refresh_s
+        return not view.at or old or view.generation != self._generation
 
     def _current(self) -> _View:
+        if self._feed is not None:
+            self._feed.start()  # once per process (after gunicorn's fork)
         now = time.monotonic()
         view = self._view
-        # One thread reloads; the others keep serving from the current view rather
-        # than queueing behind a Redis round trip (only the very first load waits).
-        if now - view.at >= self._refresh_s and self._lock.acquire(blocking=not view.at):
-            try:
-                if now - self._view.at >= self._refresh_s:
-                    records = self._load()
-                    self._view = _View(now, backends_from(records), known_from(records))
-                view = self._view
-            finally:
-                self._lock.release()
-        return view
+        if not self._stale(view, now):
+            return view
+        # One thread reloads. When the view is only old, the others keep serving from
+        # it rather than queueing behind a Redis round trip; when a change made it
+        # wrong (or there is none yet), they wait for the new one.
+        changed = not view.at or view.generation != self._generation
+        if not self._lock.acquire(blocking=changed):
+            return view
+        try:
+            if self._stale(self._view, time.monotonic()):
+                generation, read_at, began = self._generation, time.time(), time.monotonic()
+                records = self._load()
+                self._view = _View(
+                    began,
+                    backends_from(records),
+                    known_from(records),
+                    read_at=read_at,
+                    generation=generation,
+                    states={r.id: r.state.value for r in records},
+                )
+            return self._view
+        finally:
+            self._lock.release()
+
+    def fresh_as_of(self) -> float:
+        """The wall time as of which this process's routing knows every engine state
+        change: when its view must be read again before the next request (too old, or
+        a change was heard), now; else the time its read began (a change since then
+        would have been heard, or will be noticed within ``refresh_s``)."""
+        view = self._view
+        if self._stale(view, time.monotonic()):
+            return time.time()
+        return view.read_at
 
     def backends(self) -> list[Backend]:
         return [b for b in self._current().backends if self._in_rotation(b)]

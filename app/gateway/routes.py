@@ -79,12 +79,25 @@ def list_models() -> Response:
     return Response(json.dumps({"object": "list", "data": data}), mimetype="application/json")
 
 
-def make_gateway(load: Any, policy: str, read_timeout_s: float, refresh_s: float) -> Gateway:
+def make_gateway(
+    load: Any, policy: str, read_timeout_s: float, refresh_s: float, changes: Any = None
+) -> Gateway:
+    """The gateway of one process. ``changes``: the Redis client whose record-change
+    channel keeps discovery current (None: discovery re-reads every ``refresh_s``)."""
     from app.gateway.balancing import make_balancer
 
+    feed = None
+    if changes is not None:
+        from functools import partial
+
+        from app.state.change_feed import ChangeFeed
+
+        feed = partial(ChangeFeed, changes)
+    directory = BackendDirectory(load, refresh_s=refresh_s, feed=feed)
     return Gateway(
-        directory=BackendDirectory(load, refresh_s=refresh_s),
+        directory=directory,
         balancer=make_balancer(policy),
         transport=Transport(read_timeout_s=read_timeout_s),
-        in_flight=InFlight(),
+        # What the process publishes says how current its routing is (for drains).
+        in_flight=InFlight(fresh=directory.fresh_as_of),
     )

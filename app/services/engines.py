@@ -13,16 +13,17 @@ from celery import Celery
 
 from app.core.allocation import Allocation, plan
 from app.core.errors import IllegalTransition, NoWorkerError
-from app.core.models import EngineRecord, EngineState
+from app.core.models import STOPPING_STATES, EngineRecord, EngineState
 from app.core.spec import EngineSpec
 from app.services.admission import admit
-from app.services.allocation import allocate, placement_hosts
 from app.settings import Settings
+from app.state.allocation import allocate, placement_hosts
 from app.state.client import connect
+from app.state.events import encode_event
 from app.state.inflight import InFlightBoard
 from app.state.ledger import Ledger
 from app.state.queues import send_to_host, sending_app
-from app.state.registry import Registry, new_engine_id
+from app.state.registry import WAIT_REREAD_S, Registry, new_engine_id
 from app.state.task_stats import TaskStats
 
 S = EngineState
@@ -71,7 +72,7 @@ def check_engine_spec(cluster: Cluster, spec: EngineSpec) -> None:
     """Every check ``spec`` must pass at the edge (``app.services.admission.admit``);
     ``ValidationError`` naming the field; called before anything is reserved or queued.
     """
-    admit(cluster.settings, spec)
+    admit(cluster.settings, spec, cluster.registry)
 
 
 def plan_engine(cluster: Cluster, spec: EngineSpec, policy: str | None = None) -> Allocation:
@@ -133,22 +134,50 @@ def start_engine(cluster: Cluster, spec: EngineSpec, policy: str | None = None) 
     return launch_engine(cluster, reserve_engine(cluster, spec, policy))
 
 
-def stop_engine(cluster: Cluster, engine_id: str) -> EngineRecord:
+def stop_engine(
+    cluster: Cluster,
+    engine_id: str,
+    *,
+    drain: bool = True,
+    drain_timeout_s: float | None = None,
+) -> EngineRecord:
     """Ask the engine's host to stop it gracefully (STOPPING now, STOPPED when gone).
+
+    With ``drain`` (the default) a serving engine (``EngineRecord.drainable``) is
+    DRAINING first: the gateway sends it no new request (every gateway process hears of
+    the write at once), and its host's worker waits until no request is in flight or
+    ``drain_timeout_s`` (default ``SAGELLM_DRAIN_TIMEOUT_S``; 0: no drain) passed, then
+    stops it. A stop without drain of a DRAINING engine stops it now.
 
     An engine with no process (FAILED, restart pending or not) is STOPPED at once: its
     pending restart is cancelled and its reservation released in the same atomic write.
     A stop is remembered in the record: if the host is down, it finishes when the
     host's worker comes back.
     """
-
+    timeout = cluster.settings.drain_timeout_s if drain_timeout_s is None else drain_timeout_s
+    drain = drain and timeout > 0
+    deadline = time.time() + timeout
     before = cluster.registry.get(engine_id)
-    if before.state is S.STOPPED:
-        return before
-    rec = cluster.registry.update(engine_id, EngineRecord.request_stop)
-    if rec.state is not S.STOPPING or rec.host is None or before.state is S.STOPPING:
-        return rec
+    if before.state is S.STOPPED or (drain and before.state in STOPPING_STATES):
+        return before  # already on its way; a second stop changes nothing
 
+    def begin(r: EngineRecord) -> None:
+        if drain and r.drainable:
+            r.start_drain(deadline)
+        else:
+            r.request_stop()
+
+    def draining_event(r: EngineRecord) -> list[str]:
+        if r.state is not S.DRAINING:
+            return []
+        message = f"no new request; stops once none is in flight, in {timeout:g}s at most"
+        return [encode_event("draining", message, deadline=deadline)]
+
+    # the event is written by the same atomic step as the state change
+    rec = cluster.registry.update(engine_id, begin, events=draining_event)
+    if rec.state not in STOPPING_STATES or rec.host is None or before.state is S.STOPPING:
+        return rec
+    # DRAINING: its host's worker watches the drain (in a thread) and stops it after.
     send_to_host(
         cluster.celery,
         rec.host,
@@ -166,13 +195,11 @@ def _poll(
     timeout_s: float,
     poll_s: float,
 ) -> EngineRecord:
-    """Re-read the record until ``done`` holds or time runs out; the last record seen."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        rec = cluster.registry.get(engine_id)
-        if done(rec) or time.monotonic() >= deadline:
-            return rec
-        time.sleep(poll_s)
+    """Wait until ``done`` holds or time runs out; the last record seen.
+
+    Event-driven (``Registry.wait``: every record write is published); ``poll_s`` is
+    only the safety re-read interval when nothing was heard."""
+    return cluster.registry.wait(engine_id, done, timeout_s, reread_s=poll_s)
 
 
 def wait_for_state(
@@ -180,25 +207,26 @@ def wait_for_state(
     engine_id: str,
     states: Iterable[EngineState],
     timeout_s: float,
-    poll_s: float = 0.2,
+    poll_s: float = WAIT_REREAD_S,
 ) -> EngineRecord:
-    """Poll until the engine is in one of ``states``; returns the last record seen."""
+    """Wait until the engine is in one of ``states`` (woken by each write of its
+    record, no polling); returns the last record seen."""
     wanted = set(states)
     return _poll(cluster, engine_id, lambda r: r.state in wanted, timeout_s, poll_s)
 
 
 def wait_until_settled(
-    cluster: Cluster, engine_id: str, timeout_s: float, poll_s: float = 0.2
+    cluster: Cluster, engine_id: str, timeout_s: float, poll_s: float = WAIT_REREAD_S
 ) -> EngineRecord:
-    """Poll until the engine's start has an outcome (``EngineRecord.settled``) or time
-    runs out."""
+    """Wait until the engine's start has an outcome (``EngineRecord.settled``) or time
+    runs out (woken by each write of its record, no polling)."""
     return _poll(cluster, engine_id, lambda r: r.settled, timeout_s, poll_s)
 
 
 def restart_engine(cluster: Cluster, engine_id: str) -> EngineRecord:
     """Restart an engine in place (same id). A FAILED engine is placed again first."""
     rec = cluster.registry.get(engine_id)
-    if rec.state in (S.STOPPING, S.STOPPED):
+    if rec.state in STOPPING_STATES or rec.state is S.STOPPED:
         raise IllegalTransition(f"engine {engine_id} is {rec.state.value}: start a new one instead")
     check_engine_spec(cluster, rec.spec)  # the settings may have changed since its start
     if rec.owns_nothing:  # FAILED for good (STOPPED was refused above)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from app.core.errors import IllegalTransition, NotFoundError
-from app.core.models import EngineRecord, EngineState
+from app.core.models import STOPPING_STATES, EngineRecord, EngineState
 from app.services.engines import Cluster
 
 
@@ -23,7 +23,7 @@ def forget_host(cluster: Cluster, name: str) -> list[str]:
 
     def end(r: EngineRecord) -> None:
         # Owns nothing afterwards: the same write releases its reservation.
-        if r.state is EngineState.STOPPING:
+        if r.state in STOPPING_STATES:
             r.mark_stopped()
         elif r.state is not EngineState.STOPPED:
             r.fail(f"host {name} was forgotten")

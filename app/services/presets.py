@@ -22,8 +22,8 @@ from app.core.errors import SagellmError
 from app.core.models import EngineRecord, EngineState
 from app.core.presets import ACTIVE_STATES, Preset, PresetPlan, plan_preset
 from app.services import engines as control
-from app.services.allocation import placement_hosts
 from app.services.engines import Cluster
+from app.state.allocation import placement_hosts
 
 S = EngineState
 
@@ -75,6 +75,32 @@ def _plan(cluster: Cluster, preset: Preset, policy: str | None) -> PresetPlan:
         default_max_model_len=cluster.settings.default_max_model_len,
         running=cluster.registry.engines(state=ACTIVE_STATES),
     )
+
+
+def _wait_through_drains(
+    cluster: Cluster,
+    started: list[tuple[str, EngineRecord]],
+    stopped: list[str],
+    on_progress: Callable[[str, EngineRecord], None] | None,
+) -> None:
+    """Rolled-back engines that served (RUNNING) drain before they stop (requests a
+    client already sent them finish): wait until each is past DRAINING, all drains at
+    once, ``SAGELLM_DRAIN_TIMEOUT_S`` and a little more at most."""
+    deadline = time.monotonic() + cluster.settings.drain_timeout_s + 5.0
+    for name, rec in started:
+        if rec.id not in stopped:
+            continue
+        try:
+            rec = control.wait_for_state(
+                cluster,
+                rec.id,
+                set(S) - {S.DRAINING},
+                max(0.0, deadline - time.monotonic()),
+            )
+        except SagellmError:
+            continue  # gone (pruned): nothing to wait for
+        if on_progress:
+            on_progress(name, rec)
 
 
 def apply_preset(
@@ -147,6 +173,7 @@ def apply_preset(
                 rolled_back.append(other.id)
             except SagellmError:
                 pass
+        _wait_through_drains(cluster, started, rolled_back, on_progress)
     raise PresetApplyError(
         f"preset {preset.name}: engine {name!r} ({rec.id}) did not start: {why}"
         + ("; rolled back the engines it started" if rollback else "; left running (no rollback)"),

@@ -1,6 +1,12 @@
 """Requests in flight per engine: counted per process (``InFlight``: for balancing, no
-I/O on the hot path) and published to Redis every second (``InFlightBoard``) so the
-management API can show the cluster-wide sum (``GET /v1/management/backends``)."""
+I/O on the hot path) and published to Redis every ``PUBLISH_EVERY_S`` (``InFlightBoard``)
+so the management API can show the cluster-wide sum (``GET /v1/management/backends``)
+and a host's worker can tell when a DRAINING engine has nothing left in flight.
+
+Each process publishes ``{"at", "fresh", "counts"}``: ``fresh`` is the time as of which
+the process's routing knows every engine's state (``BackendDirectory.fresh_as_of``): a
+process whose ``fresh`` is past the start of a drain sends the engine nothing new, so
+its count for the engine can only fall (``InFlightBoard.drain_view``)."""
 
 from __future__ import annotations
 
@@ -8,9 +14,11 @@ import contextlib
 import json
 import os
 import threading
+import time
 import uuid
 from collections import Counter
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import redis
 
@@ -19,15 +27,22 @@ from app.state import keys
 if TYPE_CHECKING:
     from app.state.registry import Registry
 
-PUBLISH_EVERY_S = 1.0
+# A drain ends at most this much after its last request (one small SET per gateway
+# process per tick); the counts expire PUBLISH_TTL_S after their process stopped.
+PUBLISH_EVERY_S = 0.1
+PUBLISH_TTL_S = 3
 
 
 class InFlight:
-    def __init__(self) -> None:
+    """This process's counts. ``fresh``: the time as of which its routing knows every
+    engine's state (default: now, for a process that reads the registry per request)."""
+
+    def __init__(self, fresh: Callable[[], float] | None = None) -> None:
         self._counts: Counter[str] = Counter()
         self._lock = threading.Lock()
         self.process_id = f"{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._publisher: threading.Thread | None = None
+        self._fresh = fresh or time.time
 
     def inc(self, engine_id: str) -> None:
         with self._lock:
@@ -43,9 +58,15 @@ class InFlight:
         with self._lock:
             return dict(self._counts)
 
+    def report(self) -> dict[str, Any]:
+        """What is published: ``fresh`` is read before the counts, so every request
+        routed with older knowledge is in them."""
+        fresh = self._fresh()
+        return {"at": time.time(), "fresh": fresh, "counts": self.snapshot()}
+
     def start_publishing(self, board: InFlightBoard) -> None:
-        """Publish this process's counts to ``board`` every second (a daemon thread,
-        started once)."""
+        """Publish this process's counts to ``board`` every ``PUBLISH_EVERY_S`` (a daemon
+        thread, started once)."""
         if self._publisher is not None:
             return
         tick = threading.Event()  # never set: a sleep that cannot be interrupted early
@@ -53,7 +74,7 @@ class InFlight:
         def loop() -> None:
             while not tick.wait(PUBLISH_EVERY_S):
                 with contextlib.suppress(redis.RedisError):
-                    board.publish(self.process_id, self.snapshot())
+                    board.publish(self.process_id, self.report())
 
         self._publisher = threading.Thread(target=loop, daemon=True, name="inflight-publisher")
         self._publisher.start()
@@ -70,20 +91,42 @@ class InFlightBoard:
         """On the Redis that ``registry`` uses."""
         return cls(registry.r)
 
-    def publish(self, process_id: str, counts: dict[str, int]) -> None:
-        """One gateway process's counts; they expire unless published again."""
-        self._r.set(
-            keys.gateway_in_flight(process_id), json.dumps(counts), ex=int(PUBLISH_EVERY_S * 5)
-        )
+    def publish(self, process_id: str, report: dict[str, Any]) -> None:
+        """One gateway process's ``InFlight.report`` (or bare counts); it expires unless
+        published again."""
+        self._r.set(keys.gateway_in_flight(process_id), json.dumps(report), ex=PUBLISH_TTL_S)
+
+    def _reports(self, skip: str | None = None) -> list[dict[str, Any]]:
+        keys_seen = [
+            k
+            for k in self._r.scan_iter(match=keys.gateway_in_flight("*"), count=200)
+            if skip is None or k.decode() != skip
+        ]
+        out = []
+        for raw in self._r.mget(keys_seen) if keys_seen else []:
+            if not raw:
+                continue
+            report = json.loads(raw)
+            if "counts" not in report:  # bare counts (an older publisher)
+                report = {"at": 0.0, "fresh": 0.0, "counts": report}
+            out.append(report)
+        return out
+
+    def drain_view(self, engine_id: str, since: float) -> tuple[int, int]:
+        """For an engine DRAINING since ``since``: (requests in flight to it, gateway
+        processes that may not know of the drain yet: their ``fresh`` is older). The
+        drain is over when both are 0."""
+        in_flight = behind = 0
+        for report in self._reports():
+            in_flight += int(report["counts"].get(engine_id, 0))
+            if float(report.get("fresh") or 0.0) < since:
+                behind += 1
+        return in_flight, behind
 
     def total(self, local: InFlight | None = None) -> dict[str, int]:
         """``local``'s live counts plus every other gateway process's published ones."""
         total: Counter[str] = Counter(local.snapshot() if local else {})
         own = keys.gateway_in_flight(local.process_id) if local else None
-        for key in self._r.scan_iter(match=keys.gateway_in_flight("*"), count=200):
-            if own is not None and key.decode() == own:
-                continue
-            raw = self._r.get(key)
-            if raw:
-                total.update(json.loads(raw))
+        for report in self._reports(skip=own):
+            total.update(report["counts"])
         return dict(total)

@@ -53,6 +53,16 @@ def engine(engine_id: str) -> str:
     return f"{PREFIX}engine:{engine_id}"
 
 
+# pub/sub channel: JSON {"id", "state"} published by the record write script on every
+# write of a record ("DELETED" when it is deleted), so waiters need not poll
+ENGINE_CHANGES = f"{PREFIX}engine-changes"
+
+
+def engine_events(engine_id: str) -> str:
+    """List of JSON events of one engine, oldest first, bounded; deleted with the record."""
+    return f"{PREFIX}events:{engine_id}"
+
+
 HOSTS = f"{PREFIX}hosts"  # set of host names ever seen
 
 

@@ -21,7 +21,12 @@ caller read (compare-and-set), then in the same atomic step
 * releases the engine's reservation whenever the new record owns nothing any more
   (STOPPED, FAILED with no restart pending, or deleted);
 * refuses a write that needs a reservation the engine does not hold (a spawn of an
-  engine whose room was given away).
+  engine whose room was given away);
+* tells everyone who listens: it PUBLISHes ``{"id", "state"}`` on
+  ``keys.ENGINE_CHANGES`` (``"DELETED"`` on delete), appends the caller's events
+  (``app.state.events``; a state change is one) to the engine's bounded timeline, and
+  deletes the timeline with the record. Nothing a waiter sees can be ahead of or
+  behind the record.
 
 What it guarantees (each proved by a test against a real redis-server):
 
@@ -51,11 +56,14 @@ import redis
 from app.core.errors import ReservationConflict, ValidationError
 from app.core.models import GpuCapacity
 from app.state import keys
+from app.state.events import MAX_EVENTS
 
-# ARGV[1]: JSON {id, mode, release, require_reserved, reserve?}; ARGV[2]: the record as
-# the caller read it (modes update/delete); ARGV[3]: the new record (update/create).
-# mode: "update" (compare-and-set), "create" (must not exist), "delete" (compare and
-# delete), "none" (no record: ledger only). Returns {status, port, released}.
+# ARGV[1]: JSON {id, mode, release, require_reserved, reserve?, notify?, events?};
+# ARGV[2]: the record as the caller read it (modes update/delete); ARGV[3]: the new
+# record (update/create); ARGV[4]: key names. mode: "update" (compare-and-set),
+# "create" (must not exist), "delete" (compare and delete), "none" (no record: ledger
+# only). notify: the message to PUBLISH; events: JSON strings to append to the
+# timeline (the port mark filled in). Returns {status, port, released}.
 _COMMIT = r"""
 local op = cjson.decode(ARGV[1])
 local K = cjson.decode(ARGV[4])
@@ -78,7 +86,8 @@ if r then
   local host = r.host
   local cap_key = K.capacity .. host
   local ports_key = K.ports .. host
-  if redis.call('EXISTS', res_key) == 1 then
+  local moving = r.move and redis.call('EXISTS', res_key) == 1
+  if redis.call('EXISTS', res_key) == 1 and not moving then
     if not r.reclaim then
       return {'ERR', 'engine ' .. eid .. ' already holds a reservation', 0}
     end
@@ -91,8 +100,10 @@ if r then
       if raw then
         local cap = cjson.decode(raw)
         local reserved = 0
-        for _, v in ipairs(redis.call('HVALS', K.gpu .. host .. ':' .. uuid)) do
-          reserved = reserved + tonumber(v)
+        local held = redis.call('HGETALL', K.gpu .. host .. ':' .. uuid)
+        for i = 1, #held, 2 do
+          -- a move counts the room the engine gives up as free
+          if not (moving and held[i] == eid) then reserved = reserved + tonumber(held[i + 1]) end
         end
         local free = cap.total_mib - cap.outside_mib - r.margin - reserved
         if mib > free then
@@ -126,6 +137,18 @@ if r then
         return {'ERR', string.format('host %s: no free port in %d-%d', host, r.lo, r.hi), 0}
       end
     end
+    if moving then
+      -- give up the old room in the same step that takes the new one
+      local old_host = redis.call('HGET', res_key, 'host')
+      for _, g in ipairs(cjson.decode(redis.call('HGET', res_key, 'gpus') or '[]')) do
+        redis.call('HDEL', K.gpu .. old_host .. ':' .. g[1], eid)
+      end
+      local old_port = redis.call('HGET', res_key, 'port')
+      if old_port and redis.call('HGET', K.ports .. old_host, old_port) == eid then
+        redis.call('HDEL', K.ports .. old_host, old_port)
+      end
+      redis.call('DEL', res_key)
+    end
     for _, g in ipairs(gpus) do
       redis.call('HSET', K.gpu .. host .. ':' .. g[1], eid, g[2])
     end
@@ -157,6 +180,7 @@ end
 if mode == 'delete' then
   redis.call('DEL', rec_key)
   redis.call('SREM', K.engines, eid)
+  redis.call('DEL', K.events .. eid)
 elseif mode == 'update' or mode == 'create' then
   local raw = ARGV[3]
   if port ~= '' then
@@ -165,7 +189,19 @@ elseif mode == 'update' or mode == 'create' then
   end
   redis.call('SET', rec_key, raw)
   if mode == 'create' then redis.call('SADD', K.engines, eid) end
+  if op.events and #op.events > 0 then
+    local ev_key = K.events .. eid
+    for _, ev in ipairs(op.events) do
+      if port ~= '' then
+        ev = string.gsub(ev, '"' .. K.port_mark .. '"', port)
+        ev = string.gsub(ev, K.port_mark, port)
+      end
+      redis.call('RPUSH', ev_key, ev)
+    end
+    redis.call('LTRIM', ev_key, -K.max_events, -1)
+  end
 end
+if op.notify then redis.call('PUBLISH', K.changes, op.notify) end
 return {'OK', port, released}
 """
 
@@ -186,7 +222,7 @@ return missing
 
 # Stands for the port in a record written with a reservation that picks the port.
 PORT_MARK = "@@SAGELLM_PORT@@"
-_KEY_NAMES = json.dumps(
+KEY_NAMES = json.dumps(
     {
         "engine": keys.engine(""),
         "reservation": keys.engine_reservation(""),
@@ -196,6 +232,12 @@ _KEY_NAMES = json.dumps(
         "gpu": keys.GPU_RESERVATIONS_PREFIX,
         "ports": keys.PORT_RESERVATIONS_PREFIX,
         "port_mark": PORT_MARK,
+        "events": keys.engine_events(""),
+        "max_events": MAX_EVENTS,
+        "changes": keys.ENGINE_CHANGES,
+        "hosts": keys.HOSTS,
+        "host": keys.host(""),
+        "host_last": keys.host_last_seen(""),
     }
 )
 
@@ -217,6 +259,8 @@ class ReserveRequest:
     ``reclaim`` re-takes the room of an engine that already runs (after a lost
     Redis): already held is fine, no margin, and a GPU whose capacity is not yet
     republished is not checked (its host offers capacity only after reclaiming).
+    ``move`` takes this room for an engine that holds another and gives the old one up
+    in the same atomic step (its own old room counts as free; refused: nothing changes).
     """
 
     host: str
@@ -226,6 +270,7 @@ class ReserveRequest:
     port: int | None = None
     avoid_ports: tuple[int, ...] = ()
     reclaim: bool = False
+    move: bool = False
 
     def validate(self) -> ReserveRequest:
         lo, hi = self.port_range
@@ -254,6 +299,7 @@ class ReserveRequest:
             "skip": sorted({p for p in self.avoid_ports if lo <= p <= hi}),
             "margin": 0 if self.reclaim else int(self.margin_mib),
             "reclaim": self.reclaim,
+            "move": self.move,
         }
 
 
@@ -295,17 +341,26 @@ class Committer:
         release: bool = False,
         reserve: ReserveRequest | None = None,
         require_reserved: bool = False,
+        notify: str | None = None,
+        events: Sequence[str] = (),
     ) -> CommitResult:
+        """``notify``: the JSON to PUBLISH on ``keys.ENGINE_CHANGES`` when the write
+        happens; ``events``: JSON events appended to the engine's timeline in the same
+        step (``PORT_MARK`` in them is replaced by the port this write reserves)."""
         op: dict[str, Any] = {
             "id": engine_id,
             "mode": mode,
             "release": release,
             "require_reserved": require_reserved,
         }
+        if notify is not None:
+            op["notify"] = notify
+        if events:
+            op["events"] = list(events)
         if reserve is not None:
             op["reserve"] = reserve.validate().to_lua()
         status, detail, released = self._script(
-            args=[json.dumps(op), expected or b"", new or "", _KEY_NAMES]
+            args=[json.dumps(op), expected or b"", new or "", KEY_NAMES]
         )
         status, detail = _text(status), _text(detail)
         if status == "OK":

@@ -3,7 +3,7 @@
 One hash per host (``keys.model_facts``): model id or path -> JSON ``ModelFacts``. The
 worker replaces it as a whole (one MULTI/EXEC), so a reader sees one scan or the next,
 never a mix. No TTL: a DOWN host's facts stay readable, and callers skip them for
-placement (``app.services.allocation.placement_hosts``).
+placement (``app.state.allocation.placement_hosts``).
 """
 
 from __future__ import annotations

@@ -8,6 +8,10 @@ go through ``EngineRecord.transition`` (the state machine). The same write takes
 reservation when the caller grants one and releases the engine's reservation when the
 new record owns nothing (``EngineRecord.owns_nothing``): a record and its reservation
 never disagree, whichever write fails or races.
+
+The same write PUBLISHes the change on ``keys.ENGINE_CHANGES`` and appends a state
+change to the engine's timeline (``app.state.events``), so ``wait`` learns of a change
+within a round trip instead of polling.
 """
 
 from __future__ import annotations
@@ -15,15 +19,17 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import redis
 
 from app.core.errors import NotFoundError
 from app.core.models import EngineRecord, EngineState, HostRecord
+from app.core.spec import EngineKind
 from app.state import keys
 from app.state.client import as_text
+from app.state.events import EngineEvents, encode_event
 from app.state.ledger import (
     PORT_MARK,
     CommitResult,
@@ -32,10 +38,17 @@ from app.state.ledger import (
     ReserveRequest,
     StaleRecord,
 )
+from app.state.snapshot import DocumentCache, EngineDocument, Snapshot
 
 Mutate = Callable[[EngineRecord], None]
 # A reservation to take in the same write: a request, or one made from the new record.
 Reserve = ReserveRequest | Callable[[EngineRecord], ReserveRequest | None] | None
+# Events to append in the same write: JSON strings (``events.encode_event``), or a
+# function of the mutated record returning them (an event that depends on the outcome).
+Events = Sequence[str] | Callable[[EngineRecord], Sequence[str]]
+# A waiter that heard nothing re-reads the record this often (a lost message, a
+# reconnect): a safety net, not the way changes are learnt.
+WAIT_REREAD_S = 2.0
 
 
 def new_engine_id() -> str:
@@ -48,16 +61,45 @@ class Registry:
     def __init__(self, client: redis.Redis) -> None:
         self.r = client
         self._commit = Committer(client)
+        self._documents = DocumentCache(client)
+        self.events = EngineEvents(client)  # each engine's timeline
+
+    def snapshot(
+        self, *, engines: bool = True, capacity: bool = False, reservations: bool = False
+    ) -> Snapshot:
+        """Engine records (as stored), hosts, and (when asked) GPU capacity and
+        reservations, in one round trip whatever the number of engines
+        (``app.state.snapshot``); a record is decoded only when it changed since this
+        registry last read it."""
+        return Snapshot.read(
+            self._documents,
+            engines=engines,
+            capacity=capacity,
+            reservations=reservations,
+        )
 
     # ------------------------------------------------------------------ engines
     def create(
-        self, record: EngineRecord, *, reserve: ReserveRequest | None = None
+        self,
+        record: EngineRecord,
+        *,
+        reserve: ReserveRequest | None = None,
+        events: Sequence[str] = (),
     ) -> EngineRecord:
         """Store a new record (and take ``reserve`` in the same atomic step); an
         existing id is a conflict (``RecordExists``), never overwritten. A refused
-        reservation raises ``ReservationConflict`` and writes nothing."""
+        reservation raises ``ReservationConflict`` and writes nothing. ``events``
+        (``events.encode_event``) start its timeline in the same step; ``PORT_MARK``
+        in them becomes the port reserved."""
         raw = _encode(record, port_from_reservation=_picks_port(reserve))
-        result = self._commit(record.id, mode="create", new=raw, reserve=reserve)
+        result = self._commit(
+            record.id,
+            mode="create",
+            new=raw,
+            reserve=reserve,
+            notify=_notice(record.id, record.state.value),
+            events=events,
+        )
         if result.port is not None:
             record.port = result.port
         return record
@@ -87,24 +129,39 @@ class Registry:
         if not ids:
             return []
         raws = self.r.mget([keys.engine(i) for i in ids])
-        states = (
-            None if state is None else {state} if isinstance(state, EngineState) else set(state)
-        )
+        wanted = _state_values(state)
         out = []
         for raw in raws:
             if raw is None:
                 continue
-            rec = EngineRecord.from_dict(json.loads(raw))
-            if states is not None and rec.state not in states:
+            d = json.loads(raw)
+            # Filter on the stored fields: only the records kept are built.
+            if wanted is not None and d.get("state") not in wanted:
                 continue
-            if host is not None and rec.host != host:
+            if host is not None and d.get("host") != host:
                 continue
-            if kind is not None and rec.spec.kind.value != kind:
+            spec = d.get("spec") or {}
+            if kind is not None and spec.get("kind", EngineKind.LLM.value) != kind:
                 continue
-            if label is not None and rec.spec.label != label:
+            if label is not None and spec.get("label") != label:
                 continue
-            out.append(rec)
+            out.append(EngineRecord.from_dict(d))
         return sorted(out, key=lambda r: (r.created_at, r.id))
+
+    def engine_documents(
+        self,
+        *,
+        state: EngineState | Iterable[EngineState] | None = None,
+        host: str | None = None,
+        kind: str | None = None,
+        label: str | None = None,
+    ) -> list[EngineDocument]:
+        """``engines``' records as stored (JSON and decoded, read only), filtered, oldest
+        first: one round trip, and a decode only for records changed since the last
+        read. For views that send records as they are."""
+        states = _state_values(state)
+        docs = self.snapshot().engines
+        return [d for d in docs if d.matches(states, host, kind, label)]
 
     def update(
         self,
@@ -114,10 +171,16 @@ class Registry:
         reserve: Reserve = None,
         require_reserved: bool = False,
         retries: int = 100,
+        events: Events = (),
     ) -> EngineRecord:
         """Apply ``mutate`` to the current record atomically; see ``commit``."""
         return self.commit(
-            engine_id, mutate, reserve=reserve, require_reserved=require_reserved, retries=retries
+            engine_id,
+            mutate,
+            reserve=reserve,
+            require_reserved=require_reserved,
+            retries=retries,
+            events=events,
         )[0]
 
     def commit(
@@ -128,6 +191,7 @@ class Registry:
         reserve: Reserve = None,
         require_reserved: bool = False,
         retries: int = 100,
+        events: Events = (),
     ) -> tuple[EngineRecord, CommitResult]:
         """Apply ``mutate`` to the current record and write it in one atomic step that
         also takes ``reserve`` (a request, or a function of the mutated record) and
@@ -137,6 +201,11 @@ class Registry:
         ``require_reserved``: write only while the engine holds its reservation
         (``Unreserved`` otherwise). A refused reservation raises
         ``ReservationConflict``; nothing is written.
+
+        The write is published (``keys.ENGINE_CHANGES``); a state change is appended to
+        the engine's timeline (kind ``state``: from, to, ``last_error`` when set), and
+        so are ``events`` (or ``events(mutated record)``), all in the same step: no
+        extra Redis write.
         """
         key = keys.engine(engine_id)
         for _ in range(retries):
@@ -144,9 +213,13 @@ class Registry:
             if raw is None:
                 raise NotFoundError(f"engine {engine_id!r} not found")
             rec = EngineRecord.from_dict(json.loads(raw))
+            before = rec.state
             mutate(rec)
             rec.updated_at = time.time()
             req = reserve(rec) if callable(reserve) else reserve
+            timeline = list(events(rec) if callable(events) else events)
+            if rec.state is not before:
+                timeline.insert(0, _state_event(before, rec))
             try:
                 result = self._commit(
                     engine_id,
@@ -156,6 +229,8 @@ class Registry:
                     release=rec.owns_nothing,
                     reserve=req,
                     require_reserved=require_reserved,
+                    notify=_notice(engine_id, rec.state.value),
+                    events=timeline,
                 )
             except StaleRecord:
                 continue
@@ -192,11 +267,64 @@ class Registry:
             if only_if is not None and not only_if(EngineRecord.from_dict(json.loads(raw))):
                 return False
             try:
-                self._commit(engine_id, mode="delete", expected=raw, release=True)
+                self._commit(
+                    engine_id,
+                    mode="delete",
+                    expected=raw,
+                    release=True,
+                    notify=_notice(engine_id, DELETED),
+                )
             except StaleRecord:
                 continue
             return True
         raise RuntimeError(f"engine {engine_id}: too much contention deleting its record")
+
+    def wait(
+        self,
+        engine_id: str,
+        done: Callable[[EngineRecord], bool],
+        timeout_s: float,
+        *,
+        reread_s: float = WAIT_REREAD_S,
+    ) -> EngineRecord:
+        """The record once ``done`` holds for it, else when ``timeout_s`` ran out (the
+        last record seen). ``NotFoundError`` if the record is (or gets) deleted.
+
+        Event-driven: it subscribes to ``keys.ENGINE_CHANGES`` first, then reads the
+        record, then re-reads it only when a write of this engine is announced (every
+        record write publishes, in the same step). ``reread_s``: a re-read when nothing
+        was heard for that long, against a lost message.
+        """
+        deadline = time.monotonic() + timeout_s
+        pubsub = self.r.pubsub()
+        try:
+            pubsub.subscribe(keys.ENGINE_CHANGES)
+            # Read only once the subscription is confirmed: no write can fall between.
+            while time.monotonic() < deadline:
+                msg = pubsub.get_message(timeout=max(0.0, deadline - time.monotonic()))
+                if msg is not None and msg["type"] == "subscribe":
+                    break
+            rec = self.get(engine_id)
+            last_read = time.monotonic()
+            while not done(rec):
+                now = time.monotonic()
+                if now >= deadline:
+                    break
+                msg = pubsub.get_message(timeout=min(deadline - now, reread_s))
+                if msg is None or msg["type"] != "message":
+                    if time.monotonic() - last_read < reread_s:
+                        continue  # woken early without news (a deadline, a confirmation)
+                else:
+                    notice = json.loads(msg["data"])
+                    if notice.get("id") != engine_id:
+                        continue
+                    if notice.get("state") == DELETED:
+                        raise NotFoundError(f"engine {engine_id!r} was deleted")
+                rec = self.get(engine_id)
+                last_read = time.monotonic()
+            return rec
+        finally:
+            pubsub.close()
 
     # ------------------------------------------------------------------ hosts
     def put_host(self, record: HostRecord, ttl_s: float) -> None:
@@ -209,19 +337,20 @@ class Registry:
         pipe.execute()
 
     def hosts(self) -> list[HostRecord]:
-        """Every host ever seen, with ``up`` False for those whose heartbeat expired."""
+        """Every host ever seen, with ``up`` False for those whose heartbeat expired
+        (two round trips: the names, then every heartbeat and last-seen record)."""
         names = sorted(as_text(m) for m in self.r.smembers(keys.HOSTS))
         if not names:
             return []
-        live = self.r.mget([keys.host(n) for n in names])
-        last = self.r.mget([keys.host_last_seen(n) for n in names])
+        pipe = self.r.pipeline(transaction=False)
+        pipe.mget([keys.host(n) for n in names])
+        pipe.mget([keys.host_last_seen(n) for n in names])
+        live, last = pipe.execute()
         out = []
-        for name, raw_live, raw_last in zip(names, live, last, strict=True):
+        for raw_live, raw_last in zip(live, last, strict=True):
             raw = raw_live or raw_last
-            if raw is None:
-                continue
-            out.append(HostRecord.from_dict(json.loads(raw), up=raw_live is not None))
-            del name
+            if raw is not None:
+                out.append(HostRecord.from_dict(json.loads(raw), up=raw_live is not None))
         return out
 
     def host(self, name: str) -> HostRecord | None:
@@ -233,6 +362,28 @@ class Registry:
         pipe.delete(keys.host(name), keys.host_last_seen(name), keys.model_facts(name))
         pipe.srem(keys.HOSTS, name)
         pipe.execute()
+
+
+def _state_values(state: EngineState | Iterable[EngineState] | None) -> set[str] | None:
+    if state is None:
+        return None
+    return {state.value} if isinstance(state, EngineState) else {s.value for s in state}
+
+
+DELETED = "DELETED"  # the state a change notice gives a deleted record
+
+
+def _notice(engine_id: str, state: str) -> str:
+    return json.dumps({"id": engine_id, "state": state})
+
+
+def _state_event(before: EngineState, rec: EngineRecord) -> str:
+    message = f"{before.value} -> {rec.state.value}"
+    data: dict[str, Any] = {"from": before.value, "to": rec.state.value}
+    if rec.last_error:
+        message += f": {rec.last_error}"
+        data["last_error"] = rec.last_error
+    return encode_event("state", message, **data)
 
 
 def _picks_port(req: ReserveRequest | None) -> bool:

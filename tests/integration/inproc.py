@@ -34,9 +34,13 @@ from app.settings import Settings
 from app.state import keys
 from app.state.ledger import Ledger
 from app.state.registry import Registry
-from workers.agent import lifecycle, supervise
+from workers.agent import drain, lifecycle, supervise
 from workers.agent.context import HostContext, build_context
 from workers.host import processes
+
+# A stop that drains waits in the calling thread here (a worker watches in a thread of
+# its own): the test decides the interleaving, and no thread outlives its step.
+drain.set_runner(lambda run, _name: run())
 
 REPO = Path(__file__).resolve().parents[2]
 FAKES = REPO / "tests" / "fakes"

@@ -15,8 +15,9 @@ from app.core.inventory_spec import parse_mock_gpus
 from app.core.memory import ModelFacts, facts_from_config
 from app.core.models import EngineRecord, HostRecord
 from app.core.spec import EngineKind, EngineSpec
-from app.services.allocation import allocate, models_on_hosts, placement_hosts
+from app.services.models import models_on_hosts
 from app.state import keys
+from app.state.allocation import allocate, placement_hosts
 from app.state.ledger import Ledger
 from app.state.model_facts import publish_model_facts
 from app.state.registry import Registry

@@ -382,8 +382,8 @@ WRITES: dict[str, list[str]] = {
         "commit:update RUNNING",  # check_start: ready
     ],
     "stop": [
-        "commit:update STOPPING",  # control.stop_engine
-        "commit:update STOPPING",  # lifecycle.stop_engine (already STOPPING)
+        "commit:update DRAINING",  # control.stop_engine (+ its "draining" event)
+        "commit:update STOPPING",  # lifecycle.stop_engine, once drained
         "commit:update STOPPED +release",  # finalize_stop
     ],
     "restart": [
@@ -414,7 +414,7 @@ WRITES: dict[str, list[str]] = {
         "commit:update RUNNING",  # check_start: ready
     ],
     "stop_pending": [
-        "commit:update STOPPING",  # control.stop_engine
+        "commit:update STOPPING",  # control.stop_engine (nothing serves: no drain)
         "commit:update STOPPING",  # lifecycle.stop_engine (already STOPPING)
         "commit:update STOPPED +release",  # finalize_stop: no process to kill
     ],

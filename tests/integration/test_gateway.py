@@ -223,7 +223,9 @@ def test_replicas_share_by_outstanding_requests_and_survive_a_kill(
         r = httpx.post(f"{gw.url}/v1/chat/completions", json=body, timeout=30)
         assert r.status_code == 200, r.text  # a connect error fails over to the other
         served.append(r.headers["X-Sagellm-Engine"])
-    assert served[:2] == [b, b]  # the dead one is out of rotation at once
+    assert served[0] == b  # the dead one is out of rotation at once
+    # ... until its restart, which the worker's exit watch may finish within a request
+    assert served[1] == b or env.get(a).restart_count == 1
     # the worker restarts the killed replica; once a health check passes it is back
     back = wait_for_state(env.cluster, a, [S.RUNNING], 20)
     assert back.state is S.RUNNING and back.restart_count == 1

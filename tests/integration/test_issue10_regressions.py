@@ -742,3 +742,20 @@ def test_restart_budget_is_given_back_after_a_stable_run(make_env: Callable[...,
     assert restarted.pid != rec.pid and trees(rec.id) == {restarted.pid}
     assert becomes_running(env, rec.id)
     invariants(env)
+
+
+def test_a_drain_whose_stop_task_was_lost_is_finished_by_the_health_loop(env: Env) -> None:
+    # Found when the drain came in (issue 13): a DRAINING engine whose stop task was
+    # lost (or whose worker restarted) stayed DRAINING, holding its room, for good.
+    rec = start_running(env, 8)
+    drained = control.stop_engine(env.cluster, rec.id, drain_timeout_s=30)
+    assert drained.state is S.DRAINING
+    env.queue.sent.clear()  # the stop task is lost
+
+    supervise.check_host(env.ctx)
+
+    final = env.registry.get(rec.id)
+    assert final.state is S.STOPPED, (final.state, final.last_error)
+    assert gone(rec.pid, rec.process_create_time) and not trees(rec.id)
+    assert env.ledger.reservation(rec.id) is None
+    invariants(env)

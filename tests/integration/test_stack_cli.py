@@ -220,13 +220,16 @@ def test_preset_that_cannot_fit_starts_nothing_and_says_why(stack: Stack) -> Non
 
 def test_engine_that_fails_at_start_rolls_back_the_others(stack: Stack) -> None:
     before = stack.reservations()
+    # A directory that exists but holds no model: admitted, fails when it loads (a
+    # path that exists nowhere is refused at admission, before anything starts).
+    (stack.tmp / "not-a-model").mkdir(exist_ok=True)
     f = stack.tmp / "half-broken.yaml"
     f.write_text(
         "version: 1\nname: half-broken\nengines:\n"
         "  - {name: good, kind: embedding, model: ${SAGELLM_MINILM_PATH}, "
         "served_model_name: good-emb}\n"
         f"  - {{name: broken, runtime: transformers, use_gpu: false, "
-        f"model: {stack.tmp}/no-such-model}}\n"
+        f"model: {stack.tmp}/not-a-model}}\n"
     )
     r = stack.cli("preset", "apply", "--file", str(f), "--yes", "--timeout", "240")
     out = r.stdout + r.stderr
@@ -241,6 +244,26 @@ def test_engine_that_fails_at_start_rolls_back_the_others(stack: Stack) -> None:
         for e in stack.engines("half-broken")
         if e["spec"]["preset_engine"] == "good"
     )
+
+
+def test_a_model_path_that_exists_nowhere_is_refused_before_anything_starts(
+    stack: Stack,
+) -> None:
+    before = stack.reservations()
+    f = stack.tmp / "typo.yaml"
+    f.write_text(
+        "version: 1\nname: typo\nengines:\n"
+        "  - {name: good, kind: embedding, model: ${SAGELLM_MINILM_PATH}, "
+        "served_model_name: typo-emb}\n"
+        f"  - {{name: typo, runtime: transformers, use_gpu: false, "
+        f"model: {stack.tmp}/no-such-model}}\n"
+    )
+    r = stack.cli("preset", "apply", "--file", str(f), "--yes", "--timeout", "60")
+    out = r.stdout + r.stderr
+    assert r.returncode == 2, out
+    assert "no-such-model" in out and "model" in out
+    assert stack.engines("typo") == []
+    assert stack.reservations() == before
 
 
 def test_bad_input_through_the_cli_reserves_nothing(stack: Stack) -> None:

@@ -67,7 +67,8 @@ def run(*args: str, input: str | None = None) -> Result:
 
 class FakeWorker(threading.Thread):
     """Moves engines as a worker would: PENDING -> STARTING (pid 4242) -> ``outcome``,
-    and STOPPING -> STOPPED (exit code 0), ``step_s`` apart. Only the registry changes;
+    DRAINING -> STOPPING (nothing in flight) and STOPPING -> STOPPED (exit code 0),
+    ``step_s`` apart. Only the registry changes;
     no process runs."""
 
     def __init__(
@@ -90,6 +91,8 @@ class FakeWorker(threading.Thread):
                     self.registry.transition(rec.id, EngineState.STARTING, pid=4242)
                 elif rec.state is EngineState.STARTING:
                     self.registry.transition(rec.id, self.outcome, error=self.error)
+                elif rec.state is EngineState.DRAINING:
+                    self.registry.transition(rec.id, EngineState.STOPPING)
                 elif rec.state is EngineState.STOPPING:
                     self.registry.transition(rec.id, EngineState.STOPPED, exit_code=0)
 

@@ -147,3 +147,59 @@ def test_concurrent_writers_never_lose_an_update(real_redis: redis.Redis) -> Non
     for t in threads:
         t.join()
     assert reg.get(rec.id).health_failures == 100
+
+
+# --------------------------------------------------------------- moving a reservation
+
+
+def _two_gpus(r: redis.Redis) -> tuple[Registry, Ledger]:
+    led = Ledger(r)
+    led.publish_capacity(
+        "a", [GpuCapacity("a", 0, "GPU-a0", 80 * GB, 0), GpuCapacity("a", 1, "GPU-a1", 80 * GB, 0)]
+    )
+    return Registry(r), led
+
+
+def _on(uuid: str, gb: int) -> ReserveRequest:
+    return ReserveRequest("a", ((uuid, gb * GB),), RANGE, margin_mib=GB, move=True)
+
+
+def test_a_move_releases_the_old_room_and_takes_the_new_in_one_write(
+    any_redis: redis.Redis,
+) -> None:
+    reg, led = _two_gpus(any_redis)
+    rec = _new(reg, 10)  # 10 GB on GPU-a0, port 8100
+    moved, result = reg.commit(rec.id, lambda r: None, reserve=_on("GPU-a1", 10))
+    res = led.reservation(rec.id)
+    assert res is not None and [u for u, _ in res.gpus] == ["GPU-a1"]
+    assert led.gpu_reservations("a", ["GPU-a0"]).get("GPU-a0", {}) == {}
+    assert led.gpu_reservations("a", ["GPU-a1"])["GPU-a1"] == {rec.id: 10 * GB}
+    assert set(led.ports("a").values()) == {rec.id}  # one port, the new one
+    assert moved.port == res.port
+    assert not result.released  # it still holds room: nothing was given back
+
+
+def test_a_move_counts_the_engines_own_room_as_free(any_redis: redis.Redis) -> None:
+    reg, led = _two_gpus(any_redis)
+    rec = _new(reg, 70)  # 70 of 79 usable GB on GPU-a0
+    reg.commit(rec.id, lambda r: None, reserve=_on("GPU-a0", 75))  # grows in place
+    assert led.gpu_reservations("a", ["GPU-a0"])["GPU-a0"] == {rec.id: 75 * GB}
+
+
+def test_a_move_that_does_not_fit_changes_nothing(any_redis: redis.Redis) -> None:
+    reg, led = _two_gpus(any_redis)
+    rec = _new(reg, 10)
+    other = EngineRecord(id=new_engine_id(), spec=EngineSpec(model="m"))
+    reg.create(other, reserve=ReserveRequest("a", (("GPU-a1", 70 * GB),), RANGE, margin_mib=GB))
+    before = led.reservation(rec.id)
+    with pytest.raises(ReservationConflict, match="GPU 1"):
+        reg.commit(rec.id, lambda r: None, reserve=_on("GPU-a1", 20))
+    assert led.reservation(rec.id) == before
+    assert led.gpu_reservations("a", ["GPU-a0"])["GPU-a0"] == {rec.id: 10 * GB}
+
+
+def test_without_move_a_second_reservation_is_still_refused(any_redis: redis.Redis) -> None:
+    reg, _ = _two_gpus(any_redis)
+    rec = _new(reg, 10)
+    with pytest.raises(ReservationConflict, match="already holds a reservation"):
+        reg.commit(rec.id, lambda r: None, reserve=_req(10))

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from app.core.errors import IllegalTransition
-from app.core.models import EngineRecord, EngineState
+from app.core.models import LIVE_STATES, EngineRecord, EngineState, check_transition
 from app.core.spec import EngineSpec
 
 S = EngineState
@@ -47,6 +47,7 @@ def _running(pid: int = 10) -> EngineRecord:
         (S.LOST, None, False, False, True),
         (S.FAILED, 5.0, False, False, True),
         (S.FAILED, None, True, True, False),
+        (S.DRAINING, None, False, False, False),
         (S.STOPPING, None, False, False, False),
         (S.STOPPED, None, True, True, False),
     ],
@@ -278,3 +279,98 @@ def test_a_restart_is_due_only_once_its_time_has_come() -> None:
     rec = _rec(S.FAILED, next_restart_at=100.0)
     assert not rec.restart_due(99.9) and rec.restart_due(100.0)
     assert not _rec(S.FAILED).restart_due(1e12)
+
+
+# ---------------------------------------------------------------- drain before stop
+
+
+def _draining(pid: int = 9, deadline: float = 50.0) -> EngineRecord:
+    rec = _running(pid=pid)
+    rec.start_drain(deadline)
+    return rec
+
+
+@pytest.mark.parametrize("state", [S.RUNNING, S.UNHEALTHY])
+def test_a_serving_engine_drains_keeping_its_room_and_process(state: EngineState) -> None:
+    rec = _rec(state, pid=9, process_create_time=1.0)
+    assert rec.drainable
+    rec.start_drain(123.0)
+    assert rec.state is S.DRAINING and rec.drain_deadline == 123.0
+    assert rec.pid == 9 and not rec.owns_nothing and not rec.settled
+    assert not rec.in_service, "the gateway sends a draining engine nothing new"
+    assert S.DRAINING in LIVE_STATES
+    assert not rec.drain_over(122.9) and rec.drain_over(123.0)
+
+
+@pytest.mark.parametrize(
+    "rec",
+    [
+        _rec(S.PENDING),
+        _rec(S.STARTING, pid=9),
+        _rec(S.UNHEALTHY, next_restart_at=5.0),  # its process died: nothing to drain
+        _rec(S.UNHEALTHY),  # no process
+        _rec(S.LOST, pid=9),
+        _rec(S.FAILED, next_restart_at=5.0),
+        _rec(S.STOPPING, pid=9),
+        _rec(S.STOPPED),
+        _rec(S.DRAINING, pid=9, drain_deadline=5.0),
+    ],
+    ids=lambda r: f"{r.state.value}-pid{r.pid}-restart{r.next_restart_at}",
+)
+def test_only_a_serving_engine_with_its_process_drains(rec: EngineRecord) -> None:
+    assert not rec.drainable
+    _refused(rec, lambda r: r.start_drain(99.0))
+
+
+def test_a_drain_ends_in_the_normal_stop() -> None:
+    rec = _draining()
+    rec.request_stop()
+    assert rec.state is S.STOPPING and rec.pid == 9 and not rec.owns_nothing
+    rec.mark_stopped()
+    assert rec.state is S.STOPPED and rec.owns_nothing
+
+
+def test_a_draining_engine_whose_process_is_gone_is_stopped() -> None:
+    rec = _draining()
+    rec.mark_stopped()
+    assert rec.state is S.STOPPED and rec.pid is None and rec.owns_nothing
+
+
+def test_a_draining_engine_is_left_to_its_stop() -> None:
+    kw = {"pid": 9, "exit_code": 1, "restart_count": 0, "at": 1.0}
+    _refused(_draining(), lambda r: r.pend_restart("exited", **kw))
+    _refused(_draining(), lambda r: r.fail("boom"))
+    _refused(_draining(), EngineRecord.request_restart)
+    _refused(_draining(), lambda r: r.mark_healthy(9))
+    _refused(_draining(), lambda r: r.count_failed_checks(9, 3, unhealthy="down"))
+    _refused(_draining(), lambda r: r.mark_running(9))
+    rec = _draining()
+    rec.mark_unreserved("running without its reservation: taken")
+    assert rec.state is S.DRAINING, "a drain is not undone by a lost reservation"
+
+
+def test_draining_leaves_only_to_stopping_or_lost() -> None:
+    for new in S:
+        allowed = new in (S.STOPPING, S.LOST)
+        if allowed:
+            check_transition(S.DRAINING, new)
+        else:
+            with pytest.raises(IllegalTransition):
+                check_transition(S.DRAINING, new)
+    for old in (S.PENDING, S.STARTING, S.STOPPING, S.STOPPED, S.FAILED):
+        with pytest.raises(IllegalTransition):
+            check_transition(old, S.DRAINING)
+
+
+def test_a_draining_engine_lost_with_its_host_returns_to_its_drain() -> None:
+    rec = _draining(deadline=60.0)
+    rec.transition(S.LOST, error="host a is down")
+    rec.return_from_lost(answers=True, reserved=True, detail="")
+    assert rec.state is S.DRAINING and rec.drain_deadline == 60.0
+
+
+def test_a_second_stop_of_a_draining_engine_skips_the_rest_of_the_drain() -> None:
+    rec = _draining()
+    rec.request_stop()
+    rec.request_stop()  # already stopping: nothing changes
+    assert rec.state is S.STOPPING

@@ -1,5 +1,5 @@
-"""Worker process start-up: the heartbeat thread and a first rediscovery; task stats
-for /metrics."""
+"""Worker process start-up: the engine watch (readiness and exits, ``workers.agent.
+watch``), the heartbeat thread and a first rediscovery; task stats for /metrics."""
 
 from __future__ import annotations
 
@@ -12,15 +12,18 @@ from celery.signals import task_failure, task_postrun, task_prerun, worker_ready
 
 if TYPE_CHECKING:
     from workers.agent.context import HostContext
+    from workers.agent.watch import EngineWatch
 
 log = logging.getLogger(__name__)
 _heartbeat: HeartbeatThread | None = None
+_watch: EngineWatch | None = None
 
 
 class HeartbeatThread(threading.Thread):
     """Publishes every ``SAGELLM_HEARTBEAT_INTERVAL_S`` in the worker's main process
     (``workers.agent.reconcile.heartbeat_or_rediscover``), so the heartbeat keeps going
-    while tasks run; survives Redis outages."""
+    while tasks run, and has the engine watch catch up with the records (engines that
+    rediscovery relinked or adopted); survives Redis outages."""
 
     def __init__(self, ctx: HostContext) -> None:
         super().__init__(name="sagellm-heartbeat", daemon=True)
@@ -35,6 +38,11 @@ class HeartbeatThread(threading.Thread):
                 heartbeat_or_rediscover(self.ctx)
             except Exception:  # Redis down, NVML hiccup: try again next beat
                 log.exception("heartbeat failed")
+            if self.ctx.watch is not None:
+                try:
+                    self.ctx.watch.sync()
+                except Exception:
+                    log.exception("engine watch sync failed")
             self.stopped.wait(self.ctx.settings.heartbeat_interval_s)
 
     def stop(self) -> None:
@@ -43,17 +51,21 @@ class HeartbeatThread(threading.Thread):
 
 @worker_ready.connect
 def _on_ready(**_: Any) -> None:
-    global _heartbeat
+    global _heartbeat, _watch
     from workers.agent.context import host_context
     from workers.agent.reconcile import rediscover
+    from workers.agent.watch import EngineWatch
 
     ctx = host_context()
+    _watch = EngineWatch(ctx).start()
+    ctx.watch = _watch
     _heartbeat = HeartbeatThread(ctx)
     _heartbeat.start()
 
     def first_rediscovery() -> None:
         try:
             rediscover(ctx)
+            _watch.sync()  # the engines found again are watched from now on
         except Exception:
             log.exception("start-up rediscovery failed")
 
@@ -64,6 +76,8 @@ def _on_ready(**_: Any) -> None:
 def _on_shutdown(**_: Any) -> None:
     if _heartbeat is not None:
         _heartbeat.stop()
+    if _watch is not None:
+        _watch.stop()
 
 
 _started: dict[str, float] = {}

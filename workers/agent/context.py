@@ -7,17 +7,27 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import httpx
 from celery import Celery
 
 from app.core.health import HealthPolicy
+from app.core.models import EngineRecord
 from app.settings import Settings
 from app.state.client import connect
 from app.state.ledger import Ledger
 from app.state.registry import Registry
 from app.state.task_stats import TaskStats
 from workers.host.manifests import Manifests
+
+
+class Watch(Protocol):
+    """What the worker's engine watch (``workers.agent.watch.EngineWatch``) offers."""
+
+    def track(self, rec: EngineRecord | None) -> None: ...
+
+    def sync(self) -> None: ...
 
 
 @dataclass
@@ -37,6 +47,10 @@ class HostContext:
     # Held while rediscovery re-takes reservations and while capacity is published, so
     # this host never offers capacity before its running engines hold their room.
     reclaim_lock: threading.RLock = field(default_factory=threading.RLock)
+    # The event-driven watch of readiness and exits (``workers.agent.watch``), started
+    # by the worker at boot; None where contexts are driven step by step (tests), and
+    # then readiness is polled by the ``sagellm.watch_start`` task instead.
+    watch: Watch | None = None
 
     @contextmanager
     def engine_lock(self, engine_id: str, *, blocking: bool = True) -> Iterator[bool]:
@@ -51,6 +65,13 @@ class HostContext:
             yield True
         finally:
             lock.release()
+
+    def track(self, rec: EngineRecord | None) -> bool:
+        """Hand ``rec`` to the engine watch; False when this context has none."""
+        if self.watch is None:
+            return False
+        self.watch.track(rec)
+        return True
 
     @property
     def host(self) -> str:

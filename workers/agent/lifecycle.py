@@ -27,13 +27,18 @@ Rules that keep every process accounted for:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
+from collections.abc import Sequence
 
 from app.core.engine_policy import ENGINE_HOST_ENV, ENGINE_OWNER_ENV
 from app.core.errors import IllegalTransition, NotFoundError, ReservationConflict, SagellmError
+from app.core.failures import Failure, classify
 from app.core.models import EngineRecord, EngineState
+from app.state.events import EngineEvents, encode_event
 from app.state.ledger import ReserveRequest, Unreserved, port_is_bindable
+from workers.agent import drain
 from workers.agent.context import HostContext
 from workers.host import processes
 from workers.runtimes import get_runtime
@@ -204,13 +209,36 @@ def _forget_manifest_if_final(ctx: HostContext, engine_id: str) -> None:
 # ----------------------------------------------------------------------------- failure
 
 
+def record_failure(r: EngineRecord, failure: Failure) -> None:
+    """Note in the record (in the caller's write) why its process ended: ``failure``,
+    and one more of that reason in ``failure_counts``."""
+    r.failure = failure.to_dict()
+    r.failure_counts[failure.reason] = r.failure_counts.get(failure.reason, 0) + 1
+
+
 def fail_final(
-    ctx: HostContext, engine_id: str, error: str, *, pid: int | None = None
+    ctx: HostContext,
+    engine_id: str,
+    error: str,
+    *,
+    pid: int | None = None,
+    failure: Failure | None = None,
+    events: Sequence[str] = (),
 ) -> EngineRecord | None:
     """FAILED for good (``EngineRecord.fail``): record why; the same atomic write
-    releases GPU memory and port (exactly once)."""
+    releases GPU memory and port (exactly once). ``failure``: the classified reason
+    (``app.core.failures``), else it is read from ``error`` itself; either way it is
+    the record's ``failure`` and a ``failed`` event, written with it (after ``events``,
+    encoded ``app.state.events.encode_event``s, e.g. the crash that led here)."""
+    failure = dataclasses.replace(failure or classify(None, error), at=time.time())
+
+    def apply(r: EngineRecord) -> None:
+        r.fail(error, pid=pid)
+        record_failure(r, failure)
+
+    event = encode_event("failed", failure.summary(), reason=failure.reason)
     try:
-        rec, result = ctx.registry.commit(engine_id, lambda r: r.fail(error, pid=pid))
+        rec, result = ctx.registry.commit(engine_id, apply, events=[*events, event])
     except (NotFoundError, IllegalTransition):
         return None
     if result.released:
@@ -222,16 +250,23 @@ def fail_final(
 # ----------------------------------------------------------------------------- stop
 
 
-def stop_engine(ctx: HostContext, engine_id: str) -> EngineRecord | None:
+def stop_engine(ctx: HostContext, engine_id: str, *, drained: bool = False) -> EngineRecord | None:
     """Graceful stop: SIGTERM the process tree, grace, SIGKILL; then STOPPED, with the
     reservation released in the same write. A kill that is refused (the process is not
     provably this engine's) keeps the engine STOPPING with its reservation, and says
-    why in ``last_error``."""
+    why in ``last_error``.
+
+    A DRAINING engine is handed to the drain watch (``workers.agent.drain``, a thread;
+    this returns at once) unless its deadline passed or it is ``drained``: the watch
+    calls back here when nothing is in flight any more."""
     with ctx.engine_lock(engine_id):
         rec = ctx.registry.find(engine_id)
         if rec is None:
             ctx.ledger.release(engine_id)
             return None
+        if rec.state is S.DRAINING and not drained and not rec.drain_over(time.time()):
+            drain.watch(ctx, engine_id, _drain_over)
+            return rec
         rec = ctx.registry.update(engine_id, EngineRecord.request_stop)
         if rec.state is S.STOPPED:
             ctx.manifests.remove(engine_id)
@@ -255,6 +290,23 @@ def stop_engine(ctx: HostContext, engine_id: str) -> EngineRecord | None:
                 ctx.registry.update(engine_id, lambda r: setattr(r, "last_error", message))
             return ctx.registry.find(engine_id)
         return finalize_stop(ctx, engine_id)
+
+
+def _drain_over(ctx: HostContext, engine_id: str, result: drain.DrainCheck) -> None:
+    """The drain watch's end: a timeout is said (events, log), then the normal stop."""
+    if result.outcome is drain.Outcome.TIMED_OUT:
+        waiting = f"{result.in_flight} request(s) still in flight"
+        if result.behind:
+            waiting += f", {result.behind} gateway process(es) not caught up"
+        message = f"drain timed out ({waiting}): stopping anyway"
+        note(ctx, engine_id, message)
+        with contextlib.suppress(Exception):
+            EngineEvents(ctx.registry.r).add(
+                engine_id, "drain_timeout", message, in_flight=result.in_flight
+            )
+    elif result.outcome is drain.Outcome.GONE:
+        note(ctx, engine_id, "its process exited while draining")
+    stop_engine(ctx, engine_id, drained=True)
 
 
 def finalize_stop(ctx: HostContext, engine_id: str) -> EngineRecord | None:

@@ -31,7 +31,7 @@ import psutil
 
 from app.core.engine_policy import ENGINE_HOST_ENV, ENGINE_OWNER_ENV
 from app.core.errors import NotFoundError, ReservationConflict
-from app.core.models import LIVE_STATES, EngineRecord, EngineState
+from app.core.models import LIVE_STATES, STOPPING_STATES, EngineRecord, EngineState
 from app.state.registry import RecordExists
 from workers.agent import lifecycle, supervise
 from workers.agent.context import HostContext
@@ -220,7 +220,7 @@ def _handle_gone(ctx: HostContext, found: dict[str, Found], report: RediscoveryR
             if cur.pid is not None and processes.is_alive(cur.pid, cur.process_create_time):
                 continue
             report.gone.append(cur.id)
-            if cur.state is S.STOPPING or cur.pid is None:
+            if cur.state in STOPPING_STATES or cur.pid is None:
                 lifecycle.finalize_stop(ctx, cur.id)
             else:
                 supervise.handle_dead(ctx, cur, "engine process gone (found by rediscovery)")

@@ -10,19 +10,24 @@ record under ``ctx.engine_lock`` and writes with one compare-and-set.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from pathlib import Path
 
 from app.core.errors import IllegalTransition, NotFoundError, ReservationConflict
+from app.core.failures import Reason, classify
 from app.core.health import Verdict
 from app.core.models import EngineRecord, EngineState
+from app.state.events import encode_event
+from workers.agent import remedy
 from workers.agent.context import HostContext
 from workers.agent.lifecycle import (
     fail_final,
     kill_process,
     note,
     process_alive,
+    record_failure,
     room_of,
     spawn_engine,
     stop_engine,
@@ -90,23 +95,90 @@ def _check_start_locked(ctx: HostContext, engine_id: str) -> str:
     return "waiting"
 
 
+def on_exit(ctx: HostContext, engine_id: str, pid: int) -> str:
+    """The exit watch saw process ``pid`` of an engine exit: take the dead-engine path
+    now (``handle_dead``; a STARTING engine through its readiness check) rather than at
+    the next health tick. Waits for an operation on the engine that runs now (a stop
+    that killed it, a restart), then acts on the record as it is: nothing when it no
+    longer runs ``pid``. Returns what it did."""
+    processes.reap_children()  # our child: its exit code, for handle_dead
+    with ctx.engine_lock(engine_id):
+        rec = ctx.registry.find(engine_id)
+        if rec is None or rec.host != ctx.host or rec.pid != pid:
+            return "not its process"
+        if process_alive(rec):
+            return "alive"
+        if rec.state is S.STARTING:
+            return _check_start_locked(ctx, engine_id)
+        if rec.state in (S.RUNNING, S.UNHEALTHY):
+            handle_dead(ctx, rec, "engine process exited")
+            return "dead"
+        return rec.state.value.lower()
+
+
 # ----------------------------------------------------------------------------- death
 
 
-def handle_dead(ctx: HostContext, rec: EngineRecord, reason: str) -> EngineRecord | None:
-    """The engine's leader process is gone: sweep what is left of its tree, then
-    schedule a restart with backoff, or fail for good.
+def handle_dead(
+    ctx: HostContext,
+    rec: EngineRecord,
+    reason: str,
+    *,
+    cause: Reason | None = None,
+    exit_code: int | None = None,
+) -> EngineRecord | None:
+    """The engine's leader process is gone: sweep what is left of its tree, classify
+    why it died (``app.core.failures``: the record's ``failure`` and a ``crashed``
+    event), then act on the reason:
+
+    * one a restart cannot fix (``model_not_found``, ``missing_runtime``): FAILED for
+      good at once, its room released;
+    * a memory reason at start: ``workers.agent.remedy`` (a shorter max length,
+      another GPU, bounded), or FAILED saying why;
+    * anything else: a restart with backoff, or FAILED when the budget is spent.
+
+    ``cause``: we ended it ourselves (``Reason.START_TIMEOUT``, ``Reason.UNRESPONSIVE``;
+    inferred from ``reason`` when not given). ``exit_code``: when the caller reaped it.
 
     The restart budget is given back to an engine that had been RUNNING for
     ``SAGELLM_RESTART_RESET_AFTER_S`` (a crash after weeks of service is not the third
     of a crash loop)."""
     if rec.pid is not None:
         processes.sweep_session(rec.pid, rec.process_create_time, ctx.settings.stop_grace_s)
-    code = processes.exit_code(rec.pid) if rec.pid is not None else None
+    code = exit_code
+    if code is None and rec.pid is not None:
+        code = processes.exit_code(rec.pid)
     tail = _tail(rec)
+    failure = dataclasses.replace(
+        classify(code, _tail(rec, CLASSIFY_LINES), cause=cause or _our_cause(reason)),
+        at=time.time(),
+    )
     error = reason + (f" (exit code {code})" if code is not None else "")
+    error += f"; {failure.summary()}"
     if tail:
         error += f"; last log lines:\n{tail}"
+    # The timeline's "crashed" event is written by the same atomic step as what is
+    # decided (restart pending, or FAILED), never as a write of its own.
+    crashed = encode_event(
+        "crashed",
+        f"{reason}: {failure.summary()}",
+        reason=failure.reason,
+        exit_code=code,
+        signal=failure.signal,
+    )
+    if not failure.restartable:
+        return fail_final(
+            ctx,
+            rec.id,
+            f"{error}; not restarted ({failure.reason}): {failure.advice}",
+            pid=rec.pid,
+            failure=failure,
+            events=[crashed],
+        )
+    if remedy.applies(ctx, rec, failure):
+        with contextlib.suppress(Exception):  # the timeline must not stop crash handling
+            ctx.registry.events.add_encoded(rec.id, crashed)
+        return remedy.remediate(ctx, rec, failure, error)
     now = time.time()
     stable = (
         rec.running_since is not None
@@ -115,19 +187,26 @@ def handle_dead(ctx: HostContext, rec: EngineRecord, reason: str) -> EngineRecor
     restarts = 0 if stable else rec.restart_count
     if not ctx.policy.can_restart(restarts):
         return fail_final(
-            ctx, rec.id, error + f"; gave up after {restarts} restart(s)", pid=rec.pid
+            ctx,
+            rec.id,
+            error + f"; gave up after {restarts} restart(s)",
+            pid=rec.pid,
+            failure=failure,
+            events=[crashed],
         )
     delay = ctx.policy.restart_delay(restarts)
-    try:
-        updated = ctx.registry.update(
-            rec.id,
-            lambda r: r.pend_restart(
-                error, pid=rec.pid, exit_code=code, restart_count=restarts, at=time.time() + delay
-            ),
+
+    def pend(r: EngineRecord) -> None:
+        r.pend_restart(
+            error, pid=rec.pid, exit_code=code, restart_count=restarts, at=time.time() + delay
         )
+        record_failure(r, failure)
+
+    try:
+        updated = ctx.registry.update(rec.id, pend, events=[crashed])
     except (NotFoundError, IllegalTransition):
         return None  # handled elsewhere
-    log.warning("engine %s died (%s); restart in %.1fs", rec.id, reason, delay)
+    log.warning("engine %s died (%s, %s); restart in %.1fs", rec.id, reason, failure.reason, delay)
     from app.state.queues import send_to_host
 
     send_to_host(
@@ -139,6 +218,17 @@ def handle_dead(ctx: HostContext, rec: EngineRecord, reason: str) -> EngineRecor
         countdown_s=delay,
     )
     return updated
+
+
+# Log lines read to classify a death: vLLM's root cause can sit a long traceback above
+# the last line (its engine core logs it, then the API server fails in turn).
+CLASSIFY_LINES = 200
+# What our own callers say when they killed the engine (when they pass no ``cause``).
+_OUR_KILLS = (("not ready within", Reason.START_TIMEOUT), ("unhealthy for", Reason.UNRESPONSIVE))
+
+
+def _our_cause(reason: str) -> Reason | None:
+    return next((cause for prefix, cause in _OUR_KILLS if reason.startswith(prefix)), None)
 
 
 # ----------------------------------------------------------------------------- health
@@ -158,12 +248,12 @@ def check_engine(ctx: HostContext, rec: EngineRecord, now: float) -> None:
     s = rec.state
     if s is S.PENDING:
         if now - rec.created_at > PENDING_GRACE_S:
-            spawn_engine(ctx, rec.id)  # its start task was lost or expired
+            ctx.track(spawn_engine(ctx, rec.id))  # its start task was lost or expired
     elif s is S.STARTING:
         check_start(ctx, rec.id)
     elif s in (S.FAILED, S.UNHEALTHY) and rec.restart_pending:
         if rec.restart_due(now):
-            spawn_engine(ctx, rec.id)
+            ctx.track(spawn_engine(ctx, rec.id))
     elif s in (S.RUNNING, S.UNHEALTHY):
         if not process_alive(rec):
             handle_dead(ctx, rec, "engine process exited")
@@ -176,6 +266,10 @@ def check_engine(ctx: HostContext, rec: EngineRecord, now: float) -> None:
             handle_dead(ctx, rec, f"unhealthy for {failures} checks in a row ({detail})")
             return
         _record_health(ctx, rec, verdict, failures, detail)
+    elif s is S.DRAINING:
+        # Its stop task was lost or its worker restarted: resume the drain watch (or stop
+        # it now, if the deadline passed).
+        stop_engine(ctx, rec.id)
     elif s is S.STOPPING:
         # No stop is running in this worker (check_host holds the engine's lock), so
         # the stop task was lost, expired while the host was down, or its worker died:
@@ -214,6 +308,7 @@ def check_host(ctx: HostContext) -> dict[str, int]:
             try:
                 current = ctx.registry.find(rec.id)  # as it is now that we hold it
                 if current is not None:
+                    ctx.track(current)  # one the watch missed is watched from now on
                     check_engine(ctx, current, now)
             except Exception:
                 log.exception("health check of %s failed", rec.id)

@@ -21,7 +21,9 @@ module table until ``reap_children`` (called by the health loop, by ``stop`` and
 ``exit_code``) collects it with ``waitpid(pid, WNOHANG)``, per pid: never
 ``waitpid(-1)``, which would steal the status of children that are not engines (Celery's
 pool processes, other subprocesses). Exit codes are kept by pid for ``exit_code``
-(negative = killed by that signal, as in ``subprocess``). Correctness never depends on
+(negative = killed by that signal, as in ``subprocess``). The worker's exit watch
+(``workers.agent.watch``) learns of an exit from ``open_exit_handle`` (a pidfd, which
+never reaps) and then calls ``reap_children``. Correctness never depends on
 reaping: ``is_alive`` counts a zombie as dead. When the spawning process exits, its
 engines are re-parented (to init or a subreaper), keep running and are reaped there;
 their exit codes are then unknown here (``exit_code`` returns None) and rediscovery
@@ -39,7 +41,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -84,7 +86,18 @@ class TaggedProcess:
     create_time: float
     cmdline: tuple[str, ...]
     session_leader: bool  # pid == session id: started by spawn, not an orphaned worker
-    ports: tuple[int, ...] = ()  # TCP ports it listens on
+
+    @property
+    def ports(self) -> tuple[int, ...]:
+        """TCP ports it listens on now (read when asked: a few ms per process, which
+        a scan for one engine's process should not pay for every engine)."""
+        try:
+            proc = psutil.Process(self.pid)
+            if not process_tree.same_process(proc, self.create_time):
+                return ()
+        except psutil.Error:
+            return ()
+        return _listening_ports(proc)
 
 
 _lock = threading.Lock()
@@ -202,6 +215,39 @@ def exit_code(pid: int) -> int | None:
     reap_children()
     with _lock:
         return _exit_codes.get(pid)
+
+
+def is_child(pid: int) -> bool:
+    """``pid`` is an engine this process spawned and has not reaped yet."""
+    with _lock:
+        return pid in _children
+
+
+# ---------------------------------------------------------------------------- exit watch
+
+
+def open_exit_handle(pid: int, create_time: float | None) -> int | None:
+    """A file descriptor that becomes readable when process ``pid`` exits (a pidfd:
+    Linux 5.3+), for ``select``/``poll``; the caller closes it. Works for any process,
+    our child or not, and never reaps (a child's exit code stays for
+    ``reap_children``). None when pidfds are not available here; ``ProcessLookupError``
+    when the process (the one started at ``create_time``, when given) is already gone.
+    """
+    pidfd_open = getattr(os, "pidfd_open", None)
+    if pidfd_open is None:
+        return None
+    try:
+        fd: int = pidfd_open(pid)
+    except ProcessLookupError:
+        raise
+    except OSError:  # ENOSYS (old kernel), EPERM (seccomp): watch by polling
+        return None
+    # The pid may have been handed to another process before we opened it: the fd is
+    # for the process that holds the pid now, so check that it is the one we mean.
+    if create_time is not None and not is_alive(pid, create_time):
+        os.close(fd)
+        raise ProcessLookupError(pid)
+    return fd
 
 
 # ---------------------------------------------------------------------------- checking
@@ -376,16 +422,19 @@ def find_tagged_processes() -> dict[str, TaggedProcess]:
     engine whose leader is known, ``engine_tree`` finds them. One scan of the process
     table."""
     tagged: dict[int, tuple[str, psutil.Process, dict[str, Any]]] = {}
-    for proc in psutil.process_iter(["pid", "ppid", "create_time", "cmdline", "status"]):
-        info = proc.info
+    for proc in _maybe_tagged():
+        try:
+            info = proc.as_dict(["pid", "ppid", "create_time", "cmdline", "status"])
+        except psutil.Error:
+            continue
         if info.get("status") == psutil.STATUS_ZOMBIE or proc.pid == os.getpid():
             continue
         tag = process_tree.tag_of(proc)
         if tag is not None:
             tagged[proc.pid] = (tag, proc, info)
 
-    best: dict[str, tuple[tuple[bool, float], TaggedProcess, psutil.Process]] = {}
-    for pid, (tag, proc, info) in tagged.items():
+    best: dict[str, tuple[tuple[bool, float], TaggedProcess]] = {}
+    for pid, (tag, _proc, info) in tagged.items():
         parent = tagged.get(int(info.get("ppid") or 0))
         if parent is not None and parent[0] == tag:
             continue  # not the top of its engine
@@ -403,11 +452,55 @@ def find_tagged_processes() -> dict[str, TaggedProcess]:
         )
         rank = (not leader, create_time)  # session leader first, then the oldest
         if tag not in best or rank < best[tag][0]:
-            best[tag] = (rank, found, proc)
+            best[tag] = (rank, found)
+    return {tag: found for tag, (_, found) in best.items()}
 
-    out: dict[str, TaggedProcess] = {}
-    for tag, (_, found, proc) in best.items():
-        out[tag] = replace(found, ports=_listening_ports(proc))
+
+_TAG = b"\0" + ENGINE_ID_ENV.encode() + b"="
+_SETTLE_S = 1.0  # as process_tree.tag_of: a younger process may still be exec'ing
+
+
+def _own_marks() -> list[bytes]:
+    """What the environment of a fork of this worker carries until it execs its engine
+    (this process's own host name and data directory settings)."""
+    return [
+        f"\0{name}={os.environ[name]}\0".encode()
+        for name in ("SAGELLM_HOST_NAME", "SAGELLM_DATA_DIR")
+        if name in os.environ
+    ]
+
+
+def _maybe_tagged() -> list[psutil.Process]:
+    """The processes whose tag ``find_tagged_processes`` must read: where ``/proc`` is
+    readable, those whose raw environment carries the tag, and young ones with this
+    worker's own environment (a fork of a worker of this host that has not exec'd its
+    engine yet, which ``tag_of`` waits for). Reading each environment raw is far
+    cheaper than psutil's full look at every process of a busy host, and no young
+    process that is not ours costs ``tag_of``'s settling wait. Elsewhere, every
+    process."""
+    try:
+        pids = [int(name) for name in os.listdir("/proc") if name.isdigit()]
+    except OSError:
+        return list(psutil.process_iter())
+    marks = _own_marks()
+    now = time.time()
+    out = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = b"\0" + f.read() + b"\0"
+        except OSError:  # gone, or another user's
+            continue
+        tagged = _TAG in env
+        if not tagged and not (marks and all(m in env for m in marks)):
+            continue
+        try:
+            proc = psutil.Process(pid)
+            if not tagged and now - proc.create_time() > _SETTLE_S:
+                continue  # a control-plane process of this host (a worker), settled
+        except psutil.Error:
+            continue
+        out.append(proc)
     return out
 
 

@@ -326,14 +326,14 @@ def serve(
     host: str,
     port: int,
     on_shutdown: Callable[[], bool] | None = None,
-) -> None:
-    """Serve ``app`` until SIGTERM or SIGINT, then stop accepting and return.
+) -> NoReturn:
+    """Serve ``app`` until SIGTERM or SIGINT, then stop accepting and exit (status 0).
 
     The accept loop runs on a thread so that the main thread is free to wait for the
     signal (``shutdown()`` deadlocks when called from the serving thread itself).
-    ``on_shutdown`` stops in-flight work and returns whether it finished in time; if
-    not, the process leaves with ``os._exit(0)`` rather than tear the interpreter down
-    under a thread that is still inside torch.
+    ``on_shutdown`` stops in-flight work and returns whether it finished in time; either
+    way the process then leaves with ``os._exit(0)`` rather than tear the interpreter
+    down under a thread that may still be inside torch.
     """
     server = make_server(host, port, app, threaded=True, request_handler=_RequestHandler)
     stop = threading.Event()
@@ -362,9 +362,15 @@ def serve(
     drained = on_shutdown() if on_shutdown is not None else True
     if not drained:
         log.warning("work still running after the grace period; exiting anyway")
-        logging.shutdown()
-        os._exit(0)
     log.info("stopped")
+    # Leave without tearing the interpreter down: a thread that has just finished its
+    # work can still be inside torch (its intra-op pool, a generation's last step), and
+    # C++ static destructors under it abort the process ("terminate called without an
+    # active exception", exit -6), which reads as a crash to whoever stopped us.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_server(

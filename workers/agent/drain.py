@@ -1,0 +1,157 @@
+"""The drain of a DRAINING engine, watched by its host's worker in a thread.
+
+A stop that drains (``EngineRecord.start_drain``, written by the API) takes the engine
+out of the gateway's rotation at once; the requests already sent to it must finish
+before it is signalled. The stop task hands the engine to ``watch`` and returns (tasks
+stay short: no Celery task waits for a drain); a thread of the worker then checks every
+``POLL_S`` until the drain is over and calls back the stop (``workers.agent.lifecycle``)
+with the outcome:
+
+* ``drained``: every gateway process reports that it knows of the drain
+  (``InFlightBoard.drain_view``: its published ``fresh`` is past the drain's start, so
+  it sends the engine nothing new) and none has a request in flight to it, and the
+  engine itself, when it says so (vLLM's ``/metrics``), has none running or waiting;
+* ``timed_out``: the drain deadline passed first (the stop goes on anyway);
+* ``gone``: its process exited (nothing left to drain).
+
+The watch ends without calling back when the engine is no longer DRAINING (a stop
+without drain took over, or it went LOST). A worker that dies forgets its watches: the
+health loop, and a stop task delivered again, hand the engine back (``watch`` is
+idempotent per engine).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from app.core.models import EngineRecord, EngineState
+from app.state.inflight import InFlightBoard
+from workers.agent.context import HostContext
+from workers.host import processes
+
+log = logging.getLogger(__name__)
+POLL_S = 0.05
+# vLLM's Prometheus gauges of requests it holds (the stand-ins have no /metrics).
+ENGINE_BUSY_METRICS = ("vllm:num_requests_running", "vllm:num_requests_waiting")
+
+
+class Outcome(enum.StrEnum):
+    DRAINED = "drained"
+    TIMED_OUT = "timed_out"
+    GONE = "gone"
+
+
+@dataclass(frozen=True)
+class DrainCheck:
+    """One look at a drain: its outcome (None: go on) and what was still in flight."""
+
+    outcome: Outcome | None
+    in_flight: int = 0
+    behind: int = 0  # gateway processes that may not know of the drain yet
+
+
+Then = Callable[[HostContext, str, DrainCheck], object]
+Runner = Callable[[Callable[[], None], str], None]
+
+
+def engine_busy(ctx: HostContext, rec: EngineRecord) -> int:
+    """Requests the engine itself says it holds (vLLM's /metrics); 0 when it does not
+    say (no such endpoint, no answer): the gateway's count is the rule, this a check."""
+    if rec.base_url is None:
+        return 0
+    try:
+        resp = ctx.http.get(f"{rec.base_url}/metrics", timeout=ctx.settings.health_timeout_s)
+    except Exception:
+        return 0
+    if resp.status_code != 200:
+        return 0
+    busy = 0.0
+    for line in resp.text.splitlines():
+        if line.startswith(ENGINE_BUSY_METRICS):
+            try:
+                busy += float(line.rsplit(" ", 1)[1])
+            except (IndexError, ValueError):
+                continue
+    return int(busy)
+
+
+def check(ctx: HostContext, rec: EngineRecord, board: InFlightBoard, now: float) -> DrainCheck:
+    """Whether the drain of ``rec`` (DRAINING) is over, and why."""
+    if rec.pid is None or not processes.is_alive(rec.pid, rec.process_create_time):
+        return DrainCheck(Outcome.GONE)
+    in_flight, behind = board.drain_view(rec.id, since=rec.state_changed_at)
+    if in_flight == 0 and behind == 0:
+        in_flight = engine_busy(ctx, rec)
+        if in_flight == 0:
+            return DrainCheck(Outcome.DRAINED)
+    if rec.drain_deadline is None or now >= rec.drain_deadline:
+        return DrainCheck(Outcome.TIMED_OUT, in_flight, behind)
+    return DrainCheck(None, in_flight, behind)
+
+
+def _in_thread(run: Callable[[], None], name: str) -> None:
+    threading.Thread(target=run, daemon=True, name=name).start()
+
+
+_runner: Runner = _in_thread
+_watching: set[str] = set()
+_abandoned: set[int] = set()  # id() of contexts whose worker is gone (tests)
+_guard = threading.Lock()
+
+
+def set_runner(runner: Runner | None) -> None:
+    """How watches run: a daemon thread each (None, the default), or ``runner`` (tests
+    that drive a host step by step run them inline)."""
+    global _runner
+    _runner = runner or _in_thread
+
+
+def abandon(ctx: HostContext) -> None:
+    """The worker of ``ctx`` is gone (tests that replace it in-process): its watches
+    end without acting, as they would have with it."""
+    _abandoned.add(id(ctx))
+
+
+def watch(ctx: HostContext, engine_id: str, then: Then) -> bool:
+    """Watch the drain of ``engine_id`` until it is over, then call ``then(ctx,
+    engine_id, check)``; False when it is watched already in this process."""
+    with _guard:
+        if engine_id in _watching:
+            return False
+        _watching.add(engine_id)
+    try:
+        _runner(lambda: _watch(ctx, engine_id, then), f"drain-{engine_id}")
+    except BaseException:
+        with _guard:
+            _watching.discard(engine_id)
+        raise
+    return True
+
+
+def _watch(ctx: HostContext, engine_id: str, then: Then) -> None:
+    board = InFlightBoard(ctx.registry.r)
+    try:
+        while id(ctx) not in _abandoned:
+            try:
+                rec = ctx.registry.find(engine_id)
+                if rec is None or rec.state is not EngineState.DRAINING:
+                    return  # stopped without drain, gone, or LOST: not ours to finish
+                result = check(ctx, rec, board, time.time())
+            except Exception:  # Redis away for a moment: look again
+                log.exception("drain of engine %s: check failed", engine_id)
+                time.sleep(1.0)
+                continue
+            if result.outcome is not None:
+                then(ctx, engine_id, result)
+                return
+            time.sleep(POLL_S)
+    except Exception:
+        log.exception("drain of engine %s failed; the health loop takes it up", engine_id)
+    finally:
+        with _guard:
+            _watching.discard(engine_id)
