@@ -34,6 +34,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.procs import stop_process
+
 # Targets from the issue: what the gateway should add and keep.
 TARGET_ADDED_P50_MS = 2.0
 TARGET_SHARE_PCT = 90.0
@@ -344,17 +346,6 @@ def _wait_http(url: str, timeout_s: float, proc: subprocess.Popen[bytes] | None 
     raise RuntimeError(f"{url} did not answer 200 within {timeout_s:g}s (last: {last})")
 
 
-def _stop(proc: subprocess.Popen[bytes] | None) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 def _free_port() -> int:
     from app.dev.redis_server import free_port
 
@@ -525,7 +516,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     _progress(cell)
     finally:
         for proc in reversed(procs):
-            _stop(proc)
+            stop_process(proc)
         if redis is not None:
             redis.stop()
         if args.keep_logs:

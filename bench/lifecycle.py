@@ -42,6 +42,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.procs import stop_process
+
 HOST = "127.0.0.1"
 REPO = Path(__file__).resolve().parent.parent
 FAKES = REPO / "tests" / "fakes"
@@ -109,17 +111,6 @@ def _env(tmp: Path, redis_url: str, startup_delay: float) -> dict[str, str]:
 def _start(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     with log.open("ab") as out:
         return subprocess.Popen(argv, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
-
-
-def _stop(proc: subprocess.Popen[bytes] | None) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def _wait(fn: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.05) -> Any:
@@ -415,7 +406,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         }
     finally:
         for proc in reversed(procs):
-            _stop(proc)
+            stop_process(proc)
         _kill_leftover_engines(tmp)
         if redis is not None:
             redis.stop()
