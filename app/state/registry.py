@@ -26,7 +26,6 @@ import redis
 
 from app.core.errors import NotFoundError
 from app.core.models import EngineRecord, EngineState, HostRecord
-from app.core.spec import EngineKind
 from app.state import keys
 from app.state.client import as_text
 from app.state.events import EngineEvents, encode_event
@@ -38,7 +37,7 @@ from app.state.ledger import (
     ReserveRequest,
     StaleRecord,
 )
-from app.state.snapshot import DocumentCache, EngineDocument, Snapshot
+from app.state.snapshot import DocumentCache, EngineDocument, Snapshot, stored_record_matches
 
 Mutate = Callable[[EngineRecord], None]
 # A reservation to take in the same write: a request, or one made from the new record.
@@ -136,16 +135,8 @@ class Registry:
                 continue
             d = json.loads(raw)
             # Filter on the stored fields: only the records kept are built.
-            if wanted is not None and d.get("state") not in wanted:
-                continue
-            if host is not None and d.get("host") != host:
-                continue
-            spec = d.get("spec") or {}
-            if kind is not None and spec.get("kind", EngineKind.LLM.value) != kind:
-                continue
-            if label is not None and spec.get("label") != label:
-                continue
-            out.append(EngineRecord.from_dict(d))
+            if stored_record_matches(d, wanted, host, kind, label):
+                out.append(EngineRecord.from_dict(d))
         return sorted(out, key=lambda r: (r.created_at, r.id))
 
     def engine_documents(

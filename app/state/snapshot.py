@@ -99,14 +99,25 @@ class EngineDocument:
         label: str | None = None,
     ) -> bool:
         """Whether the record passes the list filters (``None``: any)."""
-        d = self.doc
-        spec = d.get("spec") or {}
-        return (
-            (states is None or d.get("state") in states)
-            and (host is None or d.get("host") == host)
-            and (kind is None or spec.get("kind", EngineKind.LLM.value) == kind)
-            and (label is None or spec.get("label") == label)
-        )
+        return stored_record_matches(self.doc, states, host, kind, label)
+
+
+def stored_record_matches(
+    d: dict[str, Any],
+    states: set[str] | None = None,
+    host: str | None = None,
+    kind: str | None = None,
+    label: str | None = None,
+) -> bool:
+    """Whether a stored (decoded, not yet built) record passes the engine list filters
+    (``None``: any): the one filter of ``Registry.engines`` and the status views."""
+    spec = d.get("spec") or {}
+    return (
+        (states is None or d.get("state") in states)
+        and (host is None or d.get("host") == host)
+        and (kind is None or spec.get("kind", EngineKind.LLM.value) == kind)
+        and (label is None or spec.get("label") == label)
+    )
 
 
 class DocumentCache:
@@ -197,4 +208,4 @@ class Snapshot:
         return out
 
 
-__all__ = ["DocumentCache", "EngineDocument", "Snapshot"]
+__all__ = ["DocumentCache", "EngineDocument", "Snapshot", "stored_record_matches"]
