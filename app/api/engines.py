@@ -23,7 +23,7 @@ from app.api.schemas import (
     PrunedSchema,
     WaitArgsSchema,
 )
-from app.core.errors import SagellmError
+from app.core.errors import NotFoundError, SagellmError, StateLostError
 from app.core.models import EngineState
 from app.core.spec import EngineSpec
 from app.services import engines as control
@@ -95,7 +95,13 @@ class Engines(MethodView):
         spec: EngineSpec = start["spec"]  # read by the one schema (app.core.spec)
         rec = control.start_engine(c, spec, policy=start["policy"])  # admits it first
         if wait["wait"]:
-            rec = control.wait_until_settled(c, rec.id, wait["timeout"])
+            try:
+                rec = control.wait_until_settled(c, rec.id, wait["timeout"])
+            except NotFoundError:  # only a lost state store removes a starting record
+                raise StateLostError(
+                    f"engine {rec.id}: the state store lost its record while it was "
+                    "starting (Redis was flushed or restarted); retry the request"
+                ) from None
             if rec.state is S.FAILED:
                 raise EngineStartFailed(f"engine {rec.id} FAILED: {rec.last_error}")
             if rec.state is S.RUNNING:

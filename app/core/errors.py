@@ -76,3 +76,10 @@ class NoWorkerError(SagellmError):
     """No host worker is alive to do the work."""
 
     status_code = 503
+
+
+class StateLostError(SagellmError):
+    """The state store lost a record while a request was using it (Redis was flushed
+    or restarted without its data); the request can be sent again."""
+
+    status_code = 503

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from celery import Celery
 
 from app.core.allocation import Allocation, plan
-from app.core.errors import IllegalTransition, NoWorkerError
+from app.core.errors import IllegalTransition, NotFoundError, NoWorkerError, StateLostError
 from app.core.models import STOPPING_STATES, EngineRecord, EngineState
 from app.core.spec import EngineSpec
 from app.services.admission import admit
@@ -120,7 +120,15 @@ def launch_engine(cluster: Cluster, rec: EngineRecord) -> EngineRecord:
         (rec.id,),
         expires_s=START_TASK_EXPIRES_S,
     )
-    return cluster.registry.update(rec.id, lambda r: setattr(r, "task_id", task_id))
+    try:
+        return cluster.registry.update(rec.id, lambda r: setattr(r, "task_id", task_id))
+    except NotFoundError:
+        # Redis lost the record (FLUSHALL, a restart without persistence) after the
+        # reservation: the queued task finds no record and starts nothing.
+        raise StateLostError(
+            f"engine {rec.id}: the state store lost its record while it was being started "
+            "(Redis was flushed or restarted); nothing was started, retry the request"
+        ) from None
 
 
 def discard_engine(cluster: Cluster, engine_id: str) -> None:

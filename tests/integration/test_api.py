@@ -255,3 +255,32 @@ def test_a_direct_start_runs_the_runtimes_argv_check_before_anything_is_reserved
     assert _ledger(api).is_empty()
     assert api.get(E).json == []
     assert real_redis.llen("host.a") == 0
+
+
+def test_start_waiting_for_an_engine_whose_record_redis_lost_is_503_not_404(
+    api: FlaskClient, real_redis: redis.Redis
+) -> None:
+    """FLUSHALL while ``POST /engines?wait=true`` waits: the engine it created is gone.
+    The answer says the state store lost it (503, retry), not 404 about its own id."""
+    import threading
+
+    add_host(real_redis, "a", "1x80")
+
+    def flush_once_queued() -> None:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not real_redis.llen("host.a"):
+            time.sleep(0.01)
+        time.sleep(0.2)
+        real_redis.flushall()
+
+    flusher = threading.Thread(target=flush_once_queued)
+    flusher.start()
+    r = api.post(
+        E,
+        json={"model": "Qwen/Qwen2.5-7B-Instruct", "required_memory_gb": 20},
+        query_string={"wait": "true", "timeout": 20},
+    )
+    flusher.join()
+    assert r.status_code == 503, r.json
+    message = r.json["message"]  # type: ignore[index]
+    assert "lost its record" in message and "retry" in message, message

@@ -31,7 +31,7 @@ import pytest
 import redis
 
 from app.core.engine_policy import ENGINE_ID_ENV
-from app.core.errors import ReservationConflict
+from app.core.errors import ReservationConflict, SagellmError
 from app.core.models import EngineRecord, EngineState, GpuInfo, GpuProcess
 from app.core.spec import EngineSpec
 from app.services import engines as control
@@ -759,3 +759,28 @@ def test_a_drain_whose_stop_task_was_lost_is_finished_by_the_health_loop(env: En
     assert gone(rec.pid, rec.process_create_time) and not trees(rec.id)
     assert env.ledger.reservation(rec.id) is None
     invariants(env)
+
+
+def test_start_whose_record_is_flushed_before_its_task_id_is_written_answers_503_and_starts_nothing(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CI (storm): Redis got FLUSHALL between the reservation and the task-id write, and
+    POST /engines answered 404 "engine 'eng-…' not found" about the engine it had just
+    created. The start must say that the state store lost the record, as a 503 a client
+    can retry, and the queued task must start nothing."""
+    sent = env.queue.send_task
+
+    def flush_then_send(*args: Any, **kwargs: Any) -> Any:
+        env.client.flushall()
+        return sent(*args, **kwargs)
+
+    monkeypatch.setattr(env.queue, "send_task", flush_then_send)
+    with pytest.raises(SagellmError) as caught:
+        control.start_engine(env.cluster, spec(8))
+    assert caught.value.status_code == 503
+    message = caught.value.message
+    assert "lost" in message and "retry" in message, message
+    [task] = env.queue.sent
+    deliver(env.ctx, task)
+    assert env.registry.engines() == []
+    assert [eid for eid, _ in tagged_processes().values() if eid] == []

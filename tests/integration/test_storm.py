@@ -81,6 +81,7 @@ REASONS = [
     ("could not reserve room", "reservation conflicts"),
     ("tensor_parallel", "too few GPUs on any host"),
     ("no room for", "no room"),
+    ("state store lost its record", "record lost to FLUSHALL"),
     ("host", "host (other)"),
 ]
 
