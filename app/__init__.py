@@ -92,6 +92,9 @@ def create_app(
         body = render(flask_app.extensions["sagellm"])
         return Response(body, mimetype="text/plain; version=0.0.4; charset=utf-8")
 
+    from app.ui import install as install_dashboard
+
+    install_dashboard(flask_app)  # /ui/ (and / redirects there); its data needs the token
     _install_gateway(flask_app, settings)
     _install_auth(flask_app, settings)
     from app.api.auth import HostGuard
@@ -148,6 +151,16 @@ def _install_gateway(flask_app: Flask, settings: Settings) -> None:
     )
     flask_app.extensions["sagellm.gateway"] = gateway
     gateway.in_flight.start_publishing(cluster.in_flight)
+    # On-demand engines: the first request starts one; each request is timed for idle stops.
+    from app.gateway.cold import ColdStarter
+    from app.services.on_demand import wake_engine
+
+    gateway.cold = ColdStarter(
+        wake=lambda engine_id: wake_engine(cluster, engine_id),
+        wait=cluster.registry.wait,
+        timeout_s=settings.cold_start_timeout_s,
+    )
+    gateway.clock.start_publishing(cluster.registry.r)
     flask_app.extensions["sagellm.in_flight"] = lambda: cluster.in_flight.total(gateway.in_flight)
     flask_app.register_blueprint(bp)
     from app.gateway.proxy import GatewayProxy
@@ -166,6 +179,7 @@ def _install_auth(flask_app: Flask, settings: Settings) -> None:
 
     from app.api.auth import gateway_tokens, token_allowed
     from app.gateway.routes import openai_error
+    from app.ui.access import needs_admin_token as dashboard_data
 
     admin = settings.admin_token
     gateway = gateway_tokens(settings.api_keys, admin)
@@ -175,7 +189,11 @@ def _install_auth(flask_app: Flask, settings: Settings) -> None:
     def _check() -> Any:
         path = request.path
         auth = request.headers.get("Authorization", "")
-        if path.startswith("/v1/management") or (metrics_need_admin and path == "/metrics"):
+        if (
+            path.startswith("/v1/management")
+            or dashboard_data(path, request.endpoint)  # /ui/data/...: all but page shells
+            or (metrics_need_admin and path == "/metrics")
+        ):
             if admin and not token_allowed(auth, (admin,)):
                 return (
                     {

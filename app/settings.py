@@ -74,6 +74,20 @@ SETTINGS_DOC: dict[str, tuple[str, str]] = {
         "Automatic fixes of an engine that failed to start for lack of GPU memory (a "
         "shorter --max-model-len, another GPU); 0 = off.",
     ),
+    "SAGELLM_COLD_START_TIMEOUT_S": (
+        "600",
+        "A gateway request for a STANDBY (on-demand) model waits this long for its engine "
+        "to start.",
+    ),
+    "SAGELLM_IDLE_CHECK_S": (
+        "1",
+        "How often a host's worker checks its engines' idle timeouts.",
+    ),
+    "SAGELLM_EVICTION": (
+        "1",
+        "1: a start that finds no room drains idle on-demand engines back to STANDBY to "
+        "make it; 0: never evict.",
+    ),
     "SAGELLM_REDISCOVERY_INTERVAL_S": ("30", "How often workers re-adopt/reconcile processes."),
     "SAGELLM_PRUNE_AFTER_S": ("86400", "STOPPED/FAILED records older than this are pruned."),
     "SAGELLM_WORKER_CONCURRENCY": ("8", "Threads of a host worker."),
@@ -195,6 +209,9 @@ class Settings:
     stop_grace_s: float = 20.0
     drain_timeout_s: float = 30.0
     remediation_attempts: int = 2
+    cold_start_timeout_s: float = 600.0
+    idle_check_s: float = 1.0
+    eviction: bool = True
     rediscovery_interval_s: float = 30.0
     prune_after_s: float = 86400.0
     worker_concurrency: int = 8
@@ -291,6 +308,9 @@ class Settings:
             stop_grace_s=_float(env, "SAGELLM_STOP_GRACE_S", 0.0),
             drain_timeout_s=_float(env, "SAGELLM_DRAIN_TIMEOUT_S", 0.0),
             remediation_attempts=_int(env, "SAGELLM_REMEDIATION_ATTEMPTS", 0),
+            cold_start_timeout_s=_float(env, "SAGELLM_COLD_START_TIMEOUT_S", 1.0),
+            idle_check_s=_float(env, "SAGELLM_IDLE_CHECK_S", 0.05),
+            eviction=_bool(env, "SAGELLM_EVICTION"),
             rediscovery_interval_s=_float(env, "SAGELLM_REDISCOVERY_INTERVAL_S", 0.5),
             prune_after_s=_float(env, "SAGELLM_PRUNE_AFTER_S", 0.0),
             worker_concurrency=_int(env, "SAGELLM_WORKER_CONCURRENCY", 1),

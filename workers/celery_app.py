@@ -59,6 +59,8 @@ def make_celery(settings: Settings) -> Celery:
             "health-fanout": every("sagellm.tick_health", "health"),
             "rediscovery-fanout": every("sagellm.tick_rediscovery", "rediscovery"),
             "prune": every("sagellm.prune", "prune"),
+            # external engines (registered endpoints): any one worker probes them all
+            "external-probe": every("sagellm.probe_external", "health"),
         },
     )
     return app

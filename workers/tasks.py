@@ -1,7 +1,8 @@
 """Celery tasks: thin, idempotent entry points that call ordinary functions.
 
 Host tasks run on ``host.<name>`` and act only when the message is for this host.
-Control tasks (beat's fan-outs, pruning) run on the ``control`` queue, on any worker.
+Control tasks (beat's fan-outs, pruning, the probe of external engines) run on the
+``control`` queue, on any worker.
 Tasks are shared (registered on the process's app, ``workers.celery_app.worker_app``,
 when it is finalised) and named by string; senders use the names, never this module.
 """
@@ -16,7 +17,7 @@ from celery import shared_task
 
 from app.core.models import EngineRecord, EngineState
 from app.state.queues import send_to_host
-from workers.agent import lifecycle, supervise
+from workers.agent import external_probe, lifecycle, supervise
 from workers.agent.context import HostContext, host_context
 from workers.agent.reconcile import rediscover
 
@@ -142,6 +143,20 @@ def tick_health() -> list[str]:
 @shared_task(name="sagellm.tick_rediscovery")
 def tick_rediscovery() -> list[str]:
     return _fan_out("sagellm.rediscover", host_context().settings.rediscovery_interval_s)
+
+
+@shared_task(name="sagellm.probe_external")
+def probe_external(engine_id: str | None = None) -> dict[str, str]:
+    """Probe the external engines (beat, every health interval), or the one just
+    registered: RUNNING or UNHEALTHY (``workers.agent.external_probe``)."""
+    ctx = host_context()
+    return external_probe.probe_external_engines(
+        ctx.registry,
+        external_probe.client(),
+        ctx.policy,
+        timeout_s=ctx.settings.health_timeout_s,
+        engine_id=engine_id,
+    )
 
 
 @shared_task(name="sagellm.prune")

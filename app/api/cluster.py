@@ -1,8 +1,10 @@
 """/v1/management: status, gpus, hosts, backends, tasks.
 
 The status views read the cluster with ``Registry.snapshot``: one Redis round trip
-(one atomic read-only script) whatever the number of engines, and records sent as Redis
-stores them (``app.api.documents``). Each view's docstring states its cost per engine.
+(one atomic script) whatever the number of engines, which brings only the records
+written since this process last read them (``app.state.snapshot``); records are sent as
+Redis stores them, and what a view encodes from an unchanged read is sent again as it
+is (``app.api.documents``). Each view's docstring states its cost per engine.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from app.api.context import cluster
 from app.api.schemas import EngineSchema, TaskSchema
 from app.core import status as views
 from app.core.models import GpuCapacity, HostRecord
+from app.state.ledger import Reservation
 
 blp = Blueprint(
     "cluster",
@@ -101,6 +104,31 @@ def in_flight_counts() -> dict[str, int]:
     return dict(counter()) if callable(counter) else {}
 
 
+def _reservation_rows(held: list[Reservation]) -> list[dict[str, Any]]:
+    return [
+        {
+            "engine_id": res.engine_id,
+            "host": res.host,
+            "port": res.port,
+            "gpus": [{"uuid": u, "memory_mib": m} for u, m in res.gpus],
+        }
+        for res in held
+    ]
+
+
+# Encoded once per change: a status read returns the same list objects until a record
+# or a reservation in them was written (``app.state.snapshot``).
+_engines_json = documents.EncodedOnce(documents.joined)
+_counts_json = documents.EncodedOnce(
+    lambda docs: documents.encode(views.state_counts(d.state for d in docs))
+)
+_reservations_json = documents.EncodedOnce(lambda held: documents.encode(_reservation_rows(held)))
+_gpus_json = documents.EncodedOnce(lambda hosts, caps: documents.encode(_gpus(hosts, caps)))
+_backends_json = documents.EncodedOnce(
+    lambda docs, counts: documents.encode(views.backend_rows((d.doc for d in docs), dict(counts)))
+)
+
+
 @blp.route("/status")
 class Status(MethodView):
     @blp.response(200, StatusSchema)
@@ -108,26 +136,20 @@ class Status(MethodView):
         """Hosts (up/down, heartbeat age), GPUs, engines and reservations.
 
         Cost: one Redis round trip (one atomic script) whatever the size of the
-        cluster; per engine, the bytes of its record and of its reservation (a record
-        is decoded only when it changed since the last read), one pass for the
-        counts; per GPU, one row."""
+        cluster. Per engine: the bytes of its id; and only for the records written
+        since this API process last read them, the bytes of the record and one decode;
+        the engines, their counts and the reservations are encoded again only when one
+        of them changed. Per host and GPU, one row."""
         snap = cluster().registry.snapshot(capacity=True, reservations=True)
-        reservations = [
-            {
-                "engine_id": res.engine_id,
-                "host": res.host,
-                "port": res.port,
-                "gpus": [{"uuid": u, "memory_mib": m} for u, m in res.gpus],
-            }
-            for res in snap.reservations
-        ]
-        body = {
-            "hosts": views.host_rows(snap.hosts),
-            "gpus": _gpus(snap.hosts, snap.capacity),
-            "reservations": reservations,
-            "counts": views.state_counts(d.state for d in snap.engines),
-        }
-        return documents.with_engines(body, snap.engines)
+        return documents.json_object(
+            [
+                ("engines", _engines_json(snap.engines)),
+                ("hosts", documents.encode(views.host_rows(snap.hosts))),
+                ("gpus", _gpus_json(snap.hosts, snap.capacity)),
+                ("reservations", _reservations_json(snap.reservations)),
+                ("counts", _counts_json(snap.engines)),
+            ]
+        )
 
 
 @blp.route("/gpus")
@@ -136,9 +158,10 @@ class Gpus(MethodView):
     def get(self) -> Response:
         """Every GPU: total, held by outside processes, reserved, available.
 
-        Cost: one Redis round trip; nothing per engine; per GPU, one row."""
+        Cost: one Redis round trip; nothing per engine; per GPU, one row, built again
+        only when a heartbeat or a reservation changed what it shows."""
         snap = cluster().registry.snapshot(engines=False, capacity=True)
-        return documents.plain(_gpus(snap.hosts, snap.capacity))
+        return documents.json_response(_gpus_json(snap.hosts, snap.capacity))
 
 
 @blp.route("/hosts")
@@ -175,11 +198,14 @@ class Backends(MethodView):
     def get(self) -> Response:
         """Engines the gateway can route to, by kind, with in-flight request counts.
 
-        Cost: one Redis round trip; per engine, the bytes of its record (decoded only
-        when it changed since the last read); one row per routable engine."""
+        Cost: the status read (one Redis round trip; per engine the bytes of its id,
+        and of its record only when it was written since this process last read it)
+        and the gateways' in-flight counts (a SCAN that steps over every key, a few per
+        engine, a thousand per round trip); the rows are built again only when a
+        record or a count changed."""
         snap = cluster().registry.snapshot()
-        docs = (d.doc for d in snap.engines)
-        return documents.plain(views.backend_rows(docs, in_flight_counts()))
+        counts = tuple(sorted(in_flight_counts().items()))
+        return documents.json_response(_backends_json(snap.engines, counts))
 
 
 @blp.route("/tasks/<task_id>")

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections import Counter as Tally
 from collections.abc import Iterator
 from typing import Any
@@ -146,6 +147,42 @@ class ClusterCollector(Collector):
         yield count
         yield secs
         yield fails
+        yield from _on_demand(c)
+
+
+def _on_demand(c: Any) -> Iterator[Any]:
+    """Cold starts, idle stops, evictions and the cold-start duration histogram."""
+    from prometheus_client.core import HistogramMetricFamily
+
+    from app.core.models import EngineState
+    from app.state.request_clock import COLD_START_BUCKETS, OnDemandCounters
+
+    counts = OnDemandCounters(c.registry.r).read()
+    for name, doc in (
+        ("cold_starts", "Engines started by a gateway request for a STANDBY model"),
+        ("idle_stops", "Engines stopped after their idle timeout"),
+        ("evictions", "Idle on-demand engines drained back to STANDBY to make room"),
+    ):
+        fam = CounterMetricFamily(f"sagellm_{name}", doc)
+        fam.add_metric([], counts.get(name, 0.0))
+        yield fam
+    buckets = [(f"{b:g}", counts.get(f"cold_start_le_{b:g}", 0.0)) for b in COLD_START_BUCKETS]
+    buckets.append(("+Inf", counts.get("cold_start_count", 0.0)))
+    hist = HistogramMetricFamily(
+        "sagellm_cold_start_seconds", "Seconds from a cold start's wake to RUNNING"
+    )
+    hist.add_metric([], buckets, sum_value=counts.get("cold_start_sum", 0.0))
+    yield hist
+    countdown = GaugeMetricFamily(
+        "sagellm_engine_idle_stop_seconds",
+        "Seconds until a RUNNING engine with an idle timeout is stopped for idleness",
+        labels=["engine", "model"],
+    )
+    now = time.time()
+    for rec in c.registry.engines(state=EngineState.RUNNING):
+        if rec.idle_stops_at is not None:
+            countdown.add_metric([rec.id, rec.spec.name], max(0.0, rec.idle_stops_at - now))
+    yield countdown
 
 
 def render(cluster: Any) -> bytes:

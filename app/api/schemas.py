@@ -7,6 +7,7 @@ from typing import Any
 import marshmallow as ma
 from marshmallow import fields, validate
 
+from app.core.external import API_KEY_MAX, BASE_URL_MAX
 from app.core.models import EngineState
 from app.core.placement import POLICIES
 from app.core.spec import KINDS, NAME_RE, EngineSpecSchema
@@ -31,6 +32,37 @@ class EngineCreateSchema(EngineSpecSchema):
         return {"spec": super().make_spec(data, **kw), "policy": policy}
 
 
+class EngineRegisterSchema(ma.Schema):
+    """An external engine: an OpenAI-compatible endpoint sagellm did not start
+    (``app.core.external``)."""
+
+    base_url = fields.String(
+        required=True,
+        validate=validate.Length(1, BASE_URL_MAX),
+        metadata={
+            "description": "http(s)://host[:port][/prefix], with or without a trailing /v1 "
+            "(stored without it: the gateway appends /v1/chat/completions, /v1/embeddings). "
+            "No credentials, query or fragment: pass the key as api_key."
+        },
+    )
+    served_model_name = fields.String(
+        required=True,
+        validate=_NAME,
+        metadata={"description": "The model name the endpoint serves (its /v1/models lists it)"},
+    )
+    kind = fields.String(load_default="llm", validate=validate.OneOf(KINDS))
+    api_key = fields.String(
+        load_default=None,
+        allow_none=True,
+        load_only=True,
+        validate=validate.Length(1, API_KEY_MAX),
+        metadata={
+            "description": "Sent to this endpoint only, as 'Authorization: Bearer <key>'. "
+            "Kept apart from the record, never answered: records show api_key_set."
+        },
+    )
+
+
 class WaitArgsSchema(ma.Schema):
     wait = fields.Boolean(
         load_default=False, metadata={"description": "Answer when RUNNING or FAILED"}
@@ -38,11 +70,65 @@ class WaitArgsSchema(ma.Schema):
     timeout = fields.Float(load_default=600.0, validate=validate.Range(0, 3600))
 
 
-class EngineListArgsSchema(ma.Schema):
+# A long-poll answers at the latest after this long: proxies cut idle requests near 60 s.
+LONG_POLL_MAX_S = 55.0
+LONG_POLL_DEFAULT_S = 30.0
+SEQ_HEADER = "X-Sagellm-Seq"  # the write number a list of records is as of
+SEQ_HEADER_DOC = {
+    SEQ_HEADER: {
+        "description": "The write number this list is as of: give it as changed_after "
+        "to wait for the next change",
+        "schema": {"type": "integer"},
+    }
+}
+
+
+def _long_poll_timeout(what: str) -> fields.Float:
+    return fields.Float(
+        validate=validate.Range(0, LONG_POLL_MAX_S),
+        metadata={
+            "description": f"Seconds to wait for a change (with {what}; default "
+            f"{LONG_POLL_DEFAULT_S:g}, at most {LONG_POLL_MAX_S:g})"
+        },
+    )
+
+
+class _LongPoll(ma.Schema):
+    _version_field = ""
+
+    @ma.validates_schema
+    def _timeout_needs_a_version(self, data: dict[str, Any], **_: Any) -> None:
+        if "timeout" in data and self._version_field not in data:
+            raise ma.ValidationError(f"only with {self._version_field}", field_name="timeout")
+
+
+class EngineListArgsSchema(_LongPoll):
+    _version_field = "changed_after"
+
     state = fields.String(validate=validate.OneOf(STATES))
     host = fields.String(validate=_NAME)
     kind = fields.String(validate=validate.OneOf(KINDS))
     label = fields.String(validate=_NAME)
+    changed_after = fields.Integer(
+        validate=validate.Range(min=0),
+        metadata={
+            "description": "Long-poll: the X-Sagellm-Seq of the list you have; the answer "
+            "comes as soon as a record was written since, else after timeout seconds"
+        },
+    )
+    timeout = _long_poll_timeout("changed_after")
+
+
+class EngineReadArgsSchema(_LongPoll):
+    _version_field = "changed_from"
+
+    changed_from = fields.Float(
+        metadata={
+            "description": "Long-poll: the updated_at of the record you have; the answer "
+            "comes as soon as the record differs from it, else after timeout seconds"
+        },
+    )
+    timeout = _long_poll_timeout("changed_from")
 
 
 class LogArgsSchema(ma.Schema):
@@ -119,6 +205,42 @@ class EngineSchema(ma.Schema):
     )
     drain_deadline = fields.Float(
         allow_none=True, metadata={"description": "When a DRAINING engine is stopped anyway."}
+    )
+    external_url = fields.String(
+        allow_none=True,
+        metadata={
+            "description": "Set for an external engine (registered, not started by sagellm): "
+            "its base URL. It has no host, port, GPUs or process."
+        },
+    )
+    api_key_set = fields.Boolean(
+        metadata={"description": "An external engine has an API key (never shown)."}
+    )
+    last_request_at = fields.Float(
+        allow_none=True,
+        metadata={"description": "When the gateway last sent it a request (idle stops)."},
+    )
+    idle_stops_at = fields.Float(
+        allow_none=True,
+        metadata={"description": "When it is stopped for idleness (spec.idle_timeout_s)."},
+    )
+    standby_after_stop = fields.Boolean(
+        metadata={"description": "Its stop (an idle stop or an eviction) ends in STANDBY."}
+    )
+    cold_start_at = fields.Float(
+        allow_none=True, metadata={"description": "When its cold start under way began."}
+    )
+    cold_start_s = fields.Float(
+        allow_none=True,
+        metadata={"description": "How long its last cold start took, wake to RUNNING."},
+    )
+    evicted_for = fields.String(
+        allow_none=True,
+        metadata={"description": "Evicted: the engine its GPU memory was handed to."},
+    )
+    waits_for = fields.List(
+        fields.String(),
+        metadata={"description": "Engines it evicted, whose processes must end before it spawns."},
     )
     reservation_error = fields.String(
         allow_none=True,

@@ -35,6 +35,7 @@ import click
 
 from app.cli.cluster import backends, gpu, host, models, status
 from app.cli.engines import engine
+from app.cli.external import register
 from app.cli.presets import preset
 from app.cli.stack import FLOWER_OPEN_API_VAR, beat, down, flower, flower_argv, up, worker
 
@@ -64,6 +65,7 @@ for _command in (
     preset,
 ):
     sagellm.add_command(_command)
+engine.add_command(register)  # external engines: app/cli/external.py
 
 
 def main() -> None:

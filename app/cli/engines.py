@@ -1,4 +1,5 @@
-"""``sagellm engine ...``: start, list, show, stop, restart, logs, prune.
+"""``sagellm engine ...``: start, list, show, stop, restart, logs, prune (``register``,
+of external engines, is ``app.cli.external``).
 
 An engine is named on the command line by its id, a unique prefix of it, its label or
 its served name (``resolve_engine``): the list endpoint is read and the match made
@@ -23,16 +24,19 @@ from app.cli.client import (
     ApiClient,
     ApiError,
     CliError,
+    Follow,
     Interrupted,
     InvalidInput,
     connect,
 )
+from app.cli.options import idle_cell, parse_env, parse_gpu_ids
 from app.cli.render import (
     EngineProgress,
     age,
     describe,
     emit_data,
     gpu_list,
+    host_cell,
     output_option,
     print_table,
     readable,
@@ -43,7 +47,9 @@ from app.core.models import LIVE_STATES, TERMINAL_STATES, EngineRecord, EngineSt
 from app.core.placement import POLICIES
 from app.core.spec import RUNTIMES_BY_KIND, EngineKind, EngineSpec
 
-ENGINE_POLL_S = 0.5
+# A live display is redrawn this often while nothing changes (no request is sent:
+# changes come from a long-poll, ``app.cli.client.Follow``).
+REDRAW_S = 0.25
 LOG_POLL_S = 1.0
 # Lines read per poll while following a log: the overlap with the previous read shows
 # which lines are new, so more than this many in one poll interval cannot all be shown.
@@ -129,19 +135,26 @@ def follow_engine(
     progress: EngineProgress,
 ) -> tuple[dict[str, Any], bool]:
     """Show each state change of ``engine`` until ``until`` holds or ``timeout_s``
-    passes; return the last record and whether ``until`` held."""
+    passes; return the last record and whether ``until`` held. Each change is heard as
+    the API hears it (a long-poll on the record, ``Follow``), not at a poll interval."""
     deadline = time.monotonic() + timeout_s
-    with interruptible(
-        f"engine {engine['id']} goes on; follow it with `sagellm engine show {engine['id']}`"
+    with (
+        interruptible(
+            f"engine {engine['id']} goes on; follow it with `sagellm engine show {engine['id']}`"
+        ),
+        Follow(ApiClient.engine_changed, engine, api.base_url) as changes,
     ):
+        news = [engine]
         while True:
-            progress.update([engine])
-            if until(engine):
-                return engine, True
-            if time.monotonic() >= deadline:
+            for engine in news:  # every version the API answered, in order
+                progress.update([engine])
+                if until(engine):
+                    return engine, True
+            progress.update([])  # a live display's clock
+            left = deadline - time.monotonic()
+            if left <= 0:
                 return engine, False
-            time.sleep(min(ENGINE_POLL_S, max(0.0, deadline - time.monotonic())))
-            engine = api.get(f"{ENGINES}/{engine['id']}")
+            news = changes.wait(min(REDRAW_S, left))
 
 
 def _fail(message: str, *, reasons: tuple[str, ...] = ()) -> NoReturn:
@@ -184,8 +197,9 @@ def engine() -> None:
 def engine_list(
     state: str | None, host: str | None, kind: str | None, label: str | None, output: str
 ) -> None:
-    """Engines as a table: NAME (id), LABEL, STATE, MODEL (served name), HOST, GPUS, URL,
-    AGE, RESTARTS."""
+    """Engines as a table: NAME (id), LABEL, STATE, MODEL (served name), HOST (`external`
+    for a registered endpoint), GPUS, URL, AGE, RESTARTS, IDLE-STOP (the idle countdown
+    of an engine with an idle timeout; `on demand` for one on STANDBY)."""
     engines = connect().get(ENGINES, state=state, host=host, kind=kind, label=label)
     if output != "text":
         emit_data(engines, output)
@@ -195,18 +209,19 @@ def engine_list(
         return
     now = time.time()
     print_table(
-        ("NAME", "LABEL", "STATE", "MODEL", "HOST", "GPUS", "URL", "AGE", "RESTARTS"),
+        ("NAME", "LABEL", "STATE", "MODEL", "HOST", "GPUS", "URL", "AGE", "RESTARTS", "IDLE-STOP"),
         (
             (
                 e["id"],
                 (e.get("spec") or {}).get("label"),
                 e["state"],
                 served_name(e),
-                e.get("host"),
+                host_cell(e),
                 gpu_list(g["index"] for g in e.get("gpus") or []),
                 e.get("base_url") if e["state"] not in _ENDED else None,
                 age(now - e["created_at"]) if e.get("created_at") else None,
                 e.get("restart_count", 0),
+                idle_cell(e, now),
             )
             for e in engines
         ),
@@ -243,25 +258,6 @@ def engine_show(ref: str, output: str) -> None:
 engine_show.help = f"{engine_show.help}\n\n{REF_HELP}"
 
 
-def _parse_gpu_ids(_ctx: click.Context, _param: click.Parameter, value: str | None) -> Any:
-    if value is None:
-        return None
-    try:
-        return [int(v) for v in value.split(",") if v.strip()]
-    except ValueError:
-        raise click.BadParameter(f"{value!r}: expected GPU indices like 0,1") from None
-
-
-def _parse_env(_ctx: click.Context, _param: click.Parameter, values: tuple[str, ...]) -> Any:
-    env: dict[str, str] = {}
-    for item in values:
-        key, sep, val = item.partition("=")
-        if not sep or not key:
-            raise click.BadParameter(f"{item!r}: expected NAME=VALUE")
-        env[key] = val
-    return env
-
-
 @engine.command("start")
 @click.argument("model")
 @click.option("--kind", type=click.Choice(KINDS), help="Default: llm.")
@@ -279,13 +275,25 @@ def _parse_env(_ctx: click.Context, _param: click.Parameter, values: tuple[str, 
 @click.option("--quantization", help="Quantization method; the API names the allowed ones.")
 @click.option("--port", type=int, help="A port in the host's range (default: the first free).")
 @click.option("--host", help="Place on this host only.")
-@click.option("--gpu-ids", callback=_parse_gpu_ids, help="GPU indices on the host, e.g. 0,1.")
+@click.option("--gpu-ids", callback=parse_gpu_ids, help="GPU indices on the host, e.g. 0,1.")
 @click.option("--label", help="A name to route and filter by.")
 @click.option("--served-model-name", help="The name clients use (default: MODEL).")
 @click.option(
     "--policy", type=click.Choice(sorted(POLICIES)), help="Placement policy (default: the API's)."
 )
-@click.option("--env", "env", multiple=True, callback=_parse_env, help="NAME=VALUE, repeatable.")
+@click.option(
+    "--on-demand",
+    is_flag=True,
+    default=None,
+    help="STANDBY until the first gateway request for it starts it.",
+)
+@click.option(
+    "--idle-timeout",
+    "idle_timeout_s",
+    type=float,
+    help="Stop it (back to STANDBY when on demand) after this many seconds idle.",
+)
+@click.option("--env", "env", multiple=True, callback=parse_env, help="NAME=VALUE, repeatable.")
 @click.option("--wait/--no-wait", default=True, show_default=True, help="Follow until RUNNING.")
 @click.option("--timeout", type=float, default=600.0, show_default=True, help="Seconds to wait.")
 @click.argument("extra_args", nargs=-1, type=click.UNPROCESSED)
@@ -314,6 +322,12 @@ def engine_start(
     accepted = api.request("POST", ENGINES, params={"wait": False}, json=body)
     rec = accepted["engine"]
     eid = rec["id"]
+    if rec["state"] == "STANDBY":
+        click.echo(
+            f"engine {eid} is on STANDBY: the first request for {served_name(rec)} "
+            "through the gateway starts it"
+        )
+        return
     if not wait:
         click.echo(f"engine {eid} accepted: {describe(rec)}")
         click.echo(f"follow it: sagellm engine show {eid} / sagellm engine logs {eid} -f")
@@ -376,6 +390,9 @@ def engine_stop(
     progress = EngineProgress("stopping", line=_stop_line)
     params = {"drain": "false" if no_drain else None, "drain_timeout": drain_timeout}
     rec = api.request("DELETE", f"{ENGINES}/{eid}", params=params)
+    if rec.get("external_url"):  # deleted at once: nothing of it ran here
+        click.echo(f"engine {eid}: forgotten (external, at {rec['external_url']})")
+        return
     if wait and rec["state"] not in _ENDED:
         if rec["state"] == EngineState.DRAINING and rec.get("drain_deadline"):
             timeout += max(0.0, float(rec["drain_deadline"]) - time.time())

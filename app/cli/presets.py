@@ -19,10 +19,11 @@ from app.cli.client import (
     ApiClient,
     ApiError,
     CliError,
+    Follow,
     InvalidInput,
     connect,
 )
-from app.cli.engines import interruptible
+from app.cli.engines import REDRAW_S, interruptible
 from app.cli.render import (
     EngineProgress,
     describe,
@@ -38,7 +39,6 @@ from app.core.placement import POLICIES
 
 # A preset apply is one long request: the API answers when every engine is RUNNING.
 APPLY_TIMEOUT_MARGIN_S = 60.0
-PRESET_POLL_S = 1.0
 
 
 @contextmanager
@@ -159,27 +159,36 @@ def _local_preset(path: str) -> tuple[str, str]:
         raise InvalidInput(exc.message) from None
 
 
+def _of_preset(engines: list[dict[str, Any]], name: str) -> dict[str, dict[str, Any]]:
+    return {e["id"]: e for e in engines if (e.get("spec") or {}).get("preset") == name}
+
+
 def _preset_engines(api: ApiClient, name: str) -> dict[str, dict[str, Any]]:
-    return {e["id"]: e for e in api.get(ENGINES) if (e.get("spec") or {}).get("preset") == name}
+    return _of_preset(api.get(ENGINES), name)
 
 
 class _ApplyCall(threading.Thread):
-    """The long apply request, run beside the progress loop."""
+    """The long apply request, run beside the progress loop; ``done`` when it ended
+    (``on_done`` is called then)."""
 
-    def __init__(self, send: Callable[[ApiClient], Any]) -> None:
+    def __init__(self, send: Callable[[ApiClient], Any], on_done: Callable[[], None]) -> None:
         super().__init__(daemon=True, name="preset-apply")
         self._send = send
+        self._on_done = on_done
+        self.done = threading.Event()
         self.result: Any = None
         self.error: BaseException | None = None
 
     def run(self) -> None:
-        api = ApiClient()  # its own connection pool: the main thread polls meanwhile
+        api = ApiClient()  # its own connection pool: the main thread follows meanwhile
         try:
             self.result = self._send(api)
         except BaseException as exc:  # handed to the main thread, which reports it
             self.error = exc
         finally:
             api.close()
+            self.done.set()
+            self._on_done()
 
 
 NOTHING_RESERVED = "dry run: nothing was reserved or started"
@@ -287,23 +296,25 @@ def _apply_with_progress(
     )
     # Records the preset already had (skipped engines, old STOPPED ones) only show
     # when they change.
-    progress.baseline(_preset_engines(api, preset_name).values())
-    call = _ApplyCall(send)
-    call.start()
-    engines: dict[str, dict[str, Any]] = {}
+    first = api.engines_changed()
+    progress.baseline(_of_preset(first[0], preset_name).values())
+    # Each change of a record is heard as the API hears it (a long-poll on the list,
+    # ``Follow``); the end of the apply call wakes the loop at once.
     with (
         interruptible(
             f"the apply of {preset_name} goes on in the API; follow it with `sagellm engine list`"
         ),
+        Follow(lambda a, last: a.engines_changed(last[1]), first, api.base_url) as changes,
         progress,
     ):
-        while True:
-            finished = not call.is_alive()  # read before the poll: its last view is final
-            engines = _preset_engines(api, preset_name)
-            progress.update(engines.values())
-            if finished:
-                break
-            call.join(PRESET_POLL_S)
+        call = _ApplyCall(send, on_done=changes.wake)
+        call.start()
+        while not call.done.is_set():
+            for listed, _ in changes.wait(REDRAW_S):
+                progress.update(_of_preset(listed, preset_name).values())
+            progress.update([])  # a live display's clock
+        engines = _preset_engines(api, preset_name)  # read after it ended: final
+        progress.update(engines.values())
     if call.error is not None:
         if isinstance(call.error, ApiError):
             rolled = call.error.body.get("rolled_back") or []

@@ -37,6 +37,7 @@ STATE_STYLES: dict[EngineState, str] = {
     EngineState.STOPPED: "dim",
     EngineState.FAILED: "bold red",
     EngineState.LOST: "red",
+    EngineState.STANDBY: "blue",
 }
 
 # Record fields that hold a Unix time, by how their names end.
@@ -212,6 +213,15 @@ def print_table(
 # ---------------------------------------------------------------------------- engines
 
 
+EXTERNAL_HOST = "external"  # the HOST column of an engine sagellm did not start
+
+
+def host_cell(engine: dict[str, Any]) -> Any:
+    """The HOST column: the engine's host, or ``external`` for a registered endpoint
+    (``external_url`` set: no host, port or GPUs of ours)."""
+    return EXTERNAL_HOST if engine.get("external_url") else engine.get("host")
+
+
 def served_name(engine: dict[str, Any]) -> str:
     spec = engine.get("spec") or {}
     return str(spec.get("served_model_name") or spec.get("model") or "-")
@@ -233,7 +243,8 @@ def describe(engine: dict[str, Any]) -> str:
         extra += [f"restart {restarts}"] if restarts else []
         return "STARTING" + (f" ({', '.join(extra)})" if extra else "")
     if state == EngineState.RUNNING:
-        return f"RUNNING at {engine.get('base_url')}"
+        external = " (external: not started by sagellm)" if engine.get("external_url") else ""
+        return f"RUNNING at {engine.get('base_url')}{external}"
     if state in (EngineState.FAILED, EngineState.UNHEALTHY):
         line = f"{state}: {engine.get('last_error') or 'no error recorded'}"
         retry = engine.get("next_restart_at")

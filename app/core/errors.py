@@ -51,6 +51,7 @@ class PlacementError(SagellmError):
 
     def __init__(self, message: str, reasons: list[str] | None = None) -> None:
         self.reasons = list(reasons or [])
+        self.summary = message  # without the reasons
         full = message if not self.reasons else message + ":\n  " + "\n  ".join(self.reasons)
         super().__init__(full)
 

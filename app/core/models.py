@@ -9,109 +9,19 @@ from __future__ import annotations
 
 import enum
 import time
-from collections.abc import Mapping
-from collections.abc import Set as AbstractSet
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from app.core.errors import IllegalTransition
+
+# The GPU types live in ``app.core.gpus``; re-exported here, where callers look.
+from app.core.gpus import MIB_PER_GB as MIB_PER_GB
+from app.core.gpus import GpuCapacity as GpuCapacity
+from app.core.gpus import GpuInfo as GpuInfo
+from app.core.gpus import GpuProcess as GpuProcess
+from app.core.gpus import gb_to_mib as gb_to_mib
+from app.core.gpus import mib_to_gb as mib_to_gb
 from app.core.spec import EngineSpec
-
-MIB_PER_GB = 1024
-
-
-def gb_to_mib(gb: float) -> int:
-    return round(gb * MIB_PER_GB)
-
-
-def mib_to_gb(mib: float) -> float:
-    return round(mib / MIB_PER_GB, 1)
-
-
-# ---------------------------------------------------------------------------- GPUs
-
-
-@dataclass(frozen=True)
-class GpuProcess:
-    pid: int
-    used_mib: int | None  # NVML may not attribute memory (e.g. in containers): None
-
-
-@dataclass(frozen=True)
-class GpuInfo:
-    """One GPU as its host's inventory reports it (NVML or mock)."""
-
-    index: int
-    uuid: str
-    name: str
-    total_mib: int
-    free_mib: int
-    utilization_pct: int | None = None
-    processes: tuple[GpuProcess, ...] = ()
-
-    @property
-    def used_mib(self) -> int:
-        return self.total_mib - self.free_mib
-
-    def outside_mib(
-        self,
-        our_pids: Mapping[int, str] | AbstractSet[int],
-        reserved: Mapping[str, int] | None = None,
-    ) -> int:
-        """Memory placement must treat as held by others.
-
-        NVML used (total - free) minus what NVML attributes to our own engine
-        processes. With ``our_pids`` mapping pid -> engine id and ``reserved`` (MiB each
-        engine holds on this GPU in the ledger), an engine's memory is subtracted only
-        up to its reservation: ``used - sum(min(reserved, used) per engine)``, so memory
-        an engine uses beyond what it reserved counts as outside (it is not free for
-        anyone). Unattributed memory (driver context, processes NVML can't see) counts
-        as outside: conservative, never over-commits.
-        """
-        if reserved is None or not isinstance(our_pids, Mapping):
-            ours = sum(p.used_mib or 0 for p in self.processes if p.pid in our_pids)
-            return max(0, self.used_mib - ours)
-        used_by: dict[str, int] = {}
-        for p in self.processes:
-            engine = our_pids.get(p.pid)
-            if engine is not None:
-                used_by[engine] = used_by.get(engine, 0) + (p.used_mib or 0)
-        ours = sum(min(used, reserved.get(engine, 0)) for engine, used in used_by.items())
-        return max(0, self.used_mib - ours)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["processes"] = [asdict(p) for p in self.processes]
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> GpuInfo:
-        procs = tuple(GpuProcess(**p) for p in d.get("processes", ()))
-        return cls(
-            index=int(d["index"]),
-            uuid=str(d["uuid"]),
-            name=str(d.get("name", "")),
-            total_mib=int(d["total_mib"]),
-            free_mib=int(d["free_mib"]),
-            utilization_pct=d.get("utilization_pct"),
-            processes=procs,
-        )
-
-
-@dataclass(frozen=True)
-class GpuCapacity:
-    """What placement and the ledger need to know of one GPU."""
-
-    host: str
-    index: int
-    uuid: str
-    total_mib: int
-    outside_mib: int
-    reserved_mib: int = 0
-
-    def available_mib(self, margin_mib: int) -> int:
-        return self.total_mib - self.outside_mib - self.reserved_mib - margin_mib
-
 
 # ---------------------------------------------------------------------------- engines
 
@@ -126,6 +36,7 @@ class EngineState(enum.StrEnum):
     STOPPED = "STOPPED"
     FAILED = "FAILED"
     LOST = "LOST"
+    STANDBY = "STANDBY"  # on demand: known to the gateway, nothing held, no process
 
 
 S = EngineState
@@ -133,18 +44,23 @@ S = EngineState
 # host's heartbeat expired) and leaves to whatever the host's worker finds on return.
 # DRAINING is a stop that first lets the requests in flight finish: entered from a
 # serving engine only, it leaves only to STOPPING (or LOST, and back from LOST).
+# STANDBY is an on-demand engine at rest: a cold start (``wake``) makes it PENDING, a
+# stop of it STOPPED; an idle stop or an eviction brings it back from STOPPING, and a
+# cold start that failed from STARTING or FAILED.
 ALLOWED_TRANSITIONS: dict[EngineState, frozenset[EngineState]] = {
     S.PENDING: frozenset({S.STARTING, S.FAILED, S.STOPPING, S.LOST}),
-    S.STARTING: frozenset({S.RUNNING, S.FAILED, S.STOPPING, S.LOST}),
+    S.STARTING: frozenset({S.RUNNING, S.FAILED, S.STOPPING, S.LOST, S.STANDBY}),
     S.RUNNING: frozenset({S.UNHEALTHY, S.DRAINING, S.STOPPING, S.LOST}),
     S.UNHEALTHY: frozenset({S.RUNNING, S.STARTING, S.FAILED, S.DRAINING, S.STOPPING, S.LOST}),
     S.DRAINING: frozenset({S.STOPPING, S.LOST}),
-    S.STOPPING: frozenset({S.STOPPED, S.LOST}),
+    S.STOPPING: frozenset({S.STOPPED, S.LOST, S.STANDBY}),
     S.STOPPED: frozenset(),
     # restart with backoff; a stop while a restart is pending ends it at once
-    S.FAILED: frozenset({S.STARTING, S.STOPPED}),
+    S.FAILED: frozenset({S.STARTING, S.STOPPED, S.STANDBY}),
+    S.STANDBY: frozenset({S.PENDING, S.STOPPED}),
     S.LOST: frozenset(
         {S.RUNNING, S.UNHEALTHY, S.STARTING, S.FAILED, S.DRAINING, S.STOPPING, S.STOPPED}
+        | {S.STANDBY}
     ),
 }
 TERMINAL_STATES = frozenset({S.STOPPED, S.FAILED})
@@ -219,6 +135,26 @@ class EngineRecord:
     # worker stops it even if requests are still in flight. Kept after DRAINING (a
     # LOST engine returns to its drain).
     drain_deadline: float | None = None
+    # On demand and idle stops (``EngineSpec.on_demand``, ``idle_timeout_s``): when the
+    # gateway last sent it a request and when it will be stopped for idleness (written
+    # by its host's idle check); whether its stop ends in STANDBY (an idle stop or an
+    # eviction of an on-demand engine) and when its current cold start began.
+    last_request_at: float | None = None
+    idle_stops_at: float | None = None
+    standby_after_stop: bool = False
+    cold_start_at: float | None = None
+    cold_start_s: float | None = None  # how long its last cold start took to RUNNING
+    # Eviction: a victim names the engine its room was handed to (``evicted_for``; it
+    # holds no reservation while it drains and stops); that engine names the victims
+    # whose processes must be gone before it spawns (``waits_for``).
+    evicted_for: str | None = None
+    waits_for: list[str] = field(default_factory=list)
+    # An external engine (``app.core.external``): an endpoint sagellm did not start, at
+    # this base URL. No host, port, GPUs or process; RUNNING while its probe passes,
+    # UNHEALTHY otherwise; forgotten (deleted), never stopped. Its API key is kept
+    # apart (``app.state.external_keys``): the record says only whether it has one.
+    external_url: str | None = None
+    api_key_set: bool = False
 
     # ------------------------------------------------------------------ the rules
     # Every change of state and the bookkeeping that goes with it is one of the
@@ -232,7 +168,7 @@ class EngineRecord:
 
         Every write that makes this true releases the reservation in the same step.
         """
-        return self.state is EngineState.STOPPED or (
+        return self.state in (EngineState.STOPPED, EngineState.STANDBY) or (
             self.state is EngineState.FAILED and not self.restart_pending
         )
 
@@ -300,10 +236,15 @@ class EngineRecord:
         """A stop was asked for: live engines (DRAINING ones included: the drain is over
         or skipped) become STOPPING; a FAILED engine with a restart pending is STOPPED
         at once. Either way a pending restart is cancelled (in the caller's write).
-        Already stopping or stopped: nothing changes."""
+        Already stopping or stopped: nothing changes. An external engine is refused:
+        nothing of it runs here to stop (it is forgotten: its record is deleted)."""
+        if self.external_url is not None:
+            raise self._refuse("an external engine is not stopped here; deleting forgets it")
         if self.state in (EngineState.STOPPED, EngineState.STOPPING):
             return
-        if self.state is EngineState.FAILED:
+        if self.state is EngineState.STANDBY:
+            self.transition(EngineState.STOPPED, error="stopped while on standby")
+        elif self.state is EngineState.FAILED:
             if self.restart_pending:
                 self.transition(EngineState.STOPPED, error="stopped while a restart was pending")
         else:
@@ -312,11 +253,66 @@ class EngineRecord:
 
     def mark_stopped(self) -> None:
         """Its process is gone: STOPPED (from STOPPING, or an engine with no process; a
-        DRAINING engine whose process is gone has nothing left to drain)."""
+        DRAINING engine whose process is gone has nothing left to drain). An idle stop
+        or an eviction of an on-demand engine ends in STANDBY instead."""
         if self.state is EngineState.DRAINING:
             self.transition(EngineState.STOPPING)
+        if self.standby_after_stop and self.state is EngineState.STOPPING:
+            self.to_standby()
+            return
         self.transition(EngineState.STOPPED)
         self.pid = self.process_create_time = None
+
+    # ------------------------------------------------------------------ on demand
+
+    def to_standby(self, error: str | None = None) -> None:
+        """Back at rest (an on-demand engine whose process is gone): STANDBY, holding
+        nothing (the write releases its room), placement forgotten."""
+        self.transition(EngineState.STANDBY, error=error)
+        self.host = self.address = self.port = None
+        self.gpus, self.memory_per_gpu_mib, self.launch = [], 0, {}
+        self._forget_process()
+        self.next_restart_at = self.start_deadline = self.drain_deadline = None
+        self.standby_after_stop, self.evicted_for, self.waits_for = False, None, []
+        self.idle_stops_at, self.cold_start_at, self.health_failures = None, None, 0
+
+    def wake(self, at: float) -> None:
+        """A cold start (the gateway's first request): STANDBY -> PENDING, placed and
+        reserved by the caller in the same write. Anything else is refused, so of many
+        concurrent wakers exactly one wins."""
+        if self.state is not EngineState.STANDBY:
+            raise self._refuse("only a STANDBY engine is woken")
+        self.transition(EngineState.PENDING)
+        self.cold_start_at = self.last_request_at = at
+        self.last_error = None
+
+    def cold_start_failed(self, error: str, *, pid: int | None, restart_count: int) -> None:
+        """Its cold start died before it was ready: back to STANDBY (holding nothing),
+        saying why; the waiting requests get the reason, the next request tries again."""
+        if self.pid != pid or self.state is not EngineState.STARTING or not self.spec.on_demand:
+            raise self._refuse(f"not the cold start of process {pid}")
+        self.restart_count = restart_count
+        self.to_standby(error)
+        self.last_error = error
+
+    def evict_for(self, engine_id: str, deadline: float) -> None:
+        """Its room is handed to ``engine_id`` (in the same write that reserves it):
+        an idle on-demand engine drains and stops back to STANDBY, holding no
+        reservation meanwhile (the new engine spawns only once this one's process is
+        gone)."""
+        if not self.spec.on_demand or not self.drainable:
+            raise self._refuse("only a serving on-demand engine is evicted")
+        self.start_drain(deadline)
+        self.standby_after_stop = True
+        self.evicted_for = engine_id
+
+    def idle_stop(self, deadline: float) -> None:
+        """No request for ``idle_timeout_s``: drain and stop, to STANDBY when on demand
+        (STOPPED otherwise)."""
+        if self.spec.idle_timeout_s is None or not self.drainable:
+            raise self._refuse("only a serving engine with an idle timeout is idle-stopped")
+        self.start_drain(deadline)
+        self.standby_after_stop = self.spec.on_demand
 
     def mark_starting(
         self,
@@ -384,6 +380,10 @@ class EngineRecord:
         self.transition(EngineState.RUNNING)
         self.health_failures = 0
         self.last_health_at = self.running_since = time.time()
+        if self.cold_start_at is not None:  # a cold start is over
+            self.cold_start_s = round(self.running_since - self.cold_start_at, 3)
+            self.cold_start_at = None
+            self.restart_count = 0  # the budget counts failed cold starts in a row
         if self.reservation_error:
             self.transition(EngineState.UNHEALTHY, error=self.reservation_error)
 
@@ -501,6 +501,8 @@ class EngineRecord:
 
     @property
     def base_url(self) -> str | None:
+        if self.external_url is not None:
+            return self.external_url
         if self.address is None or self.port is None:
             return None
         return f"http://{self.address}:{self.port}"

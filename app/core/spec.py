@@ -81,6 +81,11 @@ class EngineSpec:
     served_model_name: str | None = None
     extra_args: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
+    # On demand: recorded STANDBY (nothing held, no process) and started by the first
+    # gateway request for it. ``idle_timeout_s``: stopped (back to STANDBY when on
+    # demand, else STOPPED) after that long without a gateway request.
+    on_demand: bool = False
+    idle_timeout_s: float | None = None
     preset: str | None = None
     preset_engine: str | None = None
 
@@ -341,6 +346,16 @@ class EngineSpecSchema(ma.Schema):
         values=_EnvValue(validate=ma.validate.Length(max=8192, error="longer than 8192")),
         load_default=dict,
         error_messages={"invalid": "must be a mapping of names to strings"},
+    )
+    on_demand = _Bool(
+        load_default=False,
+        metadata={"description": "Recorded STANDBY; the first gateway request starts it"},
+    )
+    idle_timeout_s = _Float(
+        allow_none=True,
+        load_default=None,
+        validate=_Between(0, 30 * 86400, what="a number of seconds", low_open=True),
+        metadata={"description": "Stop (to STANDBY when on demand) after this long idle"},
     )
     # Set by the preset loader, never by a user (on load, they are unknown fields).
     preset = fields.String(dump_only=True, allow_none=True)

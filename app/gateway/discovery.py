@@ -11,19 +11,24 @@ each process hears every record write on ``keys.ENGINE_CHANGES`` (a subscriber t
 ``app.state.change_feed``, started on first use) and drops its view when the write
 changes what it knows, so the next request reads the registry again and a DRAINING
 engine gets nothing new within milliseconds. It is also re-read every ``refresh_s``
-(the only way while the subscription is down). ``fresh_as_of`` tells the in-flight
+(the only way while the subscription is down). ``fresh_seq`` tells the in-flight
 board how current this process's routing is, which is what lets a drain end safely.
 
 A backend that fails a request is taken out of rotation here at once and comes back
 when its host's health loop records a passing check after the failure
 (``last_health_at``).
+
+External engines (``app.core.external``: registered endpoints sagellm did not start)
+are backends like the others, at their own base URL, probed by the workers' control
+queue; their API keys are read with the view (``secrets``) and travel only in
+``Backend.api_key``.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -36,6 +41,17 @@ class NoBackend(SagellmError):
     """The model is known, but none of its engines can take a request now."""
 
     status_code = 503
+
+
+class ColdModel(NoBackend):
+    """The model has no engine serving now, but on-demand engines of it exist
+    (STANDBY, or already starting): the gateway starts one and waits
+    (``app.gateway.cold``)."""
+
+    def __init__(self, model: str, engines: list[Known]) -> None:
+        super().__init__(f"model {model!r} is on standby; starting it")
+        self.model = model
+        self.engines = engines
 
 
 class ModelNotFound(SagellmError):
@@ -52,6 +68,9 @@ class Backend:
     served_name: str
     names: frozenset[str]  # served name, model id, label
     last_health_at: float
+    # An external engine's API key (``app.core.external``), sent to it alone as
+    # ``Authorization: Bearer``; never shown (not in repr).
+    api_key: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -63,6 +82,7 @@ class Known:
     state: EngineState
     served_name: str
     names: frozenset[str]
+    on_demand: bool = False
 
 
 @dataclass
@@ -79,6 +99,7 @@ class Feed(Protocol):
     """A subscription to record changes (``app.state.change_feed.ChangeFeed``)."""
 
     up: bool
+    seq: int  # the write number up to which every change was heard (or read after)
 
     def start(self) -> None: ...
 
@@ -95,12 +116,19 @@ def _names(rec: EngineRecord) -> frozenset[str]:
 
 
 def known_from(records: Iterable[EngineRecord]) -> list[Known]:
+    """Engines in service, and on-demand engines on STANDBY (a model that exists)."""
     return [
-        Known(r.id, r.spec.kind, r.state, r.spec.name, _names(r)) for r in records if r.in_service
+        Known(r.id, r.spec.kind, r.state, r.spec.name, _names(r), r.spec.on_demand)
+        for r in records
+        if r.in_service or r.state is EngineState.STANDBY
     ]
 
 
-def backends_from(records: Iterable[EngineRecord]) -> list[Backend]:
+def backends_from(
+    records: Iterable[EngineRecord], api_keys: Mapping[str, str] | None = None
+) -> list[Backend]:
+    """The RUNNING engines as backends; ``api_keys``: external engines' keys by id."""
+    api_keys = api_keys or {}
     out = []
     for rec in records:
         if rec.state is not EngineState.RUNNING or rec.base_url is None:
@@ -113,6 +141,7 @@ def backends_from(records: Iterable[EngineRecord]) -> list[Backend]:
                 served_name=rec.spec.name,
                 names=_names(rec),
                 last_health_at=rec.last_health_at or 0.0,
+                api_key=api_keys.get(rec.id),
             )
         )
     return out
@@ -128,8 +157,10 @@ class BackendDirectory:
         load: Callable[[], list[EngineRecord]],
         refresh_s: float = 1.0,
         feed: FeedFactory | None = None,
+        secrets: Callable[[list[str]], dict[str, str]] | None = None,
     ) -> None:
         self._load = load
+        self._secrets = secrets  # engine ids -> external engines' API keys
         self._refresh_s = refresh_s
         self._view = _View()
         self._lock = threading.Lock()
@@ -171,7 +202,7 @@ class BackendDirectory:
                 records = self._load()
                 self._view = _View(
                     began,
-                    backends_from(records),
+                    backends_from(records, self._api_keys(records)),
                     known_from(records),
                     read_at=read_at,
                     generation=generation,
@@ -181,15 +212,23 @@ class BackendDirectory:
         finally:
             self._lock.release()
 
-    def fresh_as_of(self) -> float:
-        """The wall time as of which this process's routing knows every engine state
-        change: when its view must be read again before the next request (too old, or
-        a change was heard), now; else the time its read began (a change since then
-        would have been heard, or will be noticed within ``refresh_s``)."""
-        view = self._view
-        if self._stale(view, time.monotonic()):
-            return time.time()
-        return view.read_at
+    def _api_keys(self, records: list[EngineRecord]) -> dict[str, str]:
+        """The API keys of the external engines among ``records`` that have one."""
+        wanted = [r.id for r in records if r.api_key_set and r.state is EngineState.RUNNING]
+        return self._secrets(wanted) if wanted and self._secrets is not None else {}
+
+    def fresh_seq(self) -> int | None:
+        """The write number (``app.state.write_seq``) up to which this process's
+        routing knows every engine state change (None: no subscription, it cannot
+        tell): the number its subscription has heard up to (``ChangeFeed.seq``). A
+        heard change that the view does not show makes the next request read the
+        registry again (and wait for it), and a view is read only after the changes
+        before it were heard, so no request is routed on older knowledge. A number,
+        not a time: it compares with the drain's on any machine."""
+        if self._feed is None:
+            return None
+        self._feed.start()  # a process that routed nothing yet still hears changes
+        return self._feed.seq
 
     def backends(self) -> list[Backend]:
         return [b for b in self._current().backends if self._in_rotation(b)]
@@ -202,6 +241,14 @@ class BackendDirectory:
             self._ejected.pop(b.engine_id, None)
             return True
         return False
+
+    def standby(self) -> list[Known]:
+        """On-demand engines on STANDBY (listed by ``/v1/models``: they exist)."""
+        return [k for k in self._current().known if k.state is EngineState.STANDBY]
+
+    def refresh(self) -> None:
+        """Read the registry again before the next request (a cold start just ended)."""
+        self._reset()
 
     def eject(self, engine_id: str) -> None:
         """Out of rotation until its next passing health check."""
@@ -242,6 +289,9 @@ class BackendDirectory:
                 f"model: {model!r} is an {other.value} engine; it cannot serve {what}",
                 field="model",
             )
+        cold = [k for k in known if k.on_demand and k.kind is kind]
+        if cold:
+            raise ColdModel(model, cold)
         if known:
             raise NoBackend(f"model {model!r} has no healthy engine now ({_states(known)})")
         raise ModelNotFound(

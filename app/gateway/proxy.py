@@ -20,7 +20,8 @@ from app.api.auth import gateway_tokens, token_allowed
 from app.api.metrics import GATEWAY_ERRORS, GATEWAY_LATENCY, GATEWAY_REQUESTS
 from app.core.errors import SagellmError
 from app.core.spec import EngineKind
-from app.gateway.discovery import Backend, ModelNotFound, NoBackend
+from app.gateway.cold import ColdStartFailed
+from app.gateway.discovery import Backend, ColdModel, ModelNotFound, NoBackend
 from app.gateway.routes import RETRY_AFTER_S, Gateway, openai_error_body
 from app.gateway.transport import NoAnswer, Upstream, UpstreamError
 
@@ -68,6 +69,14 @@ def _error(
         [("Content-Type", "application/json"), ("Content-Length", str(len(body))), *(extra or [])],
     )
     return [body]
+
+
+def _with_key(headers: dict[str, str], backend: Backend) -> dict[str, str]:
+    """``headers``, plus an external engine's own API key (``Backend.api_key``). The
+    client's Authorization header is never forwarded; the key goes to no other engine."""
+    if backend.api_key is None:
+        return headers
+    return {**headers, "Authorization": f"Bearer {backend.api_key}"}
 
 
 class GatewayProxy:
@@ -124,7 +133,25 @@ class GatewayProxy:
             return _error(start, 400, "model: must be a string", param="model")
         gw = self.gw
         try:
-            candidates = gw.directory.resolve(model, kind)
+            try:
+                candidates = gw.directory.resolve(model, kind)
+            except ColdModel as cold:
+                if gw.cold is None:
+                    raise
+                # The model is on standby: start it and wait (this greenlet only).
+                gw.cold.bring_up(cold.model, cold.engines)
+                gw.directory.refresh()
+                candidates = gw.directory.resolve(model, kind)
+        except ColdStartFailed as exc:
+            GATEWAY_ERRORS.labels(model=model or "", reason="cold_start_failed").inc()
+            return _error(
+                start,
+                503,
+                exc.message,
+                kind="service_unavailable",
+                err_code="cold_start_failed",
+                extra=[("Retry-After", str(RETRY_AFTER_S))],
+            )
         except SagellmError as exc:
             if isinstance(exc, NoBackend):
                 GATEWAY_ERRORS.labels(model="", reason="no_backend").inc()
@@ -154,8 +181,9 @@ class GatewayProxy:
                 # The engine knows only its served name; clients may use model id or label.
                 body = json.dumps({**payload, "model": backend.served_name}).encode()
             gw.in_flight.inc(backend.engine_id)
+            gw.clock.touch(backend.engine_id)
             try:
-                up = gw.transport.open(backend.base_url, path, body, headers)
+                up = gw.transport.open(backend.base_url, path, body, _with_key(headers, backend))
             except NoAnswer as exc:  # not one byte of an answer came back: fail over
                 self._failed(backend, "upstream_connect")
                 last_error = f"{backend.engine_id}: {exc}"
@@ -193,6 +221,7 @@ class GatewayProxy:
 
     def _done(self, backend: Backend, code: int, started: float) -> None:
         self.gw.in_flight.dec(backend.engine_id)
+        self.gw.clock.touch(backend.engine_id)  # a long stream is activity until its end
         key = (backend.served_name, backend.engine_id, code)
         series = self._series.get(key)
         if series is None:
@@ -220,6 +249,8 @@ class GatewayProxy:
                 self.gw.in_flight.dec(backend.engine_id)
                 raise
             self._done(backend, code, started)
+            if backend.api_key is not None:  # an endpoint that echoes the key it was sent
+                content = content.replace(backend.api_key.encode(), b"[redacted]")
             headers.append(("Content-Length", str(len(content))))
             start(_status(code), headers)
             return [content]

@@ -7,15 +7,17 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from flask import Blueprint, Response, current_app
 
 from app.gateway.balancing import BalancingPolicy
-from app.gateway.discovery import Backend, BackendDirectory
+from app.gateway.cold import ColdStarter
+from app.gateway.discovery import BackendDirectory
 from app.gateway.transport import Transport
 from app.state.inflight import InFlight
+from app.state.request_clock import RequestClock
 
 bp = Blueprint("gateway", __name__)
 RETRY_AFTER_S = 10
@@ -27,6 +29,9 @@ class Gateway:
     balancer: BalancingPolicy
     transport: Transport
     in_flight: InFlight
+    # When each engine last got a request (idle stops); who starts STANDBY models.
+    clock: RequestClock = field(default_factory=RequestClock)
+    cold: ColdStarter | None = None
 
 
 def _gw() -> Gateway:
@@ -63,18 +68,25 @@ def openai_error(
 
 @bp.get("/v1/models")
 def list_models() -> Response:
-    seen: dict[str, Backend] = {}
-    for b in _gw().directory.backends():
-        seen.setdefault(b.served_name, b)
+    directory = _gw().directory
+    seen: dict[str, str] = {}
+    for b in directory.backends():
+        seen.setdefault(b.served_name, b.kind.value)
+    standby: set[str] = set()
+    for k in directory.standby():  # on demand: the first request starts it
+        if k.served_name not in seen:
+            seen[k.served_name] = k.kind.value
+            standby.add(k.served_name)
     data = [
         {
             "id": name,
             "object": "model",
             "created": int(time.time()),
             "owned_by": "sagellm",
-            "kind": b.kind.value,
+            "kind": kind,
+            **({"status": "standby"} if name in standby else {}),
         }
-        for name, b in sorted(seen.items())
+        for name, kind in sorted(seen.items())
     ]
     return Response(json.dumps({"object": "list", "data": data}), mimetype="application/json")
 
@@ -83,21 +95,24 @@ def make_gateway(
     load: Any, policy: str, read_timeout_s: float, refresh_s: float, changes: Any = None
 ) -> Gateway:
     """The gateway of one process. ``changes``: the Redis client whose record-change
-    channel keeps discovery current (None: discovery re-reads every ``refresh_s``)."""
+    channel keeps discovery current (None: discovery re-reads every ``refresh_s``), and
+    from which external engines' API keys are read (None: none are sent)."""
     from app.gateway.balancing import make_balancer
 
-    feed = None
+    feed = secrets = None
     if changes is not None:
         from functools import partial
 
         from app.state.change_feed import ChangeFeed
+        from app.state.external_keys import ExternalKeys
 
         feed = partial(ChangeFeed, changes)
-    directory = BackendDirectory(load, refresh_s=refresh_s, feed=feed)
+        secrets = ExternalKeys(changes).read
+    directory = BackendDirectory(load, refresh_s=refresh_s, feed=feed, secrets=secrets)
     return Gateway(
         directory=directory,
         balancer=make_balancer(policy),
         transport=Transport(read_timeout_s=read_timeout_s),
         # What the process publishes says how current its routing is (for drains).
-        in_flight=InFlight(fresh=directory.fresh_as_of),
+        in_flight=InFlight(fresh=directory.fresh_seq),
     )

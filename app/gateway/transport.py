@@ -21,11 +21,16 @@ back); a read timeout or a connection that dies mid-head is a plain ``UpstreamEr
 
 Not supported, because engines do not send them: pipelining, ``Expect: 100-continue``
 (interim 1xx replies are skipped), upgrades, compressed transfer codings.
+
+Engines are ``http://``; an external engine (``app.core.external``) may be ``https://``
+(verified against the system's CA store; ``SSL_CERT_FILE`` and ``SSL_CERT_DIR`` are
+honoured) and may have a path prefix, which goes before the ``/v1/...`` path.
 """
 
 from __future__ import annotations
 
 import socket
+import ssl
 import threading
 from collections import deque
 from collections.abc import Iterator
@@ -37,6 +42,8 @@ import httptools
 CONNECT_TIMEOUT_S = 3.0
 RECV_BYTES = 65536
 MAX_HEAD_BYTES = 65536  # status line and headers of one response
+# What a pooled connection is to: host, port, and whether it speaks TLS.
+_Key = tuple[str, int, bool]
 
 
 class UpstreamError(Exception):
@@ -79,7 +86,7 @@ class _Conn:
         "status",
     )
 
-    def __init__(self, sock: socket.socket, key: tuple[str, int]) -> None:
+    def __init__(self, sock: socket.socket, key: _Key) -> None:
         self.sock = sock
         self.key = key
         self.parser = httptools.HttpResponseParser(self)
@@ -208,24 +215,32 @@ def _until_close(status: int, headers: list[tuple[str, str]]) -> bool:
 class Transport:
     """Thread- and greenlet-safe pool of idle keep-alive connections per engine."""
 
-    def __init__(self, read_timeout_s: float = 600.0, max_idle_per_host: int = 128) -> None:
+    def __init__(
+        self,
+        read_timeout_s: float = 600.0,
+        max_idle_per_host: int = 128,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         self.read_timeout_s = read_timeout_s
         self.max_idle = max_idle_per_host
-        self._idle: dict[tuple[str, int], deque[_Conn]] = {}
+        self._idle: dict[_Key, deque[_Conn]] = {}
         self._lock = threading.Lock()
-        self._keys: dict[str, tuple[str, int]] = {}
+        self._targets: dict[str, tuple[_Key, str]] = {}
+        self._tls = tls  # built on the first https:// engine (default: the system's CAs)
 
-    def _key(self, base_url: str) -> tuple[str, int]:
-        key = self._keys.get(base_url)
-        if key is None:
+    def _target(self, base_url: str) -> tuple[_Key, str]:
+        """Where ``base_url`` is (host, port, TLS) and its path prefix."""
+        target = self._targets.get(base_url)
+        if target is None:
             parts = urlsplit(base_url)
-            if parts.scheme != "http":
-                raise NoAnswer(f"{base_url}: only http:// engines are supported")
-            key = (parts.hostname or "127.0.0.1", parts.port or 80)
-            self._keys[base_url] = key
-        return key
+            if parts.scheme not in ("http", "https"):
+                raise NoAnswer(f"{base_url}: only http:// and https:// engines are supported")
+            tls = parts.scheme == "https"
+            key = (parts.hostname or "127.0.0.1", parts.port or (443 if tls else 80), tls)
+            target = self._targets[base_url] = (key, parts.path.rstrip("/"))
+        return target
 
-    def _checkout(self, key: tuple[str, int]) -> _Conn | None:
+    def _checkout(self, key: _Key) -> _Conn | None:
         with self._lock:
             idle = self._idle.get(key)
             return idle.pop() if idle else None
@@ -240,10 +255,14 @@ class Transport:
                     return
         conn.close()
 
-    def _connect(self, key: tuple[str, int]) -> _Conn:
+    def _connect(self, key: _Key) -> _Conn:
         try:
-            sock = socket.create_connection(key, timeout=CONNECT_TIMEOUT_S)
-        except OSError as exc:
+            sock = socket.create_connection(key[:2], timeout=CONNECT_TIMEOUT_S)
+            if key[2]:
+                if self._tls is None:
+                    self._tls = ssl.create_default_context()
+                sock = self._tls.wrap_socket(sock, server_hostname=key[0])  # handshake
+        except OSError as exc:  # ssl.SSLError (a refused certificate) included
             raise NoAnswer(f"connect to {key[0]}:{key[1]}: {exc}") from exc
         sock.settimeout(self.read_timeout_s)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -251,8 +270,8 @@ class Transport:
 
     def open(self, base_url: str, path: str, body: bytes, headers: dict[str, str]) -> Upstream:
         """Send a POST and read the status line and headers (not the body)."""
-        key = self._key(base_url)
-        head = [f"POST {path} HTTP/1.1", f"Host: {key[0]}:{key[1]}"]
+        key, prefix = self._target(base_url)
+        head = [f"POST {prefix}{path} HTTP/1.1", f"Host: {key[0]}:{key[1]}"]
         head += [f"{k}: {v}" for k, v in headers.items()]
         head.append(f"Content-Length: {len(body)}\r\n\r\n")
         request = "\r\n".join(head).encode("latin-1") + body

@@ -7,72 +7,24 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-
-from celery import Celery
 
 from app.core.allocation import Allocation, plan
-from app.core.errors import IllegalTransition, NotFoundError, NoWorkerError, StateLostError
+from app.core.errors import IllegalTransition, NoWorkerError
 from app.core.models import STOPPING_STATES, EngineRecord, EngineState
 from app.core.spec import EngineSpec
-from app.services.admission import admit
-from app.settings import Settings
-from app.state.allocation import allocate, placement_hosts
-from app.state.client import connect
+from app.services import on_demand
+from app.services.cluster import START_TASK_EXPIRES_S, check_engine_spec, require_worker
+
+# Where callers look for them (``app.services.cluster`` owns them).
+from app.services.cluster import Cluster as Cluster
+from app.services.cluster import connect_cluster as connect_cluster
+from app.services.cluster import launch_engine as launch_engine
+from app.state.allocation import placement_hosts
 from app.state.events import encode_event
-from app.state.inflight import InFlightBoard
-from app.state.ledger import Ledger
-from app.state.queues import send_to_host, sending_app
-from app.state.registry import WAIT_REREAD_S, Registry, new_engine_id
-from app.state.task_stats import TaskStats
+from app.state.queues import send_to_host
+from app.state.registry import WAIT_REREAD_S, new_engine_id
 
 S = EngineState
-START_TASK_EXPIRES_S = 60.0
-
-
-@dataclass
-class Cluster:
-    """What the use cases work with: the settings, the state store, and a Celery app to
-    send tasks (by name) to the hosts' workers."""
-
-    settings: Settings
-    registry: Registry
-    ledger: Ledger
-    celery: Celery
-
-    @property
-    def task_stats(self) -> TaskStats:
-        """Celery task counts and durations, as every worker records them."""
-        return TaskStats.of(self.registry)
-
-    @property
-    def in_flight(self) -> InFlightBoard:
-        """Gateway requests in flight, as every gateway process publishes them."""
-        return InFlightBoard.of(self.registry)
-
-
-def connect_cluster(settings: Settings, celery: Celery | None = None) -> Cluster:
-    """The cluster at ``settings.redis_url``; sending with ``celery`` (default: an app
-    that only sends, ``app.state.queues.sending_app``)."""
-    client = connect(settings.redis_url)
-    if celery is None:
-        celery = sending_app(settings.redis_url)
-    return Cluster(settings, Registry(client), Ledger(client), celery)
-
-
-def _require_worker(cluster: Cluster) -> None:
-    if not any(h.up for h in cluster.registry.hosts()):
-        raise NoWorkerError(
-            "no host worker is alive: start one with `flask sagellm worker` "
-            "(or `make up` on a single machine)"
-        )
-
-
-def check_engine_spec(cluster: Cluster, spec: EngineSpec) -> None:
-    """Every check ``spec`` must pass at the edge (``app.services.admission.admit``);
-    ``ValidationError`` naming the field; called before anything is reserved or queued.
-    """
-    admit(cluster.settings, spec, cluster.registry)
 
 
 def plan_engine(cluster: Cluster, spec: EngineSpec, policy: str | None = None) -> Allocation:
@@ -95,40 +47,10 @@ def reserve_engine(cluster: Cluster, spec: EngineSpec, policy: str | None = None
     nothing is left behind, neither a record nor a reservation.
     """
     check_engine_spec(cluster, spec)
-    _require_worker(cluster)
+    require_worker(cluster)
     engine_id = new_engine_id()
-    _, rec = allocate(
-        engine_id,
-        spec,
-        cluster.registry,
-        cluster.ledger,
-        policy=policy or cluster.settings.placement_policy,
-        margin_mib=cluster.settings.gpu_safety_margin_mib,
-        default_max_model_len=cluster.settings.default_max_model_len,
-        record=EngineRecord(id=engine_id, spec=spec),
-    )
-    return rec
-
-
-def launch_engine(cluster: Cluster, rec: EngineRecord) -> EngineRecord:
-    """Queue the start of a reserved (PENDING) engine on its host."""
-    assert rec.host is not None
-    task_id = send_to_host(
-        cluster.celery,
-        rec.host,
-        "sagellm.start_engine",
-        (rec.id,),
-        expires_s=START_TASK_EXPIRES_S,
-    )
-    try:
-        return cluster.registry.update(rec.id, lambda r: setattr(r, "task_id", task_id))
-    except NotFoundError:
-        # Redis lost the record (FLUSHALL, a restart without persistence) after the
-        # reservation: the queued task finds no record and starts nothing.
-        raise StateLostError(
-            f"engine {rec.id}: the state store lost its record while it was being started "
-            "(Redis was flushed or restarted); nothing was started, retry the request"
-        ) from None
+    record = EngineRecord(id=engine_id, spec=spec)
+    return on_demand.place_and_reserve(cluster, engine_id, spec, policy=policy, record=record)
 
 
 def discard_engine(cluster: Cluster, engine_id: str) -> None:
@@ -138,7 +60,10 @@ def discard_engine(cluster: Cluster, engine_id: str) -> None:
 
 
 def start_engine(cluster: Cluster, spec: EngineSpec, policy: str | None = None) -> EngineRecord:
-    """Place and reserve ``spec``, record it PENDING, and queue its start on its host."""
+    """Place and reserve ``spec``, record it PENDING, and queue its start on its host.
+    An on-demand spec is recorded STANDBY instead (``app.services.on_demand``)."""
+    if spec.on_demand:
+        return on_demand.standby_engine(cluster, spec)
     return launch_engine(cluster, reserve_engine(cluster, spec, policy))
 
 
@@ -166,10 +91,16 @@ def stop_engine(
     drain = drain and timeout > 0
     deadline = time.time() + timeout
     before = cluster.registry.get(engine_id)
-    if before.state is S.STOPPED or (drain and before.state in STOPPING_STATES):
+    on_its_way = drain and before.state in STOPPING_STATES
+    if before.state is S.STOPPED or (on_its_way and not before.standby_after_stop):
         return before  # already on its way; a second stop changes nothing
 
     def begin(r: EngineRecord) -> None:
+        # A stop a person asked for ends it for good, even one that an idle stop or an
+        # eviction is draining already (that drain goes on, and ends in STOPPED).
+        r.standby_after_stop = False
+        if drain and r.state in STOPPING_STATES:
+            return
         if drain and r.drainable:
             r.start_drain(deadline)
         else:
@@ -185,6 +116,8 @@ def stop_engine(
     rec = cluster.registry.update(engine_id, begin, events=draining_event)
     if rec.state not in STOPPING_STATES or rec.host is None or before.state is S.STOPPING:
         return rec
+    if drain and before.state is S.DRAINING:
+        return rec  # its drain is under way (its worker watches it): only its end changed
     # DRAINING: its host's worker watches the drain (in a thread) and stops it after.
     send_to_host(
         cluster.celery,
@@ -236,20 +169,15 @@ def restart_engine(cluster: Cluster, engine_id: str) -> EngineRecord:
     rec = cluster.registry.get(engine_id)
     if rec.state in STOPPING_STATES or rec.state is S.STOPPED:
         raise IllegalTransition(f"engine {engine_id} is {rec.state.value}: start a new one instead")
+    if rec.state is S.STANDBY:
+        return on_demand.wake_engine(cluster, engine_id)  # start it now, as a request would
     check_engine_spec(cluster, rec.spec)  # the settings may have changed since its start
     if rec.owns_nothing:  # FAILED for good (STOPPED was refused above)
         # Its reservation was released when it failed: place and reserve again, in
         # the same atomic write as the new placement and the pending restart.
-        _require_worker(cluster)
-        _, rec = allocate(
-            engine_id,
-            rec.spec,
-            cluster.registry,
-            cluster.ledger,
-            policy=cluster.settings.placement_policy,
-            margin_mib=cluster.settings.gpu_safety_margin_mib,
-            default_max_model_len=cluster.settings.default_max_model_len,
-            mutate=EngineRecord.retry_failed,
+        require_worker(cluster)
+        rec = on_demand.place_and_reserve(
+            cluster, engine_id, rec.spec, mutate=EngineRecord.retry_failed
         )
     if rec.host is None:
         raise IllegalTransition(f"engine {engine_id} has no host yet")

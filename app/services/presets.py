@@ -144,6 +144,23 @@ def apply_preset(
             details={"plan": plan.to_dict()["engines"], "rolled_back": [r.id for _, r in reserved]},
             reasons=list(getattr(exc, "reasons", [])),
         ) from None
+    standby: list[tuple[str, EngineRecord]] = []
+    try:
+        for pe in plan.engines:
+            if pe.action == "standby":  # on demand: recorded, nothing taken
+                standby.append((pe.name, control.start_engine(cluster, pe.spec, policy)))
+    except SagellmError as exc:
+        for _, rec in reserved + standby:
+            control.discard_engine(cluster, rec.id)
+        raise PresetApplyError(
+            f"preset {preset.name}: {exc.message}; nothing was started",
+            status_code=exc.status_code if exc.status_code < 500 else 409,
+            details={"plan": plan.to_dict()["engines"], "rolled_back": []},
+            reasons=list(getattr(exc, "reasons", [])),
+        ) from None
+    for name, rec in standby:
+        if on_progress:
+            on_progress(name, rec)
     started = [(name, control.launch_engine(cluster, rec)) for name, rec in reserved]
     deadline = time.monotonic() + timeout_s
     failure: tuple[str, EngineRecord] | None = None
@@ -157,7 +174,7 @@ def apply_preset(
             failure = (name, rec)
             break
     if failure is None:
-        result.engines = final
+        result.engines = [rec for _, rec in standby] + final
         return result
     name, rec = failure
     why = (
@@ -167,6 +184,9 @@ def apply_preset(
     )
     rolled_back = []
     if rollback:
+        for _, other in standby:  # recorded only: forgotten at once
+            control.discard_engine(cluster, other.id)
+            rolled_back.append(other.id)
         for _, other in started:
             try:
                 control.stop_engine(cluster, other.id)

@@ -12,17 +12,23 @@ import only ``app.core``, ``app.state`` and ``app.settings``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+import time
+from collections.abc import Callable, Collection, Sequence
+from typing import Any
 
 from app.core.allocation import Allocation, launch_flags, place_requirement, requirement
 from app.core.errors import PlacementError, ReservationConflict
-from app.core.models import LIVE_STATES, EngineRecord
+from app.core.eviction import Candidate, EvictionPlan, plan_eviction
+from app.core.models import LIVE_STATES, EngineRecord, EngineState
 from app.core.placement import Placement, PlacementHost, PlacementPolicy, make_policy
 from app.core.spec import EngineSpec
 from app.state.events import encode_event
 from app.state.ledger import PORT_MARK, Ledger, Reservation, ReserveRequest
 from app.state.model_facts import hosts_model_facts
 from app.state.registry import Registry
+
+# What may be evicted, and why the other on-demand engines may not.
+Evictable = tuple[list[Candidate], list[str]]
 
 
 def placement_hosts(
@@ -69,6 +75,8 @@ def allocate(
     attempts: int = 8,
     exclude_gpus: Collection[str] = (),
     move: bool = False,
+    evictable: Callable[[], Evictable] | None = None,
+    drain_timeout_s: float = 30.0,
 ) -> tuple[Allocation, EngineRecord]:
     """Place ``spec`` on live state and reserve it for ``engine_id``, recording the
     placement in the engine's record in the same atomic step.
@@ -78,6 +86,10 @@ def allocate(
     placement and reservation, the ledger refuses and placement runs again on fresh
     state. ``exclude_gpus``: GPU uuids not to place on. ``move``: the engine holds a
     reservation already, given up in the same atomic write that takes the new one.
+    ``evictable``: when nothing fits, the idle on-demand engines that may make room
+    (``app.core.eviction``): the fewest of them are drained back to STANDBY and their
+    room handed to this engine in the same atomic write (it spawns once their processes
+    are gone: ``EngineRecord.waits_for``).
     Raises ``PlacementError`` (nothing fits, with reasons) or ``ValidationError``;
     nothing is written then.
     """
@@ -89,7 +101,12 @@ def allocate(
     for attempt in range(attempts):
         if attempt:
             hosts = placement_hosts(registry, ledger, exclude_gpus=exclude_gpus)
-        chosen = place_requirement(need, hosts, policy, margin_mib)
+        victims: tuple[str, ...] = ()
+        try:
+            chosen = place_requirement(need, hosts, policy, margin_mib)
+        except PlacementError as exc:
+            evicting = _plan_eviction(exc, need, hosts, evictable, policy, margin_mib)
+            chosen, victims = evicting.placement, evicting.victims
         host = next(h for h in hosts if h.name == chosen.host)
         alloc = Allocation(chosen, need.estimate, launch_flags(spec, need, chosen))
         req = ReserveRequest(
@@ -104,17 +121,24 @@ def allocate(
         )
         placed = _placed_event(chosen, spec.port)
 
-        def place_into(r: EngineRecord, alloc: Allocation = alloc) -> None:
+        def place_into(
+            r: EngineRecord, alloc: Allocation = alloc, victims: tuple[str, ...] = victims
+        ) -> None:
             alloc.place_record(r)
+            r.waits_for = list(victims)
             if mutate is not None:
                 mutate(r)
+
+        evict = [_evicted(v, engine_id, time.time() + drain_timeout_s) for v in victims]
 
         try:
             if record is not None:
                 place_into(record)
-                rec = registry.create(record, reserve=req, events=[placed])
+                rec = registry.create(record, reserve=req, events=[placed], evict=evict)
             else:
-                rec = registry.update(engine_id, place_into, reserve=req, events=[placed])
+                rec = registry.update(
+                    engine_id, place_into, reserve=req, events=[placed], evict=evict
+                )
         except ReservationConflict as exc:
             last = exc  # someone else took the room: place again on fresh state
             continue
@@ -148,3 +172,67 @@ def _placed_event(chosen: Placement, port: int | None) -> str:
         memory_mib_per_gpu=chosen.memory_mib_per_gpu,
         port=port or PORT_MARK,
     )
+
+
+def _plan_eviction(
+    refused: PlacementError,
+    need: Any,
+    hosts: Sequence[PlacementHost],
+    evictable: Callable[[], Evictable] | None,
+    policy: PlacementPolicy,
+    margin_mib: int,
+) -> EvictionPlan:
+    """Where ``need`` fits once idle on-demand engines give their room back, or the
+    placement's refusal, saying why eviction did not help when it was worth trying."""
+    if evictable is None:
+        raise refused
+    candidates, busy = evictable()
+    found = plan_eviction(need, hosts, candidates, policy, margin_mib) if candidates else None
+    if found is None:
+        why = list(busy)
+        if candidates:
+            why.append(
+                f"evicting the {len(candidates)} idle on-demand engine(s) would not make room"
+            )
+        if not why:
+            raise refused
+        raise PlacementError(refused.summary, [*refused.reasons, *why]) from None
+    return found
+
+
+def _evicted(
+    victim: str, engine_id: str, deadline: float
+) -> tuple[str, Callable[[EngineRecord], None], tuple[str, ...]]:
+    event = encode_event("evicted", f"room handed to {engine_id}; back to STANDBY", to=engine_id)
+    return victim, lambda r: r.evict_for(engine_id, deadline), (event,)
+
+
+def eviction_candidates(registry: Registry, busy: Callable[[], Collection[str]]) -> Evictable:
+    """Engines that may be evicted to make room: on demand, not pinned to GPUs,
+    RUNNING, and with no request in flight (``busy``: engine ids with requests in
+    flight through any gateway process); and why the other on-demand engines may not."""
+    in_flight = set(busy())
+    out = []
+    kept: list[str] = []
+    for rec in registry.engines(state=EngineState.RUNNING):
+        spec = rec.spec
+        if not spec.on_demand or rec.host is None or rec.evicted_for is not None:
+            continue
+        if spec.gpu_ids is not None:
+            kept.append(f"on-demand engine {rec.id} ({spec.name}) is pinned to its GPUs")
+            continue
+        if rec.id in in_flight:
+            kept.append(
+                f"on-demand engine {rec.id} ({spec.name}) on host {rec.host} has requests "
+                "in flight: not evicted"
+            )
+            continue
+        out.append(
+            Candidate(
+                rec.id,
+                rec.host,
+                tuple((g.uuid, g.memory_mib) for g in rec.gpus),
+                rec.last_request_at or rec.running_since or rec.created_at,
+            )
+        )
+    return out, kept

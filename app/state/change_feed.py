@@ -1,5 +1,5 @@
 """A long-lived subscription to ``keys.ENGINE_CHANGES`` (every record write publishes
-``{"id", "state"}`` there, in the same step as the write: ``app.state.registry``).
+``{"id", "state", "seq"}`` there, in the same step as the write: ``app.state.registry``).
 
 For a process that keeps a cached view of the records (the gateway's discovery): a
 daemon thread per process hears each change and calls ``on_change(id, state)``; after a
@@ -7,6 +7,13 @@ daemon thread per process hears each change and calls ``on_change(id, state)``; 
 subscription is down (``up`` is False) it retries with a backoff, and the caller falls
 back to re-reading on its own schedule. gevent-friendly: under gunicorn's gevent worker
 the thread is a greenlet and the socket wait yields.
+
+``seq`` is the write number (``app.state.write_seq``) up to which every write has been
+handed to ``on_change`` or preceded the last ``on_reset``: on subscription it is the
+number Redis had once the subscription was confirmed (read before ``on_reset``, set
+after it), and each notice moves it to its own number once ``on_change`` returned.
+It stays where it was while the subscription is down. A number, not a time: it means
+the same on every machine.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from collections.abc import Callable
 import redis
 
 from app.state import keys
+from app.state.write_seq import current_seq, notice_seq
 
 log = logging.getLogger(__name__)
 PING_EVERY_S = 5.0  # a dead connection shows itself when a ping cannot be sent
@@ -42,6 +50,7 @@ class ChangeFeed:
         self._guard = threading.Lock()
         self._subscribed = False
         self.up = False
+        self.seq = 0  # see the module docstring
 
     def start(self) -> None:
         """Start the subscriber thread of this process (once; again in a forked child,
@@ -83,12 +92,15 @@ class ChangeFeed:
                         since_ping = 0.0
                     continue
                 if msg["type"] == "subscribe":
+                    known = current_seq(self._r)  # every write up to it came before
                     self.up = self._subscribed = True
                     self._on_reset()  # what changed before we listened is unknown
+                    self.seq = known
                 elif msg["type"] == "message":
                     with contextlib.suppress(ValueError, KeyError, TypeError):
                         notice = json.loads(msg["data"])
                         self._on_change(str(notice["id"]), str(notice["state"]))
+                        self.seq = max(self.seq, notice_seq(notice) or 0)
         finally:
             self.up = False
             with contextlib.suppress(Exception):

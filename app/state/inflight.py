@@ -3,10 +3,12 @@ I/O on the hot path) and published to Redis every ``PUBLISH_EVERY_S`` (``InFligh
 so the management API can show the cluster-wide sum (``GET /v1/management/backends``)
 and a host's worker can tell when a DRAINING engine has nothing left in flight.
 
-Each process publishes ``{"at", "fresh", "counts"}``: ``fresh`` is the time as of which
-the process's routing knows every engine's state (``BackendDirectory.fresh_as_of``): a
-process whose ``fresh`` is past the start of a drain sends the engine nothing new, so
-its count for the engine can only fall (``InFlightBoard.drain_view``)."""
+Each process publishes ``{"at", "fresh", "counts"}``: ``fresh`` is the write number
+(``app.state.write_seq``) up to which the process's routing knows every engine's state
+(``BackendDirectory.fresh_seq``): a process whose ``fresh`` is at or past the number of
+the write that made an engine DRAINING sends the engine nothing new, so its count for
+the engine can only fall (``InFlightBoard.drain_view``). Numbers, not times: Redis
+hands them out, so the gateway's and the API's clocks never meet in the comparison."""
 
 from __future__ import annotations
 
@@ -34,19 +36,23 @@ PUBLISH_TTL_S = 3
 
 
 class InFlight:
-    """This process's counts. ``fresh``: the time as of which its routing knows every
-    engine's state (default: now, for a process that reads the registry per request)."""
+    """This process's counts. ``fresh``: the write number up to which its routing knows
+    every engine's state (None, or a function that answers None: it cannot tell, and a
+    drain counts it as not knowing)."""
 
-    def __init__(self, fresh: Callable[[], float] | None = None) -> None:
+    def __init__(self, fresh: Callable[[], int | None] | None = None) -> None:
         self._counts: Counter[str] = Counter()
         self._lock = threading.Lock()
         self.process_id = f"{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._publisher: threading.Thread | None = None
-        self._fresh = fresh or time.time
+        self._board: InFlightBoard | None = None
+        self._fresh = fresh or (lambda: None)
 
     def inc(self, engine_id: str) -> None:
         with self._lock:
             self._counts[engine_id] += 1
+        if self._publisher is None and self._board is not None:
+            self._start()
 
     def dec(self, engine_id: str) -> None:
         with self._lock:
@@ -66,18 +72,26 @@ class InFlight:
 
     def start_publishing(self, board: InFlightBoard) -> None:
         """Publish this process's counts to ``board`` every ``PUBLISH_EVERY_S`` (a daemon
-        thread, started once)."""
-        if self._publisher is not None:
-            return
-        tick = threading.Event()  # never set: a sleep that cannot be interrupted early
+        thread), from this process's first proxied request on: a process that never
+        sent an engine a request has nothing to report (a drain needs no word from it:
+        whatever it routes later, it routes with a view read after the drain began),
+        and an idle process, or each app a test builds, costs Redis nothing."""
+        self._board = board
 
-        def loop() -> None:
-            while not tick.wait(PUBLISH_EVERY_S):
-                with contextlib.suppress(redis.RedisError):
-                    board.publish(self.process_id, self.report())
+    def _start(self) -> None:
+        with self._lock:
+            if self._publisher is not None or self._board is None:
+                return
+            board = self._board
+            tick = threading.Event()  # never set: a sleep that cannot be interrupted early
 
-        self._publisher = threading.Thread(target=loop, daemon=True, name="inflight-publisher")
-        self._publisher.start()
+            def loop() -> None:
+                while not tick.wait(PUBLISH_EVERY_S):
+                    with contextlib.suppress(redis.RedisError):
+                        board.publish(self.process_id, self.report())
+
+            self._publisher = threading.Thread(target=loop, daemon=True, name="inflight-publisher")
+            self._publisher.start()
 
 
 class InFlightBoard:
@@ -99,7 +113,8 @@ class InFlightBoard:
     def _reports(self, skip: str | None = None) -> list[dict[str, Any]]:
         keys_seen = [
             k
-            for k in self._r.scan_iter(match=keys.gateway_in_flight("*"), count=200)
+            # one SCAN step covers a thousand keys (of every kind, a few per engine)
+            for k in self._r.scan_iter(match=keys.gateway_in_flight("*"), count=1000)
             if skip is None or k.decode() != skip
         ]
         out = []
@@ -112,14 +127,15 @@ class InFlightBoard:
             out.append(report)
         return out
 
-    def drain_view(self, engine_id: str, since: float) -> tuple[int, int]:
-        """For an engine DRAINING since ``since``: (requests in flight to it, gateway
-        processes that may not know of the drain yet: their ``fresh`` is older). The
-        drain is over when both are 0."""
+    def drain_view(self, engine_id: str, since: int) -> tuple[int, int]:
+        """For an engine made DRAINING by write number ``since``: (requests in flight
+        to it, gateway processes that may not know of the drain yet: their ``fresh`` is
+        older, or not a write number). The drain is over when both are 0."""
         in_flight = behind = 0
         for report in self._reports():
             in_flight += int(report["counts"].get(engine_id, 0))
-            if float(report.get("fresh") or 0.0) < since:
+            fresh = report.get("fresh")
+            if not isinstance(fresh, int) or fresh < since:
                 behind += 1
         return in_flight, behind
 

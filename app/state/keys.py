@@ -53,14 +53,29 @@ def engine(engine_id: str) -> str:
     return f"{PREFIX}engine:{engine_id}"
 
 
-# pub/sub channel: JSON {"id", "state"} published by the record write script on every
-# write of a record ("DELETED" when it is deleted), so waiters need not poll
+# pub/sub channel: JSON {"id", "state", "seq"} published by the record write script on
+# every write of a record ("DELETED" when it is deleted), so waiters need not poll
 ENGINE_CHANGES = f"{PREFIX}engine-changes"
+
+# Write sequence (``app.state.ledger``'s commit script): a counter bumped by every write
+# of a record or a reservation; started from Redis' clock in microseconds when absent,
+# so a number is never handed out twice, even after Redis lost everything.
+WRITE_SEQ = f"{PREFIX}seq"
+# sorted set engine id -> the write sequence number of its record's last write
+RECORD_SEQS = f"{PREFIX}seq:records"
+# string: the write sequence number of the last change of any reservation
+LEDGER_SEQ = f"{PREFIX}seq:ledger"
 
 
 def engine_events(engine_id: str) -> str:
     """List of JSON events of one engine, oldest first, bounded; deleted with the record."""
     return f"{PREFIX}events:{engine_id}"
+
+
+def external_api_key(engine_id: str) -> str:
+    """String: the API key of an external engine, never in its record; deleted with the
+    record (``ledger._COMMIT``)."""
+    return f"{PREFIX}external-key:{engine_id}"
 
 
 HOSTS = f"{PREFIX}hosts"  # set of host names ever seen
@@ -80,6 +95,16 @@ def host_last_seen(name: str) -> str:
 def gateway_in_flight(process_id: str) -> str:
     """JSON {engine_id: requests in flight} of one gateway process, with a TTL."""
     return f"{PREFIX}gateway:inflight:{process_id}"
+
+
+def gateway_last_request(process_id: str) -> str:
+    """JSON {engine_id: seconds since its last request} of one gateway process (TTL)."""
+    return f"{PREFIX}gateway:lastreq:{process_id}"
+
+
+# Counters of the on-demand lifecycle (HINCRBY): cold starts, idle stops, evictions,
+# and the cold-start duration histogram's buckets, sum and count.
+ON_DEMAND_COUNTERS = f"{PREFIX}counters:on_demand"
 
 
 # Metrics ---------------------------------------------------------------------------

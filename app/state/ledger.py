@@ -22,11 +22,12 @@ caller read (compare-and-set), then in the same atomic step
   (STOPPED, FAILED with no restart pending, or deleted);
 * refuses a write that needs a reservation the engine does not hold (a spawn of an
   engine whose room was given away);
-* tells everyone who listens: it PUBLISHes ``{"id", "state"}`` on
-  ``keys.ENGINE_CHANGES`` (``"DELETED"`` on delete), appends the caller's events
-  (``app.state.events``; a state change is one) to the engine's bounded timeline, and
-  deletes the timeline with the record. Nothing a waiter sees can be ahead of or
-  behind the record.
+* numbers the write and tells everyone who listens (``app.state.write_seq``): it
+  PUBLISHes ``{"id", "state", "seq"}`` on ``keys.ENGINE_CHANGES`` (``"DELETED"`` on
+  delete), appends the caller's events (``app.state.events``; a state change is one)
+  to the engine's bounded timeline, and deletes the timeline (and an external engine's
+  API key, ``keys.external_api_key``) with the record. Nothing a waiter sees can be
+  ahead of or behind the record.
 
 What it guarantees (each proved by a test against a real redis-server):
 
@@ -57,14 +58,20 @@ from app.core.errors import ReservationConflict, ValidationError
 from app.core.models import GpuCapacity
 from app.state import keys
 from app.state.events import MAX_EVENTS
+from app.state.write_seq import FINISH_WRITE_LUA, seq_of
+from app.state.write_seq import KEY_NAMES as SEQ_KEY_NAMES
 
 # ARGV[1]: JSON {id, mode, release, require_reserved, reserve?, notify?, events?};
 # ARGV[2]: the record as the caller read it (modes update/delete); ARGV[3]: the new
 # record (update/create); ARGV[4]: key names. mode: "update" (compare-and-set),
 # "create" (must not exist), "delete" (compare and delete), "none" (no record: ledger
 # only). notify: the message to PUBLISH; events: JSON strings to append to the
-# timeline (the port mark filled in). Returns {status, port, released}.
-_COMMIT = r"""
+# timeline (the port mark filled in). ARGV[5]: JSON list of evictions {id, expected,
+# new, notify, events} (with a reservation only): engines whose room the reservation
+# takes, compared and rewritten in the same step. Returns {status, port, released, seq}.
+_COMMIT = (
+    FINISH_WRITE_LUA
+    + r"""
 local op = cjson.decode(ARGV[1])
 local K = cjson.decode(ARGV[4])
 local eid, mode = op.id, op.mode
@@ -78,6 +85,15 @@ elseif mode == 'create' then
 end
 if op.require_reserved and redis.call('EXISTS', res_key) == 0 then
   return {'UNRESERVED', 'engine ' .. eid .. ' holds no reservation', 0}
+end
+-- Evictions (ARGV[5]): engines whose room this write hands to eid. Each must be as
+-- its caller read it; its room counts as free below, and is released, with its new
+-- record written, only once everything else has been checked.
+local evict = cjson.decode(ARGV[5] ~= '' and ARGV[5] or '[]')
+local victims = {}
+for _, v in ipairs(evict) do
+  if redis.call('GET', K.engine .. v.id) ~= v.expected then return {'RETRY', '', 0} end
+  victims[v.id] = true
 end
 
 local port = ''
@@ -103,7 +119,10 @@ if r then
         local held = redis.call('HGETALL', K.gpu .. host .. ':' .. uuid)
         for i = 1, #held, 2 do
           -- a move counts the room the engine gives up as free
-          if not (moving and held[i] == eid) then reserved = reserved + tonumber(held[i + 1]) end
+          -- (and so does the room of the engines it evicts)
+          if not ((moving and held[i] == eid) or victims[held[i]]) then
+            reserved = reserved + tonumber(held[i + 1])
+          end
         end
         local free = cap.total_mib - cap.outside_mib - r.margin - reserved
         if mib > free then
@@ -136,6 +155,26 @@ if r then
       if not chosen then
         return {'ERR', string.format('host %s: no free port in %d-%d', host, r.lo, r.hi), 0}
       end
+    end
+    for _, v in ipairs(evict) do
+      local vres = K.reservation .. v.id
+      local vhost = redis.call('HGET', vres, 'host')
+      if vhost then
+        for _, g in ipairs(cjson.decode(redis.call('HGET', vres, 'gpus') or '[]')) do
+          redis.call('HDEL', K.gpu .. vhost .. ':' .. g[1], v.id)
+        end
+        local vport = redis.call('HGET', vres, 'port')
+        if vport and redis.call('HGET', K.ports .. vhost, vport) == v.id then
+          redis.call('HDEL', K.ports .. vhost, vport)
+        end
+        redis.call('DEL', vres)
+      end
+      redis.call('SREM', K.reserved, v.id)
+      redis.call('SET', K.engine .. v.id, v.new)
+      local vev = K.events .. v.id
+      for _, ev in ipairs(v.events) do redis.call('RPUSH', vev, ev) end
+      redis.call('LTRIM', vev, -K.max_events, -1)
+      redis.call('PUBLISH', K.changes, v.notify)
     end
     if moving then
       -- give up the old room in the same step that takes the new one
@@ -181,6 +220,7 @@ if mode == 'delete' then
   redis.call('DEL', rec_key)
   redis.call('SREM', K.engines, eid)
   redis.call('DEL', K.events .. eid)
+  redis.call('DEL', K.external_key .. eid)  -- an external engine's API key goes with it
 elseif mode == 'update' or mode == 'create' then
   local raw = ARGV[3]
   if port ~= '' then
@@ -201,9 +241,9 @@ elseif mode == 'update' or mode == 'create' then
     redis.call('LTRIM', ev_key, -K.max_events, -1)
   end
 end
-if op.notify then redis.call('PUBLISH', K.changes, op.notify) end
-return {'OK', port, released}
+return {'OK', port, released, finish_write(K, op, mode, eid, victims, released)}
 """
+)
 
 # KEYS[1]: capacity hash, KEYS[2]: published marker; ARGV[1]: JSON {uuid: capacity
 # JSON}; ARGV[2..]: reservation keys that must exist. Publishes nothing and returns the
@@ -233,8 +273,10 @@ KEY_NAMES = json.dumps(
         "ports": keys.PORT_RESERVATIONS_PREFIX,
         "port_mark": PORT_MARK,
         "events": keys.engine_events(""),
+        "external_key": keys.external_api_key(""),
         "max_events": MAX_EVENTS,
         "changes": keys.ENGINE_CHANGES,
+        **SEQ_KEY_NAMES,
         "hosts": keys.HOSTS,
         "host": keys.host(""),
         "host_last": keys.host_last_seen(""),
@@ -303,6 +345,27 @@ class ReserveRequest:
         }
 
 
+@dataclass(frozen=True)
+class Eviction:
+    """An engine whose room a reservation takes in the same atomic write: its record
+    as read (``expected``, compared), its new record, its notice and events."""
+
+    engine_id: str
+    expected: bytes
+    new: str
+    notify: str
+    events: tuple[str, ...] = ()
+
+    def to_lua(self) -> dict[str, Any]:
+        return {
+            "id": self.engine_id,
+            "expected": self.expected.decode(),
+            "new": self.new,
+            "notify": self.notify,
+            "events": list(self.events),
+        }
+
+
 class Unreserved(ReservationConflict):
     """A write that needs the engine's reservation found none (it was released)."""
 
@@ -319,6 +382,7 @@ class RecordExists(ValueError):
 class CommitResult:
     port: int | None  # the port reserved by this commit, if it reserved
     released: bool  # this commit released the engine's reservation (exactly once)
+    seq: int | None = None  # its number (``app.state.write_seq``); None: it wrote nothing
 
 
 @dataclass
@@ -343,6 +407,7 @@ class Committer:
         require_reserved: bool = False,
         notify: str | None = None,
         events: Sequence[str] = (),
+        evict: Sequence[Eviction] = (),
     ) -> CommitResult:
         """``notify``: the JSON to PUBLISH on ``keys.ENGINE_CHANGES`` when the write
         happens; ``events``: JSON events appended to the engine's timeline in the same
@@ -359,12 +424,17 @@ class Committer:
             op["events"] = list(events)
         if reserve is not None:
             op["reserve"] = reserve.validate().to_lua()
-        status, detail, released = self._script(
-            args=[json.dumps(op), expected or b"", new or "", KEY_NAMES]
+        evictions = ""
+        if evict:
+            if reserve is None:
+                raise ValueError("an eviction hands its room to a reservation")
+            evictions = json.dumps([e.to_lua() for e in evict])
+        status, detail, released, *seq = self._script(
+            args=[json.dumps(op), expected or b"", new or "", KEY_NAMES, evictions]
         )
         status, detail = _text(status), _text(detail)
         if status == "OK":
-            return CommitResult(int(detail) if detail else None, bool(released))
+            return CommitResult(int(detail) if detail else None, bool(released), seq_of(seq))
         if status == "RETRY":
             raise StaleRecord(engine_id)
         if status == "EXISTS":

@@ -33,11 +33,12 @@ from app.state.ledger import (
     PORT_MARK,
     CommitResult,
     Committer,
+    Eviction,
     RecordExists,
     ReserveRequest,
     StaleRecord,
 )
-from app.state.snapshot import DocumentCache, EngineDocument, Snapshot, stored_record_matches
+from app.state.snapshot import DocumentCache, Snapshot, stored_record_matches
 
 Mutate = Callable[[EngineRecord], None]
 # A reservation to take in the same write: a request, or one made from the new record.
@@ -45,6 +46,9 @@ Reserve = ReserveRequest | Callable[[EngineRecord], ReserveRequest | None] | Non
 # Events to append in the same write: JSON strings (``events.encode_event``), or a
 # function of the mutated record returning them (an event that depends on the outcome).
 Events = Sequence[str] | Callable[[EngineRecord], Sequence[str]]
+# Engines whose room a reservation takes in the same write: (engine id, the change of
+# its record, events for its timeline). A change that raises aborts the whole write.
+Evict = Sequence[tuple[str, Mutate, Sequence[str]]]
 # A waiter that heard nothing re-reads the record this often (a lost message, a
 # reconnect): a safety net, not the way changes are learnt.
 WAIT_REREAD_S = 2.0
@@ -68,8 +72,8 @@ class Registry:
     ) -> Snapshot:
         """Engine records (as stored), hosts, and (when asked) GPU capacity and
         reservations, in one round trip whatever the number of engines
-        (``app.state.snapshot``); a record is decoded only when it changed since this
-        registry last read it."""
+        (``app.state.snapshot``); a record is read and decoded only when it was
+        written since this registry last read it. Shared between reads: read only."""
         return Snapshot.read(
             self._documents,
             engines=engines,
@@ -84,6 +88,7 @@ class Registry:
         *,
         reserve: ReserveRequest | None = None,
         events: Sequence[str] = (),
+        evict: Evict = (),
     ) -> EngineRecord:
         """Store a new record (and take ``reserve`` in the same atomic step); an
         existing id is a conflict (``RecordExists``), never overwritten. A refused
@@ -91,14 +96,22 @@ class Registry:
         (``events.encode_event``) start its timeline in the same step; ``PORT_MARK``
         in them becomes the port reserved."""
         raw = _encode(record, port_from_reservation=_picks_port(reserve))
-        result = self._commit(
-            record.id,
-            mode="create",
-            new=raw,
-            reserve=reserve,
-            notify=_notice(record.id, record.state.value),
-            events=events,
-        )
+        for _ in range(100):
+            try:
+                result = self._commit(
+                    record.id,
+                    mode="create",
+                    new=raw,
+                    reserve=reserve,
+                    notify=_notice(record.id, record.state.value),
+                    events=events,
+                    evict=[self._eviction(v, change, ev) for v, change, ev in evict],
+                )
+                break
+            except StaleRecord:  # an engine it evicts changed since it was read
+                continue
+        else:
+            raise RuntimeError(f"engine {record.id}: too much contention evicting")
         if result.port is not None:
             record.port = result.port
         return record
@@ -139,21 +152,6 @@ class Registry:
                 out.append(EngineRecord.from_dict(d))
         return sorted(out, key=lambda r: (r.created_at, r.id))
 
-    def engine_documents(
-        self,
-        *,
-        state: EngineState | Iterable[EngineState] | None = None,
-        host: str | None = None,
-        kind: str | None = None,
-        label: str | None = None,
-    ) -> list[EngineDocument]:
-        """``engines``' records as stored (JSON and decoded, read only), filtered, oldest
-        first: one round trip, and a decode only for records changed since the last
-        read. For views that send records as they are."""
-        states = _state_values(state)
-        docs = self.snapshot().engines
-        return [d for d in docs if d.matches(states, host, kind, label)]
-
     def update(
         self,
         engine_id: str,
@@ -163,6 +161,7 @@ class Registry:
         require_reserved: bool = False,
         retries: int = 100,
         events: Events = (),
+        evict: Evict = (),
     ) -> EngineRecord:
         """Apply ``mutate`` to the current record atomically; see ``commit``."""
         return self.commit(
@@ -172,6 +171,7 @@ class Registry:
             require_reserved=require_reserved,
             retries=retries,
             events=events,
+            evict=evict,
         )[0]
 
     def commit(
@@ -183,6 +183,7 @@ class Registry:
         require_reserved: bool = False,
         retries: int = 100,
         events: Events = (),
+        evict: Evict = (),
     ) -> tuple[EngineRecord, CommitResult]:
         """Apply ``mutate`` to the current record and write it in one atomic step that
         also takes ``reserve`` (a request, or a function of the mutated record) and
@@ -197,6 +198,10 @@ class Registry:
         the engine's timeline (kind ``state``: from, to, ``last_error`` when set), and
         so are ``events`` (or ``events(mutated record)``), all in the same step: no
         extra Redis write.
+
+        ``evict``: engines whose room ``reserve`` takes (``ledger.Eviction``): each
+        record is changed and compared like this one, and its reservation released, in
+        the same step; a victim that changed since it was read retries the whole write.
         """
         key = keys.engine(engine_id)
         for _ in range(retries):
@@ -211,6 +216,7 @@ class Registry:
             timeline = list(events(rec) if callable(events) else events)
             if rec.state is not before:
                 timeline.insert(0, _state_event(before, rec))
+            evictions = [self._eviction(v, change, ev) for v, change, ev in evict]
             try:
                 result = self._commit(
                     engine_id,
@@ -222,6 +228,7 @@ class Registry:
                     require_reserved=require_reserved,
                     notify=_notice(engine_id, rec.state.value),
                     events=timeline,
+                    evict=evictions,
                 )
             except StaleRecord:
                 continue
@@ -229,6 +236,25 @@ class Registry:
                 rec.port = result.port
             return rec, result
         raise RuntimeError(f"engine {engine_id}: too much contention updating its record")
+
+    def _eviction(self, engine_id: str, change: Mutate, events: Sequence[str]) -> Eviction:
+        raw = self.r.get(keys.engine(engine_id))
+        if raw is None:
+            raise NotFoundError(f"engine {engine_id!r} not found")
+        victim = EngineRecord.from_dict(json.loads(raw))
+        before = victim.state
+        change(victim)
+        victim.updated_at = time.time()
+        timeline = list(events)
+        if victim.state is not before:
+            timeline.insert(0, _state_event(before, victim))
+        return Eviction(
+            engine_id,
+            raw if isinstance(raw, bytes) else raw.encode(),
+            _encode(victim, port_from_reservation=False),
+            _notice(engine_id, victim.state.value),
+            tuple(timeline),
+        )
 
     def transition(
         self, engine_id: str, new: EngineState, *, error: str | None = None, **fields: Any

@@ -1,22 +1,29 @@
 """The whole cluster as Redis holds it, in one round trip: what status views answer from.
 
-``Snapshot.read`` runs one read-only script (``_SNAPSHOT``) that returns, in four
-replies whatever the size of the cluster:
+``Snapshot.read`` runs one script (``_SNAPSHOT``) that returns, in one reply whatever
+the size of the cluster:
 
-1. every engine record, as stored, joined by newlines (stored JSON has none);
-2. every known host's heartbeat (or, once it expired, last-seen) record;
-3. each host's GPUs: capacity and the MiB reserved on each;
-4. every reservation.
+1. the number of the last write (``app.state.write_seq``) and the engine ids;
+2. the engine records written since this process last read them, as stored, joined by
+   newlines (stored JSON has none): every record the first time, then only those whose
+   number (``keys.RECORD_SEQS``) is past the one this process read last, none when
+   nothing was written since;
+3. every known host's heartbeat (or, once it expired, last-seen) record;
+4. each host's GPUs: capacity and the MiB reserved on each;
+5. every reservation, when one changed since this process last read them
+   (``keys.LEDGER_SEQ``).
 
-Per engine it costs the bytes of its record (and of its reservation when asked for),
-and one JSON decode only when the record changed since this process last read it
-(``DocumentCache``): an unchanged record is neither decoded nor encoded again, and the
-API sends its stored JSON as it is (``app.api.documents``). The reply is consistent:
-Redis runs the script atomically, so counts, records and reservations agree.
+``DocumentCache`` keeps what was read: each record's JSON and its decoded dict, and the
+reservations. Per engine a read costs the bytes of its id, plus the bytes of its record
+and one JSON decode only when it was written since this process's last read; the API
+sends stored JSON as it is (``app.api.documents``). A record written without a number
+(by another version of this code) is read every time. The reply is consistent: Redis
+runs the script atomically, so counts, records and reservations agree.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 from dataclasses import dataclass, field
@@ -29,15 +36,30 @@ from app.core.spec import EngineKind
 from app.state.ledger import KEY_NAMES, Reservation
 
 # ARGV[1]: key names (ledger.KEY_NAMES); ARGV[2..4]: "1" to read engines, GPU capacity,
-# reservations. Hosts are always read.
+# reservations; ARGV[5]: the write number the caller's records are as of ('': none);
+# ARGV[6]: the ledger number its reservations are as of ('': none). Hosts are always
+# read. Returns {seq, ids, records, hosts, capacity, reservations | '', ledger seq}.
 _SNAPSHOT = r"""
 local K = cjson.decode(ARGV[1])
-local records, hosts, capacity, reservations = {}, {}, {}, {}
+local seq = redis.call('GET', K.seq) or '0'
+local ids, records, hosts, capacity = {}, {}, {}, {}
+local reservations = ''
 if ARGV[2] == '1' then
-  local ids = redis.call('SMEMBERS', K.engines)
-  for i = 1, #ids, 500 do
+  ids = redis.call('SMEMBERS', K.engines)
+  local since = ARGV[5]
+  local want = ids
+  if since ~= '' and tonumber(seq) >= tonumber(since) then
+    want = redis.call('ZRANGEBYSCORE', K.record_seqs, '(' .. since, '+inf')
+    if redis.call('ZCARD', K.record_seqs) ~= #ids then
+      -- records written without a number (another version): read them every time
+      for _, id in ipairs(ids) do
+        if not redis.call('ZSCORE', K.record_seqs, id) then want[#want + 1] = id end
+      end
+    end
+  end
+  for i = 1, #want, 500 do
     local keys = {}
-    for j = i, math.min(i + 499, #ids) do keys[#keys + 1] = K.engine .. ids[j] end
+    for j = i, math.min(i + 499, #want) do keys[#keys + 1] = K.engine .. want[j] end
     for _, raw in ipairs(redis.call('MGET', unpack(keys))) do
       if raw then records[#records + 1] = raw end
     end
@@ -60,19 +82,22 @@ for _, name in ipairs(redis.call('SMEMBERS', K.hosts)) do
     capacity[name] = gpus
   end
 end
-if ARGV[4] == '1' then
+local ledger_seq = redis.call('GET', K.ledger_seq) or '0'
+if ARGV[4] == '1' and ledger_seq ~= ARGV[6] then
+  local held = {}
   for _, eid in ipairs(redis.call('SMEMBERS', K.reserved)) do
     local h = redis.call('HGETALL', K.reservation .. eid)
     if #h > 0 then
       local res = {id = eid}
       for i = 1, #h, 2 do res[h[i]] = h[i + 1] end
       res.gpus = cjson.decode(res.gpus or '[]')
-      reservations[#reservations + 1] = res
+      held[#held + 1] = res
     end
   end
+  reservations = cjson.encode(held)
 end
-return {table.concat(records, '\n'), cjson.encode(hosts), cjson.encode(capacity),
-  cjson.encode(reservations)}
+return {seq, table.concat(ids, '\n'), table.concat(records, '\n'), cjson.encode(hosts),
+  cjson.encode(capacity), reservations, ledger_seq}
 """
 
 _RECORD_FIELDS = frozenset(EngineRecord.__dataclass_fields__) | {"base_url"}
@@ -120,69 +145,51 @@ def stored_record_matches(
     )
 
 
-class DocumentCache:
-    """Decoded records, reused while the stored bytes are the same; and the snapshot
-    script, registered once."""
+@dataclass(frozen=True)
+class _Read:
+    """What one read left: records (by id, and oldest first) as of write ``seq``, and
+    reservations as of ledger number ``ledger_seq`` ('' for what was not read)."""
 
-    def __init__(self, client: redis.Redis) -> None:
-        self._docs: dict[bytes, EngineDocument] = {}
-        self._lock = threading.Lock()
-        self.script = client.register_script(_SNAPSHOT)
-
-    def documents(self, raws: list[bytes]) -> list[EngineDocument]:
-        """The documents of ``raws``, oldest first; keeps only these for the next read."""
-        with self._lock:
-            old = self._docs
-        new: dict[bytes, EngineDocument] = {}
-        for raw in raws:
-            doc = old.get(raw)
-            new[raw] = doc if doc is not None else _decode(raw)
-        with self._lock:
-            self._docs = new
-        return sorted(new.values(), key=lambda d: (d.doc.get("created_at") or 0.0, d.id))
-
-
-def _decode(raw: bytes) -> EngineDocument:
-    doc = json.loads(raw)
-    if doc.keys() != _RECORD_FIELDS:
-        # Written by another version (a field added or gone): send it as this one does.
-        doc = EngineRecord.from_dict(doc).to_dict()
-        raw = json.dumps(doc).encode()
-    return EngineDocument(str(doc["id"]), raw, doc)
-
-
-@dataclass
-class Snapshot:
-    """Engines (oldest first), hosts (by name), GPU capacity per host (by index) and
-    reservations (by engine id), from one atomic read (see the module docstring)."""
-
-    engines: list[EngineDocument] = field(default_factory=list)
-    hosts: list[HostRecord] = field(default_factory=list)
-    capacity: dict[str, list[GpuCapacity]] = field(default_factory=dict)
+    seq: str = ""
+    docs: dict[str, EngineDocument] = field(default_factory=dict)
+    ordered: list[EngineDocument] = field(default_factory=list)
+    ledger_seq: str = ""
     reservations: list[Reservation] = field(default_factory=list)
 
-    @classmethod
-    def read(
-        cls,
-        cache: DocumentCache,
-        *,
-        engines: bool = True,
-        capacity: bool = False,
-        reservations: bool = False,
-    ) -> Snapshot:
-        """One round trip, whatever the size of the cluster."""
-        flags = ["1" if x else "0" for x in (engines, capacity, reservations)]
-        replies = cache.script(args=[KEY_NAMES, *flags])
-        raw_records, raw_hosts, raw_capacity, raw_reservations = replies
-        out = cls()
-        if raw_records:
-            out.engines = cache.documents(raw_records.split(b"\n"))
+
+class DocumentCache:
+    """The records and reservations this process read last, and the number of the
+    write they are as of (see the module docstring); and the snapshot script."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self._last = _Read()
+        self._lock = threading.Lock()
+        self.script = client.register_script(_SNAPSHOT)
+        # The hosts and the capacity last parsed, with the reply they came from: the
+        # same reply (no heartbeat since) gives the same objects back.
+        self._hosts: tuple[bytes, list[HostRecord]] = (b"", [])
+        self._capacity: tuple[bytes, dict[str, list[GpuCapacity]]] = (b"", {})
+
+    def hosts(self, raw: bytes) -> list[HostRecord]:
+        """The hosts of a reply, by name (parsed only when the reply changed)."""
+        last_raw, last = self._hosts
+        if raw == last_raw:
+            return last
         hosts = [
-            HostRecord.from_dict(json.loads(raw), up=bool(up))
-            for raw, up in json.loads(raw_hosts) or []
+            HostRecord.from_dict(json.loads(record), up=bool(up))
+            for record, up in json.loads(raw) or []
         ]
-        out.hosts = sorted(hosts, key=lambda h: h.name)
-        for host, gpus in (json.loads(raw_capacity) or {}).items():
+        parsed = sorted(hosts, key=lambda h: h.name)
+        self._hosts = (raw, parsed)
+        return parsed
+
+    def capacity(self, raw: bytes) -> dict[str, list[GpuCapacity]]:
+        """GPU capacity per host of a reply, by index (parsed only when it changed)."""
+        last_raw, last = self._capacity
+        if raw == last_raw:
+            return last
+        out: dict[str, list[GpuCapacity]] = {}
+        for host, gpus in (json.loads(raw) or {}).items():
             rows = [
                 GpuCapacity(
                     host=host,
@@ -194,18 +201,102 @@ class Snapshot:
                 )
                 for uuid, cap, reserved in gpus or []
             ]
-            out.capacity[host] = sorted(rows, key=lambda g: g.index)
-        held = [
-            Reservation(
-                r["id"],
-                r["host"],
-                int(r["port"]),
-                tuple((str(u), int(m)) for u, m in r["gpus"] or []),
-            )
-            for r in json.loads(raw_reservations) or []
-        ]
-        out.reservations = sorted(held, key=lambda r: r.engine_id)
+            out[host] = sorted(rows, key=lambda g: g.index)
+        self._capacity = (raw, out)
         return out
+
+    def read(self, *, engines: bool, capacity: bool, reservations: bool) -> tuple[Any, ...]:
+        """Run the script against what was read last; return (engines oldest first,
+        reservations, seq) and the raw hosts and capacity replies."""
+        with self._lock:
+            base = self._last
+        flags = ["1" if x else "0" for x in (engines, capacity, reservations)]
+        reply = self.script(args=[KEY_NAMES, *flags, base.seq, base.ledger_seq])
+        seq, ids, raws, hosts, caps, held, ledger_seq = reply
+        seq, ids, ledger_seq = _text(seq), _text(ids), _text(ledger_seq)
+        now = base
+        if engines:
+            now = self._records(base, seq, ids, raws)
+        if reservations and held:
+            now = dataclasses.replace(now, ledger_seq=ledger_seq, reservations=_reservations(held))
+        with self._lock:
+            # Concurrent reads each answer from their own; the newest is kept (a read
+            # from what is still the last one is newer, whatever its number says).
+            if self._last is base or int(now.seq or 0) >= int(self._last.seq or 0):
+                self._last = now
+        return now.ordered if engines else [], now.reservations, int(seq), hosts, caps
+
+    def _records(self, base: _Read, seq: str, ids: str, raws: bytes) -> _Read:
+        if seq == base.seq and not raws:
+            return base  # nothing written since
+        fresh = {d.id: d for d in map(_decode, raws.split(b"\n") if raws else [])}
+        docs: dict[str, EngineDocument] = {}
+        for eid in ids.split("\n") if ids else []:
+            doc = fresh.get(eid) or base.docs.get(eid)
+            if doc is not None:
+                docs[eid] = doc
+        ordered = sorted(docs.values(), key=lambda d: (d.doc.get("created_at") or 0.0, d.id))
+        return dataclasses.replace(base, seq=seq, docs=docs, ordered=ordered)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _decode(raw: bytes) -> EngineDocument:
+    doc = json.loads(raw)
+    if doc.keys() != _RECORD_FIELDS:
+        # Written by another version (a field added or gone): send it as this one does.
+        doc = EngineRecord.from_dict(doc).to_dict()
+        raw = json.dumps(doc).encode()
+    return EngineDocument(str(doc["id"]), raw, doc)
+
+
+def _reservations(raw: bytes) -> list[Reservation]:
+    held = [
+        Reservation(
+            r["id"],
+            r["host"],
+            int(r["port"]),
+            tuple((str(u), int(m)) for u, m in r["gpus"] or []),
+        )
+        for r in json.loads(raw) or []
+    ]
+    return sorted(held, key=lambda r: r.engine_id)
+
+
+@dataclass
+class Snapshot:
+    """Engines (oldest first), hosts (by name), GPU capacity per host (by index) and
+    reservations (by engine id), from one atomic read (see the module docstring), as of
+    write number ``seq``. Shared with later reads while unchanged: read only."""
+
+    engines: list[EngineDocument] = field(default_factory=list)
+    hosts: list[HostRecord] = field(default_factory=list)
+    capacity: dict[str, list[GpuCapacity]] = field(default_factory=dict)
+    reservations: list[Reservation] = field(default_factory=list)
+    seq: int = 0
+
+    @classmethod
+    def read(
+        cls,
+        cache: DocumentCache,
+        *,
+        engines: bool = True,
+        capacity: bool = False,
+        reservations: bool = False,
+    ) -> Snapshot:
+        """One round trip, whatever the size of the cluster."""
+        docs, held, seq, raw_hosts, raw_capacity = cache.read(
+            engines=engines, capacity=capacity, reservations=reservations
+        )
+        return cls(
+            engines=docs,
+            hosts=cache.hosts(raw_hosts),
+            capacity=cache.capacity(raw_capacity) if capacity else {},
+            reservations=held if reservations else [],
+            seq=seq,
+        )
 
 
 __all__ = ["DocumentCache", "EngineDocument", "Snapshot", "stored_record_matches"]

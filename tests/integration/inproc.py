@@ -34,13 +34,14 @@ from app.settings import Settings
 from app.state import keys
 from app.state.ledger import Ledger
 from app.state.registry import Registry
-from workers.agent import drain, lifecycle, supervise
+from workers.agent import lifecycle, supervise
 from workers.agent.context import HostContext, build_context
 from workers.host import processes
 
-# A stop that drains waits in the calling thread here (a worker watches in a thread of
-# its own): the test decides the interleaving, and no thread outlives its step.
-drain.set_runner(lambda run, _name: run())
+
+def _inline(run: Callable[[], None], _name: str) -> None:
+    run()
+
 
 REPO = Path(__file__).resolve().parents[2]
 FAKES = REPO / "tests" / "fakes"
@@ -127,6 +128,10 @@ class InprocHost:
         """A new worker process for this host: nothing in memory survives (locks,
         child table); engines keep running, as after kill -9 of a real worker."""
         self.ctx = build_context(self.settings, self.queue)  # type: ignore[arg-type]
+        # A stop that drains waits in the calling thread here (a worker watches in a
+        # thread of its own): the test decides the interleaving, and no thread outlives
+        # its step.
+        self.ctx.drain_runner = _inline
 
     def heartbeat(self) -> None:
         from workers.agent.reconcile import heartbeat_or_rediscover
@@ -296,7 +301,16 @@ def check_invariants(
             )
         if rec is not None and rec.pid is not None and rec.pid not in sids:
             raise AssertionError(f"engine {eid} runs as {rec.pid}, yet {sessions} live")
-        if rec is not None and rec.state is not S.STOPPING and not rec.reservation_error:
+        if rec is not None and rec.evicted_for is not None:
+            # It handed its room to another engine (eviction) and is on its way out:
+            # it holds none, and that engine has no process while this one lives.
+            assert led.reservation(eid) is None, f"evicted {eid} still holds room"
+            heir = records.get(rec.evicted_for)
+            heir_live = engine_sessions().get(rec.evicted_for)
+            assert not (heir is not None and heir_live and eid in heir.waits_for), (
+                f"{rec.evicted_for} runs while {eid}, which it evicted, still lives"
+            )
+        elif rec is not None and rec.state is not S.STOPPING and not rec.reservation_error:
             res = led.reservation(eid)
             assert res is not None, f"engine {eid} ({rec.state.value}) runs with no reservation"
             assert res.gpus == tuple((g.uuid, g.memory_mib) for g in rec.gpus), (eid, res, rec.gpus)

@@ -284,3 +284,29 @@ def test_start_waiting_for_an_engine_whose_record_redis_lost_is_503_not_404(
     assert r.status_code == 503, r.json
     message = r.json["message"]  # type: ignore[index]
     assert "lost its record" in message and "retry" in message, message
+
+
+def test_on_demand_start_records_standby_and_bad_on_demand_input_is_4xx(
+    api: FlaskClient, real_redis: redis.Redis
+) -> None:
+    add_host(real_redis, "a", "1x24")
+    r = api.post(E, json={"model": "org/m-1B", "required_memory_gb": 8, "on_demand": True})
+    assert r.status_code == 202, r.json
+    eng = r.json["engine"]  # type: ignore[index]
+    assert eng["state"] == "STANDBY" and eng["host"] is None and eng["port"] is None
+    assert _ledger(api).reservation(eng["id"]) is None
+    assert real_redis.llen("host.a") == 0  # nothing queued
+    for body, field, code in (
+        ({"model": "org/m", "idle_timeout_s": -1}, "idle_timeout_s", 422),
+        ({"model": "org/m", "idle_timeout_s": 0}, "idle_timeout_s", 422),
+        ({"model": "org/m", "on_demand": "maybe"}, "on_demand", 422),
+        (
+            {"model": "org/m", "required_memory_gb": 30, "gpu_ids": [0], "on_demand": True},
+            "gpu_ids",
+            400,
+        ),
+    ):
+        bad = api.post(E, json=body)
+        assert bad.status_code == code, (body, bad.json)
+        assert bad.json["field"] == field, bad.json  # type: ignore[index]
+    assert [e["id"] for e in api.get(E).json] == [eng["id"]]  # type: ignore[union-attr]

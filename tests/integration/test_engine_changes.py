@@ -6,6 +6,7 @@ of polling; the status views read Redis in a fixed number of round trips."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -117,11 +118,15 @@ def test_every_write_publishes_its_state_and_delete_publishes_deleted(
     while (msg := sub.get_message(timeout=0.5)) is not None:
         heard.append(msg["data"])
     sub.close()
-    assert heard == [
-        b'{"id": "eng-1", "state": "PENDING"}',
-        b'{"id": "eng-1", "state": "STARTING"}',
-        b'{"id": "eng-1", "state": "DELETED"}',
+    notices = [json.loads(m) for m in heard]
+    assert [(n["id"], n["state"]) for n in notices] == [
+        ("eng-1", "PENDING"),
+        ("eng-1", "STARTING"),
+        ("eng-1", "DELETED"),
     ]
+    # each write's number (app.state.write_seq): one more than the one before
+    seqs = [n["seq"] for n in notices]
+    assert seqs == list(range(seqs[0], seqs[0] + 3))
 
 
 def test_timeline_has_the_placement_and_each_transition_in_order(real_redis: redis.Redis) -> None:

@@ -46,6 +46,7 @@ from app.core.models import EngineState
 from app.core.spec import EngineSpec
 from app.services import engines as control
 from app.services.hosts import forget_host
+from app.services.on_demand import wake_engine
 from app.state.prune import prune_records
 from tests.integration.inproc import (
     InprocHost,
@@ -61,6 +62,7 @@ from tests.integration.inproc import (
     wait_for,
 )
 from workers.agent import supervise
+from workers.agent.idle import check_idle
 from workers.agent.reconcile import rediscover
 from workers.beat_scheduler import mark_lost_engines
 
@@ -77,6 +79,9 @@ STATS: dict[str, float] = {
     "refused": 0,
     "max_processes": 0,
     "running": 0,
+    "cold_starts": 0,
+    "evictions": 0,
+    "idle_stops": 0,
 }
 
 
@@ -146,11 +151,20 @@ class CoreRace(RuleBasedStateMachine):
         """Two engines RUNNING on host a and one starting on b before the walk."""
         for gb, host in ((9, "a"), (4, "a"), (9, "b")):
             self.start(gb, host, deliver_now=True)
+        self.start_on_demand(9, 0.5, wake_now=True)  # evictable once it runs
+        recs = {r.id: r.host for r in self.cluster.registry.engines()}
         ids = self._ids()
+        on_demand = [e for e in ids[3:] if recs.get(e)]
         wait_for(
-            lambda: all(
-                supervise.check_start(self.hosts[self.names["a"]].ctx, e) != "waiting"
-                for e in ids[:2]
+            lambda: (
+                all(
+                    supervise.check_start(self.hosts[self.names["a"]].ctx, e) != "waiting"
+                    for e in ids[:2]
+                )
+                and all(
+                    supervise.check_start(self.hosts[str(recs[e])].ctx, e) != "waiting"
+                    for e in on_demand
+                )
             ),
             15,
         )
@@ -176,6 +190,79 @@ class CoreRace(RuleBasedStateMachine):
             task = next(t for t in self.queue.sent if t.args == (rec.id,))
             self.queue.sent.remove(task)
             deliver(self.hosts[rec.host].ctx, task)
+
+    # ------------------------------------------------------------------ on demand
+    @rule(
+        gb=st.sampled_from([9, 20]),
+        idle=st.sampled_from([None, 0.5]),
+        wake_now=st.booleans(),
+    )
+    def start_on_demand(self, gb: int, idle: float | None, wake_now: bool) -> None:
+        """An on-demand engine: STANDBY, nothing held until a cold start (at once, with
+        ``wake_now``: its start task delivered too)."""
+        self.trace.append(f"start_on_demand(gb={gb!r}, idle={idle!r}, wake_now={wake_now!r})")
+        spec = EngineSpec(
+            model="org/od", required_memory_gb=gb, on_demand=True, idle_timeout_s=idle
+        )
+        try:
+            rec = control.start_engine(self.cluster, spec)
+        except SagellmError:
+            return
+        if wake_now:
+            self._wake(rec.id, deliver_now=True)
+
+    @rule(i=st.integers(0, 50), deliver_now=st.booleans())
+    def cold_start(self, i: int, deliver_now: bool) -> None:
+        """The gateway's wake of a STANDBY engine (evicting idle on-demand engines when
+        nothing fits), its start task delivered now or left in the queue."""
+        self.trace.append(f"cold_start(i={i!r}, deliver_now={deliver_now!r})")
+        standby = [r.id for r in self.cluster.registry.engines(state=S.STANDBY)]
+        if standby:
+            self._wake(standby[i % len(standby)], deliver_now=deliver_now)
+
+    def _wake(self, engine_id: str, *, deliver_now: bool) -> None:
+        try:
+            rec = wake_engine(self.cluster, engine_id)
+            STATS["cold_starts"] += 1
+            STATS["evictions"] += len(rec.waits_for)
+        except SagellmError as exc:
+            assert exc.message
+            return
+        if deliver_now and rec.host is not None and self.up[rec.host]:
+            task = next(t for t in self.queue.sent if t.args == (rec.id,))
+            self.queue.sent.remove(task)
+            deliver(self.hosts[rec.host].ctx, task)
+
+    @rule(host=st.sampled_from(sorted(HOSTS)), deliver_now=st.booleans())
+    def start_needing_room(self, host: str, deliver_now: bool) -> None:
+        """A start on ``host`` 1 GB larger than any of its GPUs has free: it runs only
+        if idle on-demand engines there are evicted for it."""
+        self.trace.append(f"start_needing_room(host={host!r}, deliver_now={deliver_now!r})")
+        name = self.names[host]
+        free = [g.available_mib(MARGIN_MIB) for g in self.cluster.ledger.capacity(name)]
+        gb = max(free, default=0) // 1024 + 1
+        if not 1 <= gb <= 23:
+            return
+        spec = EngineSpec(model="org/big", required_memory_gb=gb, host=name)
+        try:
+            rec = control.start_engine(self.cluster, spec)
+        except SagellmError as exc:
+            assert exc.message
+            return
+        STATS["evictions"] += len(rec.waits_for)
+        if deliver_now and self.up[name]:
+            task = next(t for t in self.queue.sent if t.args == (rec.id,))
+            self.queue.sent.remove(task)
+            deliver(self.hosts[name].ctx, task)
+
+    @rule(host=st.sampled_from(sorted(HOSTS)))
+    def idle_check(self, host: str) -> None:
+        """The host's idle check, as if every idle timeout had passed."""
+        self.trace.append(f"idle_check(host={host!r})")
+        host = self.names[host]
+        if self.up[host]:
+            stopped = check_idle(self.hosts[host].ctx, now=time.time() + 3600)
+            STATS["idle_stops"] += len(stopped)
 
     @rule(i=st.integers(0, 50))
     def stop(self, i: int) -> None:
@@ -375,7 +462,9 @@ def test_core_promises_hold_under_random_interleavings(race_env: tuple[redis.Red
         f"\nrace test: {STATS['examples']:.0f} examples, {STATS['steps']:.0f} checked steps, "
         f"{STATS['granted']:.0f} starts granted, {STATS['refused']:.0f} refused, "
         f"{STATS['running']:.0f} RUNNING engine-steps, at most {STATS['max_processes']:.0f} "
-        f"engine processes at once, {time.monotonic() - began:.1f}s"
+        f"engine processes at once, {STATS['cold_starts']:.0f} cold starts, "
+        f"{STATS['evictions']:.0f} evictions, {STATS['idle_stops']:.0f} idle stops, "
+        f"{time.monotonic() - began:.1f}s"
     )
     print({k: v for k, v in STATS.items() if k.isupper()})
     assert STATS["granted"] and STATS["running"], "the walk never ran an engine: it proves nothing"

@@ -9,7 +9,7 @@ import sys
 import textwrap
 
 from app.settings import Settings
-from app.state.queues import celery_config
+from app.state.queues import CONTROL_QUEUE, celery_config
 from workers.celery_app import make_celery
 
 API_PROCESS = textwrap.dedent(
@@ -46,4 +46,12 @@ def test_workers_use_the_broker_settings_the_api_sends_with() -> None:
     shared = celery_config(settings.redis_url)
     assert {key: app.conf[key] for key in shared} == shared
     assert app.conf.broker_url == "redis://127.0.0.1:9/3"
-    assert set(app.conf.beat_schedule) == {"health-fanout", "rediscovery-fanout", "prune"}
+    assert set(app.conf.beat_schedule) == {
+        "health-fanout",
+        "rediscovery-fanout",
+        "prune",
+        "external-probe",
+    }
+    probe = app.conf.beat_schedule["external-probe"]
+    assert probe["task"] == "sagellm.probe_external"
+    assert probe["options"]["queue"] == CONTROL_QUEUE

@@ -15,7 +15,6 @@ import pytest
 import redis
 
 from app.cli import client as cli_client
-from app.cli import presets as cli_presets
 from app.core.models import EngineState
 from app.state.ledger import Ledger
 from app.state.registry import Registry
@@ -103,11 +102,11 @@ def test_engine_list_shows_the_engine_and_filters(api_url: str, real_redis: redi
     assert res.exit_code == 0, res.output
     header, row = res.output.splitlines()
     assert header.split() == [
-        "NAME", "LABEL", "STATE", "MODEL", "HOST", "GPUS", "URL", "AGE", "RESTARTS"
+        "NAME", "LABEL", "STATE", "MODEL", "HOST", "GPUS", "URL", "AGE", "RESTARTS", "IDLE-STOP"
     ]  # fmt: skip
-    *cells, age, restarts = row.split()
+    *cells, age, restarts, idle = row.split()
     assert cells == [eid, "-", "PENDING", "mine", "a", "0", "http://127.0.0.1:8100"]
-    assert re.fullmatch(r"\d+s", age) and restarts == "0"
+    assert re.fullmatch(r"\d+s", age) and restarts == "0" and idle == "-"
     assert run("engine", "list", "--state", "running").output.strip() == "no engines"
     assert eid in run("engine", "list", "--host", "a", "--kind", "llm").output
 
@@ -233,8 +232,7 @@ def test_preset_apply_without_a_terminal_needs_yes(api_url: str, real_redis: red
 def test_preset_apply_shows_progress_then_rolls_back_on_timeout(
     api_url: str, real_redis: redis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # polls well inside the 1 s the engine stays PENDING before the apply gives up
-    monkeypatch.setattr(cli_presets, "PRESET_POLL_S", 0.2)
+    # the progress hears the engine the apply reserved as soon as it is written
     add_host(real_redis, "a", "none")
     res = run("preset", "apply", "-n", "cpu-demo", "--yes", "--timeout", "1")
     assert res.exit_code == 1, res.output
@@ -400,3 +398,21 @@ def test_unreachable_api_says_where_it_looked_and_how_to_start_it(
     assert res.exit_code == 1
     assert f"cannot reach the sagellm API at {url}" in res.stderr
     assert "SAGELLM_API_URL" in res.stderr and "sagellm up" in res.stderr
+
+
+def test_an_on_demand_engine_is_listed_on_standby_and_its_start_says_so(
+    api_url: str, real_redis: redis.Redis
+) -> None:
+    add_host(real_redis, "a", "2x80")
+    res = run(
+        "engine", "start", "org/m", "--memory-gb", "1", "--served-model-name", "cold",
+        "--on-demand", "--idle-timeout", "300",
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "is on STANDBY: the first request for cold" in res.output
+    eid = only_engine_id(real_redis)
+    row = run("engine", "list").output.splitlines()[1]
+    assert row.split()[:4] == [eid, "-", "STANDBY", "cold"]
+    assert row.rstrip().endswith("on demand")
+    bad = run("engine", "start", "org/m", "--memory-gb", "1", "--idle-timeout", "-1")
+    assert bad.exit_code != 0 and "idle_timeout_s" in bad.output

@@ -203,3 +203,88 @@ def test_without_move_a_second_reservation_is_still_refused(any_redis: redis.Red
     rec = _new(reg, 10)
     with pytest.raises(ReservationConflict, match="already holds a reservation"):
         reg.commit(rec.id, lambda r: None, reserve=_req(10))
+
+
+# --------------------------------------------------------------- eviction
+
+
+def _running_on_demand(reg: Registry, gb: int) -> EngineRecord:
+    """A RUNNING on-demand engine holding ``gb`` on GPU-a0."""
+    rec = EngineRecord(id=new_engine_id(), spec=EngineSpec(model="m", on_demand=True))
+    rec.host, rec.address = "a", "127.0.0.1"
+    rec.gpus = [GpuAssignment(0, "GPU-a0", gb * GB)]
+    rec = reg.create(rec, reserve=_req(gb))
+
+    def run(r: EngineRecord) -> None:
+        r.state, r.pid, r.running_since = S.RUNNING, 4242, 1.0
+
+    return reg.update(rec.id, run)
+
+
+def _evicting(reg: Registry, victim: str, gb: int) -> EngineRecord:
+    rec = EngineRecord(id=new_engine_id(), spec=EngineSpec(model="m2"))
+    rec.host, rec.address = "a", "127.0.0.1"
+    rec.gpus = [GpuAssignment(0, "GPU-a0", gb * GB)]
+    rec.waits_for = [victim]
+    return reg.create(
+        rec,
+        reserve=_req(gb),
+        evict=[(victim, lambda r: r.evict_for(rec.id, 99.0), ())],
+    )
+
+
+def test_an_eviction_hands_the_victims_room_to_the_new_engine_in_one_write(
+    any_redis: redis.Redis,
+) -> None:
+    reg, led = _setup(any_redis)
+    victim = _running_on_demand(reg, 50)
+    with pytest.raises(ReservationConflict):  # without eviction there is no room
+        _new(reg, 50)
+    new = _evicting(reg, victim.id, 50)
+    v = reg.get(victim.id)
+    assert v.state is S.DRAINING and v.evicted_for == new.id and v.standby_after_stop
+    assert led.reservation(victim.id) is None
+    assert led.gpu_reservations("a", ["GPU-a0"])["GPU-a0"] == {new.id: 50 * GB}
+    assert reg.get(new.id).waits_for == [victim.id]
+    # its DRAINING is on its timeline, written by the same step
+    assert any("-> DRAINING" in e["message"] for e in reg.events.list(victim.id))
+
+
+def test_an_eviction_that_does_not_make_room_changes_nothing(any_redis: redis.Redis) -> None:
+    reg, led = _setup(any_redis)
+    victim = _running_on_demand(reg, 20)
+    other = _new(reg, 50)  # not evictable: 79 - 20 - 50 = 9 GB free
+    with pytest.raises(ReservationConflict, match="GPU 0"):
+        _evicting(reg, victim.id, 40)  # 9 + 20 < 40
+    assert reg.get(victim.id).state is S.RUNNING
+    assert led.gpu_reservations("a", ["GPU-a0"])["GPU-a0"] == {
+        victim.id: 20 * GB,
+        other.id: 50 * GB,
+    }
+    assert len(reg.engines()) == 2  # the new record was not written either
+
+
+def test_two_starts_evicting_the_same_engine_one_wins_never_both_lose(
+    real_redis: redis.Redis,
+) -> None:
+    reg, led = _setup(real_redis)
+    victim = _running_on_demand(reg, 50)
+    outcomes: list[str] = []
+    barrier = threading.Barrier(2)
+
+    def start() -> None:
+        barrier.wait()
+        try:
+            outcomes.append(_evicting(reg, victim.id, 50).id)
+        except Exception as exc:  # the loser: the victim is no longer evictable
+            outcomes.append(type(exc).__name__)
+
+    threads = [threading.Thread(target=start) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    winners = [o for o in outcomes if o.startswith("eng-")]
+    assert len(winners) == 1, outcomes
+    assert reg.get(victim.id).evicted_for == winners[0]
+    assert led.gpu_reservations("a", ["GPU-a0"])["GPU-a0"] == {winners[0]: 50 * GB}

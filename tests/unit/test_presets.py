@@ -686,3 +686,28 @@ def test_plan_to_dict_is_json_ready() -> None:
     }
     assert data["engines"][1]["launch"]["gpu_memory_utilization"] == 0.666
     assert data["engines"][2]["reasons"]
+
+
+def test_an_on_demand_engine_is_planned_standby_and_takes_no_room() -> None:
+    """It would not fit now (a third 16 GB engine), yet it is no error: it waits on
+    STANDBY for a request; the engines after it still see the room it does not take."""
+    preset = competing_preset(
+        {"name": "cold", "model": "org/cold", "required_memory_gb": 30, "on_demand": True},
+        {"name": "idle", "model": "org/idle", "required_memory_gb": 1, "idle_timeout_s": 60},
+    )
+    result = plan_of(preset, make_hosts())
+    actions = {e.name: e.action for e in result.engines}
+    assert actions["cold"] == "standby" and result.engines[3].port is None
+    assert actions["idle"] == "start", result.to_dict()
+    assert result.engines[3].spec.on_demand and result.engines[4].spec.idle_timeout_s == 60
+
+
+def test_reapplying_skips_an_on_demand_engine_already_on_standby() -> None:
+    preset = competing_preset({"name": "cold", "model": "org/cold", "on_demand": True})
+    on_standby = running_record(
+        EngineSpec(model="org/cold", on_demand=True, preset="stack", preset_engine="cold"),
+        EngineState.STANDBY,
+    )
+    result = plan_of(preset, make_hosts(), running=[on_standby])
+    assert result.engines[3].action == "skip"
+    assert "STANDBY" in result.engines[3].reasons[0]

@@ -272,8 +272,10 @@ def test_unreachable_engines_and_other_schemes_are_upstream_errors(transport: Tr
         port = s.getsockname()[1]  # bound, not listening: connection refused
     with pytest.raises(UpstreamError, match=r"connect to 127\.0\.0\.1"):
         transport.open(f"http://127.0.0.1:{port}", "/x", b"", {})
-    with pytest.raises(UpstreamError, match="only http://"):
+    with pytest.raises(NoAnswer, match=r"connect to 127\.0\.0\.1:1"):  # TLS: external engines
         transport.open("https://127.0.0.1:1", "/x", b"", {})
+    with pytest.raises(UpstreamError, match="only http:// and https://"):
+        transport.open("ftp://127.0.0.1:1", "/x", b"", {})
 
 
 # Issue 10, case 7: a request must never reach an engine twice. A reused keep-alive

@@ -12,11 +12,13 @@ from celery.signals import task_failure, task_postrun, task_prerun, worker_ready
 
 if TYPE_CHECKING:
     from workers.agent.context import HostContext
+    from workers.agent.idle import IdleThread
     from workers.agent.watch import EngineWatch
 
 log = logging.getLogger(__name__)
 _heartbeat: HeartbeatThread | None = None
 _watch: EngineWatch | None = None
+_idle: IdleThread | None = None
 
 
 class HeartbeatThread(threading.Thread):
@@ -51,8 +53,9 @@ class HeartbeatThread(threading.Thread):
 
 @worker_ready.connect
 def _on_ready(**_: Any) -> None:
-    global _heartbeat, _watch
+    global _heartbeat, _watch, _idle
     from workers.agent.context import host_context
+    from workers.agent.idle import IdleThread
     from workers.agent.reconcile import rediscover
     from workers.agent.watch import EngineWatch
 
@@ -61,6 +64,8 @@ def _on_ready(**_: Any) -> None:
     ctx.watch = _watch
     _heartbeat = HeartbeatThread(ctx)
     _heartbeat.start()
+    _idle = IdleThread(ctx)
+    _idle.start()
 
     def first_rediscovery() -> None:
         try:
@@ -78,6 +83,8 @@ def _on_shutdown(**_: Any) -> None:
         _heartbeat.stop()
     if _watch is not None:
         _watch.stop()
+    if _idle is not None:
+        _idle.stop()
 
 
 _started: dict[str, float] = {}

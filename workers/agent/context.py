@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import httpx
 from celery import Celery
@@ -28,6 +28,10 @@ class Watch(Protocol):
     def track(self, rec: EngineRecord | None) -> None: ...
 
     def sync(self) -> None: ...
+
+
+# How a drain watch runs (``workers.agent.drain``): given the watch and a thread name.
+DrainRunner = Callable[[Callable[[], None], str], None]
 
 
 @dataclass
@@ -51,6 +55,15 @@ class HostContext:
     # by the worker at boot; None where contexts are driven step by step (tests), and
     # then readiness is polled by the ``sagellm.watch_start`` task instead.
     watch: Watch | None = None
+    # Drains this worker watches (``workers.agent.drain``), and how a watch runs: None,
+    # a daemon thread each; where tests drive a host step by step, inline.
+    drain_watching: set[str] = field(default_factory=set)
+    drain_runner: DrainRunner | None = None
+    # Its worker is gone (tests that replace it in-process): its drain watches end
+    # without acting, as they would have with it.
+    abandoned: bool = False
+    # This host's model facts publisher (``workers.agent.heartbeat``), made on first use.
+    model_facts: Any = None
 
     @contextmanager
     def engine_lock(self, engine_id: str, *, blocking: bool = True) -> Iterator[bool]:

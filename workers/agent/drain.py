@@ -8,9 +8,10 @@ stay short: no Celery task waits for a drain); a thread of the worker then check
 with the outcome:
 
 * ``drained``: every gateway process reports that it knows of the drain
-  (``InFlightBoard.drain_view``: its published ``fresh`` is past the drain's start, so
-  it sends the engine nothing new) and none has a request in flight to it, and the
-  engine itself, when it says so (vLLM's ``/metrics``), has none running or waiting;
+  (``InFlightBoard.drain_view``: its published ``fresh`` is at or past the write number
+  of the engine's DRAINING record, ``app.state.write_seq``, so it sends the engine
+  nothing new) and none has a request in flight to it, and the engine itself, when it
+  says so (vLLM's ``/metrics``), has none running or waiting;
 * ``timed_out``: the drain deadline passed first (the stop goes on anyway);
 * ``gone``: its process exited (nothing left to drain).
 
@@ -31,6 +32,7 @@ from dataclasses import dataclass
 
 from app.core.models import EngineRecord, EngineState
 from app.state.inflight import InFlightBoard
+from app.state.write_seq import current_seq, record_seq
 from workers.agent.context import HostContext
 from workers.host import processes
 
@@ -56,7 +58,6 @@ class DrainCheck:
 
 
 Then = Callable[[HostContext, str, DrainCheck], object]
-Runner = Callable[[Callable[[], None], str], None]
 
 
 def engine_busy(ctx: HostContext, rec: EngineRecord) -> int:
@@ -80,11 +81,20 @@ def engine_busy(ctx: HostContext, rec: EngineRecord) -> int:
     return int(busy)
 
 
+def drain_seq(ctx: HostContext, rec: EngineRecord) -> int:
+    """The write number a gateway must have heard up to for the drain of ``rec``: its
+    record's (the DRAINING write, or a later one); for a record written without a
+    number, the last number Redis handed out (later than the drain: safe)."""
+    r = ctx.registry.r
+    seq = record_seq(r, rec.id)
+    return seq if seq is not None else current_seq(r)
+
+
 def check(ctx: HostContext, rec: EngineRecord, board: InFlightBoard, now: float) -> DrainCheck:
     """Whether the drain of ``rec`` (DRAINING) is over, and why."""
     if rec.pid is None or not processes.is_alive(rec.pid, rec.process_create_time):
         return DrainCheck(Outcome.GONE)
-    in_flight, behind = board.drain_view(rec.id, since=rec.state_changed_at)
+    in_flight, behind = board.drain_view(rec.id, since=drain_seq(ctx, rec))
     if in_flight == 0 and behind == 0:
         in_flight = engine_busy(ctx, rec)
         if in_flight == 0:
@@ -98,37 +108,28 @@ def _in_thread(run: Callable[[], None], name: str) -> None:
     threading.Thread(target=run, daemon=True, name=name).start()
 
 
-_runner: Runner = _in_thread
-_watching: set[str] = set()
-_abandoned: set[int] = set()  # id() of contexts whose worker is gone (tests)
-_guard = threading.Lock()
-
-
-def set_runner(runner: Runner | None) -> None:
-    """How watches run: a daemon thread each (None, the default), or ``runner`` (tests
-    that drive a host step by step run them inline)."""
-    global _runner
-    _runner = runner or _in_thread
+_guard = threading.Lock()  # the watched sets of every context of this process
 
 
 def abandon(ctx: HostContext) -> None:
     """The worker of ``ctx`` is gone (tests that replace it in-process): its watches
     end without acting, as they would have with it."""
-    _abandoned.add(id(ctx))
+    ctx.abandoned = True
 
 
 def watch(ctx: HostContext, engine_id: str, then: Then) -> bool:
     """Watch the drain of ``engine_id`` until it is over, then call ``then(ctx,
-    engine_id, check)``; False when it is watched already in this process."""
+    engine_id, check)``; False when this worker (``ctx``) watches it already. How the
+    watch runs is ``ctx.drain_runner``'s (default: a daemon thread)."""
     with _guard:
-        if engine_id in _watching:
+        if engine_id in ctx.drain_watching:
             return False
-        _watching.add(engine_id)
+        ctx.drain_watching.add(engine_id)
     try:
-        _runner(lambda: _watch(ctx, engine_id, then), f"drain-{engine_id}")
+        (ctx.drain_runner or _in_thread)(lambda: _watch(ctx, engine_id, then), f"drain-{engine_id}")
     except BaseException:
         with _guard:
-            _watching.discard(engine_id)
+            ctx.drain_watching.discard(engine_id)
         raise
     return True
 
@@ -136,7 +137,7 @@ def watch(ctx: HostContext, engine_id: str, then: Then) -> bool:
 def _watch(ctx: HostContext, engine_id: str, then: Then) -> None:
     board = InFlightBoard(ctx.registry.r)
     try:
-        while id(ctx) not in _abandoned:
+        while not ctx.abandoned:
             try:
                 rec = ctx.registry.find(engine_id)
                 if rec is None or rec.state is not EngineState.DRAINING:
@@ -154,4 +155,4 @@ def _watch(ctx: HostContext, engine_id: str, then: Then) -> None:
         log.exception("drain of engine %s failed; the health loop takes it up", engine_id)
     finally:
         with _guard:
-            _watching.discard(engine_id)
+            ctx.drain_watching.discard(engine_id)

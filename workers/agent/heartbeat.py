@@ -12,11 +12,11 @@ from collections.abc import Iterable
 import psutil
 
 from app.core.memory import ModelFacts, hub_cache_dir, is_path_like
-from app.core.models import LIVE_STATES, EngineState, HostRecord
+from app.core.models import LIVE_STATES, STOPPING_STATES, EngineState, GpuCapacity, HostRecord
 from app.settings import Settings
 from app.state.model_facts import model_facts_published, publish_model_facts
 from workers.agent.context import HostContext
-from workers.host.gpu_inventory import engine_pids, gpu_capacities, read_inventory
+from workers.host.gpu_inventory import Inventory, engine_pids, gpu_capacities, read_inventory
 from workers.host.model_facts import ModelScanner
 
 log = logging.getLogger(__name__)
@@ -56,11 +56,8 @@ def publish_heartbeat(ctx: HostContext, *, held_by: Iterable[str] = ()) -> list[
     engines holds its reservation, and the engines that do not are returned.
     """
     s = ctx.settings
-    inventory = read_inventory(s)
-    reserved = ctx.ledger.gpu_reservations(ctx.host, [g.uuid for g in inventory.gpus])
-    missing = ctx.ledger.publish_capacity(
-        ctx.host, gpu_capacities(inventory, ctx.host, engine_pids(), reserved), held_by=held_by
-    )
+    inventory, capacity, _ = measure_capacity(ctx)
+    missing = ctx.ledger.publish_capacity(ctx.host, capacity, held_by=held_by)
     if missing:
         return missing
     engines = ctx.registry.engines(host=ctx.host, state=LIVE_STATES | {EngineState.LOST})
@@ -82,6 +79,37 @@ def publish_heartbeat(ctx: HostContext, *, held_by: Iterable[str] = ()) -> list[
     )
     ctx.registry.put_host(record, ttl_s=s.heartbeat_ttl_s)
     return []
+
+
+def measure_capacity(ctx: HostContext) -> tuple[Inventory, list[GpuCapacity], list[str]]:
+    """This host's GPUs now (NVML, or the mock spec), their capacity as placement sees
+    it (outside memory counts our engines' use only up to what each holds), and the
+    engines that hold GPU memory on this host in the ledger."""
+    inventory = read_inventory(ctx.settings)
+    reserved = ctx.ledger.gpu_reservations(ctx.host, [g.uuid for g in inventory.gpus])
+    holders = sorted({eid for held in reserved.values() for eid in held})
+    # An evicted engine handed its room to another while its process still runs: that
+    # memory is ours (the new engine spawns after it is gone), not outside.
+    for victim in ctx.registry.engines(host=ctx.host, state=STOPPING_STATES):
+        if victim.evicted_for is not None:
+            for g in victim.gpus:
+                reserved.setdefault(g.uuid, {})[victim.id] = g.memory_mib
+    return inventory, gpu_capacities(inventory, ctx.host, engine_pids(), reserved), holders
+
+
+def publish_capacity_now(ctx: HostContext) -> bool:
+    """Measure this host's GPUs and publish their capacity at once, between
+    heartbeats (a start just failed for lack of memory: placement must see what it
+    saw). Only while the capacity is offered: if Redis lost it (or loses it meanwhile:
+    the engines holding room here must still hold it, checked in the same atomic step
+    as the publish), rediscovery re-takes their room first and publishes then. Returns
+    whether it published. It takes no lock: its caller may hold an engine's, which
+    rediscovery takes under ``ctx.reclaim_lock``; a heartbeat racing it publishes a
+    measurement as recent."""
+    if not ctx.ledger.has_capacity(ctx.host):
+        return False
+    _, capacity, holders = measure_capacity(ctx)
+    return not ctx.ledger.publish_capacity(ctx.host, capacity, held_by=holders)
 
 
 # Directories are walked again at most this often; engines' new paths are read at once.
@@ -126,14 +154,12 @@ class ModelFactsPublisher:
             return True
 
 
-_publishers: dict[tuple[str, str], ModelFactsPublisher] = {}
 _publishers_lock = threading.Lock()
 
 
 def model_facts_of(ctx: HostContext) -> ModelFactsPublisher:
-    """This host's publisher, one per host and data directory in the process."""
-    key = (ctx.host, str(ctx.settings.data_dir))
+    """This host's publisher, one per worker (``ctx``)."""
     with _publishers_lock:
-        if key not in _publishers:
-            _publishers[key] = ModelFactsPublisher.for_settings(ctx.settings)
-        return _publishers[key]
+        if not isinstance(ctx.model_facts, ModelFactsPublisher):
+            ctx.model_facts = ModelFactsPublisher.for_settings(ctx.settings)
+        return ctx.model_facts

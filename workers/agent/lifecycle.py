@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import threading
 import time
 from collections.abc import Sequence
 
@@ -105,22 +106,63 @@ def _reserve_again(ctx: HostContext, rec: EngineRecord) -> bool:
 
 
 def spawn_engine(
-    ctx: HostContext, engine_id: str, *, count_restart: bool = True
+    ctx: HostContext, engine_id: str, *, count_restart: bool = True, evicted: bool = False
 ) -> EngineRecord | None:
     """Start the engine's process (first start or a due restart) and mark it STARTING.
+
+    An engine that took the room of evicted engines (``waits_for``) spawns only once
+    their processes are gone: this hands it to a thread that waits for them (at most
+    a drain and a stop grace) and calls back with ``evicted``.
 
     Returns the record, or None when the engine is not (or no longer) ours to start.
     """
     with ctx.engine_lock(engine_id):
-        return _spawn_locked(ctx, engine_id, count_restart)
+        return _spawn_locked(ctx, engine_id, count_restart, evicted)
 
 
-def _spawn_locked(ctx: HostContext, engine_id: str, count_restart: bool) -> EngineRecord | None:
+def _evicting(victim: EngineRecord, engine_id: str) -> bool:
+    """``victim`` is still on its way out after handing its room to ``engine_id``."""
+    return victim.evicted_for == engine_id and victim.state in (S.DRAINING, S.STOPPING, S.LOST)
+
+
+def _after_evictions(ctx: HostContext, rec: EngineRecord) -> None:
+    """Drain and stop the engines ``rec`` evicted (on this host), wait until their
+    processes are gone, then spawn ``rec``."""
+    limit = ctx.settings.drain_timeout_s + ctx.settings.stop_grace_s + 30.0
+
+    def run() -> None:
+        deadline = time.monotonic() + limit
+        for victim in rec.waits_for:
+            with contextlib.suppress(NotFoundError):
+                stop_engine(ctx, victim)  # a drain watch: returns at once
+        for victim in rec.waits_for:
+            with contextlib.suppress(NotFoundError):
+                ctx.registry.wait(
+                    victim,
+                    lambda v: not _evicting(v, rec.id),
+                    max(0.0, deadline - time.monotonic()),
+                )
+        try:
+            spawn_engine(ctx, rec.id, evicted=True)
+        except Exception:
+            log.exception("engine %s: spawn after evictions failed", rec.id)
+
+    threading.Thread(target=run, name=f"sagellm-evict-{rec.id}", daemon=True).start()
+
+
+def _spawn_locked(
+    ctx: HostContext, engine_id: str, count_restart: bool, evicted: bool = False
+) -> EngineRecord | None:
     rec = ctx.registry.find(engine_id)
     if rec is None or rec.host != ctx.host:
         return None
     if not rec.awaits_spawn or process_alive(rec):
         return rec  # started, stopping, stopped, failed for good: nothing to do
+    if rec.waits_for and not evicted:
+        victims = [ctx.registry.find(v) for v in rec.waits_for]
+        if any(v is not None and _evicting(v, rec.id) for v in victims):
+            _after_evictions(ctx, rec)
+            return rec
     # One process tree per engine: a worker that died between spawning and recording
     # left a live tagged process; adopt it rather than start a second one.
     found = processes.find_tagged_processes().get(engine_id)

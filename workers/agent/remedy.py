@@ -5,8 +5,12 @@
 
 * ``kv_cache_too_small``: relaunch on the same GPUs with a ``--max-model-len`` that
   fits, the number vLLM printed (never above what was asked). The reservation stays.
-* ``insufficient_free_memory`` / ``cuda_oom``: someone else uses the GPU. Re-place on
-  live state without that GPU, on any host (``app.state.allocation.allocate``), and
+* ``insufficient_free_memory`` / ``cuda_oom``: someone else uses the GPU. This host's
+  GPUs are measured again and their capacity published at once
+  (``heartbeat.publish_capacity_now``), so that placement sees the memory the failed
+  start just ran into on every GPU of this host, not the last heartbeat's; other
+  hosts' capacity is as of their last heartbeat. Then re-place on that live state
+  without the GPU that failed, on any host (``app.state.allocation.allocate``), and
   relaunch there.
 
 Each is bounded by ``SAGELLM_REMEDIATION_ATTEMPTS`` (per engine) and is an event
@@ -35,6 +39,7 @@ from app.state.allocation import allocate
 from app.state.events import encode_event
 from app.state.queues import send_to_host
 from workers.agent.context import HostContext
+from workers.agent.heartbeat import publish_capacity_now
 from workers.agent.lifecycle import fail_final, record_failure
 from workers.runtimes.base import user_flags
 
@@ -191,6 +196,10 @@ def _replace(
     )
     failure = dataclasses.replace(failure, details={**failure.details, "excluded_gpus": exclude})
     before = _where(rec)
+    try:
+        publish_capacity_now(ctx)  # what the failed start saw, on every GPU of this host
+    except Exception:  # NVML or Redis hiccup: place on the last heartbeat's capacity
+        log.exception("engine %s: this host's capacity not measured again", rec.id)
     n = rec.remediations + 1
     # The room moves in one atomic write: the new room is taken, the old one given up
     # and the record re-placed together (``ReserveRequest.move``). If nothing fits,

@@ -16,10 +16,11 @@ import time
 from pathlib import Path
 
 from app.core.errors import IllegalTransition, NotFoundError, ReservationConflict
-from app.core.failures import Reason, classify
+from app.core.failures import Failure, Reason, classify
 from app.core.health import Verdict
 from app.core.models import EngineRecord, EngineState
 from app.state.events import encode_event
+from app.state.request_clock import OnDemandCounters
 from workers.agent import remedy
 from workers.agent.context import HostContext
 from workers.agent.lifecycle import (
@@ -80,6 +81,8 @@ def _check_start_locked(ctx: HostContext, engine_id: str) -> str:
             rec = ctx.registry.update(engine_id, lambda r: r.mark_running(pid))
         except (IllegalTransition, NotFoundError):
             return "changed"
+        if rec.cold_start_s is not None and rec.cold_start_at is None:
+            OnDemandCounters(ctx.registry.r).observe_cold_start(rec.cold_start_s)
         ctx.manifests.write(rec)
         log.info("engine %s is RUNNING at %s", engine_id, rec.base_url)
         return "running"
@@ -179,6 +182,8 @@ def handle_dead(
         with contextlib.suppress(Exception):  # the timeline must not stop crash handling
             ctx.registry.events.add_encoded(rec.id, crashed)
         return remedy.remediate(ctx, rec, failure, error)
+    if rec.spec.on_demand and rec.cold_start_at is not None and rec.state is S.STARTING:
+        return _cold_start_failed(ctx, rec, failure, error, crashed)
     now = time.time()
     stable = (
         rec.running_since is not None
@@ -217,6 +222,35 @@ def handle_dead(
         expires_s=60 + delay,
         countdown_s=delay,
     )
+    return updated
+
+
+def _cold_start_failed(
+    ctx: HostContext, rec: EngineRecord, failure: Failure, error: str, crashed: str
+) -> EngineRecord | None:
+    """An on-demand engine died during its cold start: back to STANDBY with the reason
+    (the requests waiting for it answer 503 with it), or FAILED once the restart budget
+    is spent."""
+    if not ctx.policy.can_restart(rec.restart_count):
+        return fail_final(
+            ctx,
+            rec.id,
+            error + f"; gave up after {rec.restart_count} failed cold start(s)",
+            pid=rec.pid,
+            failure=failure,
+            events=[crashed],
+        )
+
+    def apply(r: EngineRecord) -> None:
+        r.cold_start_failed(error, pid=rec.pid, restart_count=rec.restart_count + 1)
+        record_failure(r, failure)
+
+    try:
+        updated = ctx.registry.update(rec.id, apply, events=[crashed])
+    except (NotFoundError, IllegalTransition):
+        return None
+    ctx.manifests.remove(rec.id)
+    log.warning("engine %s: cold start failed (%s); back to STANDBY", rec.id, failure.reason)
     return updated
 
 
@@ -338,6 +372,8 @@ def ensure_reserved(ctx: HostContext, rec: EngineRecord) -> bool:
     rediscovery tries again. True when the engine holds its reservation."""
     if rec.port is None or rec.host is None or rec.owns_nothing:
         return False
+    if rec.evicted_for is not None:
+        return True  # it handed its room to another engine on purpose and is stopping
     req = room_of(ctx, rec, reclaim=True)
     try:
         ctx.registry.update(rec.id, EngineRecord.mark_reserved, reserve=req)

@@ -16,11 +16,19 @@ from app.core.spec import EngineSpec
 
 # An engine the preset already has: live and not on its way out. STOPPING is left out:
 # its memory and port are released shortly, and a re-apply should start it again.
+# STANDBY counts: an on-demand engine of the preset is there, waiting for a request.
 ACTIVE_STATES = frozenset(
-    {EngineState.PENDING, EngineState.STARTING, EngineState.RUNNING, EngineState.UNHEALTHY}
+    {
+        EngineState.PENDING,
+        EngineState.STARTING,
+        EngineState.RUNNING,
+        EngineState.UNHEALTHY,
+        EngineState.STANDBY,
+    }
 )
 
-Action = Literal["start", "skip", "error"]
+# "standby": an on-demand engine, recorded STANDBY (no room taken now).
+Action = Literal["start", "skip", "error", "standby"]
 
 
 @dataclass(frozen=True)
@@ -165,6 +173,10 @@ def plan_preset(
             planned.append(
                 PlannedEngine(eng.name, eng.spec, "skip", running=rec, reasons=tuple(reasons))
             )
+            continue
+        if eng.spec.on_demand:
+            why = "on demand: recorded STANDBY, started by the first request for it"
+            planned.append(PlannedEngine(eng.name, eng.spec, "standby", reasons=(why,)))
             continue
         try:
             alloc = plan(
