@@ -32,10 +32,7 @@ def evictable(cluster: Cluster) -> Callable[[], Evictable] | None:
     if not cluster.settings.eviction:
         return None
 
-    def busy() -> set[str]:
-        return {e for e, n in cluster.in_flight.total().items() if n > 0}
-
-    return lambda: eviction_candidates(cluster.registry, busy)
+    return lambda: eviction_candidates(cluster.registry, cluster.in_flight.busy)
 
 
 def place_and_reserve(

@@ -139,6 +139,10 @@ class InFlightBoard:
                 behind += 1
         return in_flight, behind
 
+    def busy(self) -> set[str]:
+        """Engines with a request in flight through any gateway process."""
+        return {engine for engine, n in self.total().items() if n > 0}
+
     def total(self, local: InFlight | None = None) -> dict[str, int]:
         """``local``'s live counts plus every other gateway process's published ones."""
         total: Counter[str] = Counter(local.snapshot() if local else {})

@@ -203,19 +203,9 @@ class Registry:
         record is changed and compared like this one, and its reservation released, in
         the same step; a victim that changed since it was read retries the whole write.
         """
-        key = keys.engine(engine_id)
         for _ in range(retries):
-            raw = self.r.get(key)
-            if raw is None:
-                raise NotFoundError(f"engine {engine_id!r} not found")
-            rec = EngineRecord.from_dict(json.loads(raw))
-            before = rec.state
-            mutate(rec)
-            rec.updated_at = time.time()
+            raw, rec, timeline = self._read_changed(engine_id, mutate, events)
             req = reserve(rec) if callable(reserve) else reserve
-            timeline = list(events(rec) if callable(events) else events)
-            if rec.state is not before:
-                timeline.insert(0, _state_event(before, rec))
             evictions = [self._eviction(v, change, ev) for v, change, ev in evict]
             try:
                 result = self._commit(
@@ -237,20 +227,28 @@ class Registry:
             return rec, result
         raise RuntimeError(f"engine {engine_id}: too much contention updating its record")
 
-    def _eviction(self, engine_id: str, change: Mutate, events: Sequence[str]) -> Eviction:
+    def _read_changed(
+        self, engine_id: str, mutate: Mutate, events: Events
+    ) -> tuple[bytes, EngineRecord, list[str]]:
+        """The record as stored, the record changed by ``mutate`` (stamped), and what
+        its write appends to the timeline: the state change (if any), then ``events``."""
         raw = self.r.get(keys.engine(engine_id))
         if raw is None:
             raise NotFoundError(f"engine {engine_id!r} not found")
-        victim = EngineRecord.from_dict(json.loads(raw))
-        before = victim.state
-        change(victim)
-        victim.updated_at = time.time()
-        timeline = list(events)
-        if victim.state is not before:
-            timeline.insert(0, _state_event(before, victim))
+        rec = EngineRecord.from_dict(json.loads(raw))
+        before = rec.state
+        mutate(rec)
+        rec.updated_at = time.time()
+        timeline = list(events(rec) if callable(events) else events)
+        if rec.state is not before:
+            timeline.insert(0, _state_event(before, rec))
+        return raw if isinstance(raw, bytes) else raw.encode(), rec, timeline
+
+    def _eviction(self, engine_id: str, change: Mutate, events: Sequence[str]) -> Eviction:
+        raw, victim, timeline = self._read_changed(engine_id, change, events)
         return Eviction(
             engine_id,
-            raw if isinstance(raw, bytes) else raw.encode(),
+            raw,
             _encode(victim, port_from_reservation=False),
             _notice(engine_id, victim.state.value),
             tuple(timeline),

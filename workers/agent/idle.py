@@ -43,7 +43,7 @@ def check_idle(ctx: HostContext, now: float | None = None) -> list[str]:
     if not engines:
         return []
     ages = RequestAges(ctx.registry.r).ages(r.id for r in engines)
-    busy = {e for e, n in InFlightBoard(ctx.registry.r).total().items() if n > 0}
+    busy = InFlightBoard(ctx.registry.r).busy()
     stopped = []
     for rec in engines:
         assert rec.spec.idle_timeout_s is not None
