@@ -32,7 +32,7 @@ def create_app(
     from app.api import presets as presets_api
     from app.api.errors import SagellmApi, register_domain_errors
     from app.cli import sagellm
-    from app.services.engines import connect_cluster
+    from app.services.cluster import connect_cluster
     from app.settings import Settings
 
     flask_app = Flask(__name__)
@@ -150,8 +150,9 @@ def _install_gateway(flask_app: Flask, settings: Settings) -> None:
         changes=cluster.registry.r,  # record writes keep discovery current (drains)
     )
     flask_app.extensions["sagellm.gateway"] = gateway
-    gateway.in_flight.start_publishing(cluster.in_flight)
-    # On-demand engines: the first request starts one; each request is timed for idle stops.
+    # Its report (in flight, routing freshness, request ages) for drains and idle stops.
+    gateway.traffic.start_reporting(cluster.gateway_reports)
+    # On-demand engines: the first request starts one.
     from app.gateway.cold import ColdStarter
     from app.services.on_demand import wake_engine
 
@@ -160,8 +161,9 @@ def _install_gateway(flask_app: Flask, settings: Settings) -> None:
         wait=cluster.registry.wait,
         timeout_s=settings.cold_start_timeout_s,
     )
-    gateway.clock.start_publishing(cluster.registry.r)
-    flask_app.extensions["sagellm.in_flight"] = lambda: cluster.in_flight.total(gateway.in_flight)
+    flask_app.extensions["sagellm.in_flight"] = lambda: cluster.gateway_reports.total(
+        gateway.traffic
+    )
     flask_app.register_blueprint(bp)
     from app.gateway.proxy import GatewayProxy
 

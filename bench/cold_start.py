@@ -24,31 +24,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from bench.lifecycle import (
-    BENCH_HOST,
-    HOST,
-    MODEL,
-    SERVED,
-    TOKEN,
-    _env,
-    _kill_leftover_engines,
-    _ok,
-    _pct,
-    _progress,
-    _start,
-    _wait,
-    engine_own_ready,
-)
-from bench.procs import stop_process
+from bench.lifecycle import MODEL, SERVED, TOKEN, engine_env, engine_own_ready, percentile
+from bench.stack import HOST, local_stack, progress, wait_until
 
 TARGET_OVERHEAD_P50_MS = 100.0  # issue 15
 IDLE_TIMEOUT_S = 0.5
@@ -79,36 +61,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import httpx
 
     from app.core.models import EngineState
-    from app.dev.redis_server import RedisProcess, free_port
-    from app.dev.stack import gunicorn_argv
+    from app.dev.redis_server import free_port
     from app.state.client import connect
     from app.state.registry import Registry
 
-    tmp = Path(tempfile.mkdtemp(prefix="sagellm-bench-cold-"))
-    (tmp / "prometheus").mkdir()
-    logs = tmp / "logs"
-    logs.mkdir()
-    redis: RedisProcess | None = None
-    procs: list[subprocess.Popen[bytes]] = []
-    sagellm = str(Path(sys.executable).parent / "sagellm")
-    try:
-        redis = RedisProcess(tmp / "redis", persist=False).start()
-        env = _env(tmp, redis.url, args.startup_delay)
+    with local_stack("sagellm-bench-cold-", args.keep_logs) as stack:
+        env = engine_env(stack, args.startup_delay)
         env["SAGELLM_IDLE_CHECK_S"] = "0.1"
-        api_port = free_port(HOST)
-        api = f"http://{HOST}:{api_port}"
-        procs.append(_start(gunicorn_argv(f"{HOST}:{api_port}", 2), env, logs / "api.log"))
-        procs.append(_start([sagellm, "worker", "--loglevel", "info"], env, logs / "worker.log"))
-        registry = Registry(connect(redis.url))
-        _wait(
-            lambda: any(h.name == BENCH_HOST and h.up for h in registry.hosts()),
-            60,
-            "the worker's heartbeat",
-        )
+        api = stack.start_cluster(env).url
+        registry = Registry(connect(stack.redis_url))
         client = httpx.Client(
             timeout=120, headers={"Authorization": f"Bearer {TOKEN}"}, trust_env=False
         )
-        _wait(lambda: _ok(client, f"{api}/health"), 60, "the API")
         spec = {
             "model": MODEL,
             "served_model_name": SERVED,
@@ -127,15 +91,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         cold: list[float] = []
         warm: list[float] = []
         direct_port = free_port(HOST)
-        _progress("warm-up cold start")
+        progress("warm-up cold start")
         first_byte(client, api)
-        _wait(on_standby, 30, "the idle stop", 0.02)
+        wait_until(on_standby, 30, "the idle stop", 0.02)
         for i in range(args.runs):
             own.append(engine_own_ready(env, direct_port))
             cold.append(first_byte(client, api))
             warm.append(first_byte(client, api))
-            _wait(on_standby, 30, "the idle stop", 0.02)
-            _progress(
+            wait_until(on_standby, 30, "the idle stop", 0.02)
+            progress(
                 f"round {i + 1}/{args.runs}: own {own[-1]:.3f}s, cold {cold[-1]:.3f}s, "
                 f"warm {warm[-1] * 1000:.1f}ms"
             )
@@ -157,16 +121,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "startup_delay_s": args.startup_delay,
             "runs": args.runs,
         }
-    finally:
-        for proc in reversed(procs):
-            stop_process(proc)
-        _kill_leftover_engines(tmp)
-        if redis is not None:
-            redis.stop()
-        if args.keep_logs:
-            print(f"logs kept in {tmp}", file=sys.stderr)
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def render(result: dict[str, Any]) -> str:
@@ -180,10 +134,10 @@ def render(result: dict[str, Any]) -> str:
     for what, samples in result["rows"].values():
         s = sorted(samples)
         out.append(
-            f"| {what} | {len(s)} | {_pct(s, 0.5) * 1000:.1f} | {_pct(s, 0.99) * 1000:.1f} | "
-            f"{s[-1] * 1000:.1f} |"
+            f"| {what} | {len(s)} | {percentile(s, 0.5) * 1000:.1f} | "
+            f"{percentile(s, 0.99) * 1000:.1f} | {s[-1] * 1000:.1f} |"
         )
-    o50 = _pct(sorted(result["rows"]["overhead"][1]), 0.5) * 1000
+    o50 = percentile(sorted(result["rows"]["overhead"][1]), 0.5) * 1000
     met = "MET" if o50 <= TARGET_OVERHEAD_P50_MS else "MISSED"
     out += ["", f"cold-start overhead p50 <= {TARGET_OVERHEAD_P50_MS:g} ms: {met} ({o50:.1f} ms)"]
     return "\n".join(out)

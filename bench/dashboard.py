@@ -37,23 +37,20 @@ import os
 import platform
 import random
 import re
-import shutil
 import statistics
-import subprocess
-import sys
-import tempfile
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
-from bench.lifecycle import STATUS_ENGINES, STATUS_GPUS, STATUS_HOSTS, synthetic_cluster
-from bench.procs import stop_process
+from bench.lifecycle import (
+    STATUS_ENGINES,
+    STATUS_GPUS,
+    STATUS_HOSTS,
+    percentile,
+    synthetic_cluster,
+)
+from bench.stack import cpu_model, local_stack, progress, wait_http
 
-HOST = "127.0.0.1"
-REPO = Path(__file__).resolve().parent.parent
 TOKEN = "bench-dashboard-token"
 DASHBOARDS = 5
 FRAGMENTS = {
@@ -84,16 +81,6 @@ class Scenario:
     etags: bool = True
     polls: list[Poll] = field(default_factory=list)
     cpu_pct: float = 0.0
-
-
-def _pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    s = sorted(values)
-    k = (len(s) - 1) * q
-    lo = int(k)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
 _RENDER = re.compile(r"render;dur=([0-9.]+);desc=(\w+)")
@@ -220,83 +207,45 @@ def run_scenario(api: str, server_pid: int, scenario: Scenario, seconds: float) 
 # ----------------------------------------------------------------------- the run
 
 
-def _wait(fn: Callable[[], Any], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if fn():
-                return
-        except Exception:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"timed out after {timeout_s:g}s waiting for {what}")
-
-
 def run(args: argparse.Namespace) -> list[Scenario]:
-    import httpx
-
-    from app.dev.redis_server import RedisProcess, free_port
-    from app.dev.stack import gunicorn_argv
-
-    tmp = Path(tempfile.mkdtemp(prefix="sagellm-bench-dashboard-"))
-    (tmp / "prometheus").mkdir()
-    redis: RedisProcess | None = None
-    server: subprocess.Popen[bytes] | None = None
-    churn: Churn | None = None
-    writer: threading.Thread | None = None
-    try:
-        redis = RedisProcess(tmp / "redis", persist=False).start()
-        synthetic_cluster(redis.url)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("SAGELLM_")}
-        env.update(
-            SAGELLM_REDIS_URL=redis.url,
-            SAGELLM_DATA_DIR=str(tmp / "data"),
-            SAGELLM_HOST_NAME="bench-api",
-            SAGELLM_ADMIN_TOKEN=TOKEN,
-            PROMETHEUS_MULTIPROC_DIR=str(tmp / "prometheus"),
+    """The stack (Redis with the synthetic cluster, the API), the churn, the scenarios."""
+    with local_stack("sagellm-bench-dashboard-", args.keep_logs) as stack:
+        synthetic_cluster(stack.redis_url)
+        server = stack.start_api(
+            stack.env("bench-api", SAGELLM_ADMIN_TOKEN=TOKEN), workers=args.workers
         )
-        port = free_port(HOST)
-        api = f"http://{HOST}:{port}"
-        with (tmp / "api.log").open("ab") as log:
-            server = subprocess.Popen(
-                gunicorn_argv(f"{HOST}:{port}", workers=args.workers),
-                cwd=REPO,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        _wait(lambda: httpx.get(f"{api}/health", timeout=2).status_code == 200, 60, "the API")
-        churn = Churn(redis.url)
+        api = server.url
+        wait_http(f"{api}/health", 60, server.proc)
+        churn = Churn(stack.redis_url)
         writer = threading.Thread(target=churn.run, daemon=True)
         writer.start()
-        # Warm-up: every fragment once from each worker process (imports, templates).
-        with httpx.Client(base_url=api, headers={"Authorization": f"Bearer {TOKEN}"}) as c:
-            for _ in range(4 * args.workers):
-                for path in FRAGMENTS.values():
-                    assert c.get(path).status_code == 200, path
-        scenarios = [
-            Scenario("idle (baseline)", []),
-            Scenario("engines", ["engines"] * DASHBOARDS),
-            Scenario("cluster", ["cluster"] * DASHBOARDS),
-            Scenario("mixed", ["engines", "engines", "cluster", "cluster", "gateway"]),
-            Scenario("engines, no ETag", ["engines"] * DASHBOARDS, etags=False),
-        ]
-        for s in scenarios:
-            print(f"  {s.name}: {args.seconds:g} s ...", file=sys.stderr, flush=True)
-            run_scenario(api, server.pid, s, args.seconds)
-        return scenarios
-    finally:
-        if churn is not None:
+        try:
+            return _run_scenarios(args, api, server.proc.pid)
+        finally:
             churn.stop.set()
-        if writer is not None:
             writer.join(10)
-        stop_process(server)
-        if redis is not None:
-            redis.stop()
-        if args.keep_logs:
-            print(f"logs kept in {tmp}", file=sys.stderr)
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _run_scenarios(args: argparse.Namespace, api: str, server_pid: int) -> list[Scenario]:
+    """Every scenario in turn against the running API (``server_pid``: its CPU)."""
+    import httpx
+
+    # Warm-up: every fragment once from each worker process (imports, templates).
+    with httpx.Client(base_url=api, headers={"Authorization": f"Bearer {TOKEN}"}) as c:
+        for _ in range(4 * args.workers):
+            for path in FRAGMENTS.values():
+                assert c.get(path).status_code == 200, path
+    scenarios = [
+        Scenario("idle (baseline)", []),
+        Scenario("engines", ["engines"] * DASHBOARDS),
+        Scenario("cluster", ["cluster"] * DASHBOARDS),
+        Scenario("mixed", ["engines", "engines", "cluster", "cluster", "gateway"]),
+        Scenario("engines, no ETag", ["engines"] * DASHBOARDS, etags=False),
+    ]
+    for s in scenarios:
+        progress(f"{s.name}: {args.seconds:g} s ...")
+        run_scenario(api, server_pid, s, args.seconds)
+    return scenarios
 
 
 # ----------------------------------------------------------------------- report
@@ -306,16 +255,9 @@ def render(scenarios: list[Scenario], seconds: float, workers: int) -> str:
     from app.ui.freshness import POLL_S
 
     baseline = scenarios[0].cpu_pct
-    cpu_model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    model = cpu_model(platform.processor() or platform.machine())
     out = [
-        f"machine: {os.cpu_count()} CPUs ({cpu_model}), no GPU, Python {platform.python_version()}",
+        f"machine: {os.cpu_count()} CPUs ({model}), no GPU, Python {platform.python_version()}",
         f"cluster: {STATUS_ENGINES} engines on {STATUS_HOSTS} hosts x {STATUS_GPUS} GPUs; "
         f"meanwhile {STATUS_ENGINES / HEALTH_EVERY_S:g} health-check writes/s, heartbeats "
         f"every {HEARTBEAT_EVERY_S:g} s, a state change every {FLIP_EVERY_S:g} s",
@@ -355,11 +297,11 @@ def render(scenarios: list[Scenario], seconds: float, workers: int) -> str:
             took = [p.took_s * 1000 for p in polls]
             renders = [p.render_ms for p in polls if p.rendered and p.render_ms is not None]
             r50 = f"{statistics.median(renders):.2f}" if renders else "-"
-            r99 = f"{_pct(renders, 0.99):.2f}" if renders else "-"
+            r99 = f"{percentile(sorted(renders), 0.99):.2f}" if renders else "-"
             out.append(
                 f"| {fragment} | {status} | {len(polls)} | {statistics.median(took):.2f} | "
-                f"{_pct(took, 0.99):.2f} | {len(renders) if status == 200 else '-'} | "
-                f"{r50} | {r99} |"
+                f"{percentile(sorted(took), 0.99):.2f} | "
+                f"{len(renders) if status == 200 else '-'} | {r50} | {r99} |"
             )
     worst = max((s.cpu_pct - baseline for s in scenarios if s.pages and s.etags), default=0.0)
     verdict = "MET" if worst < 5.0 else "MISSED"

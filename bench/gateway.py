@@ -22,33 +22,29 @@ import math
 import os
 import platform
 import resource
-import shutil
 import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.procs import stop_process
+from bench.stack import HOST, REPO, cpu_model, local_stack, print_report, wait_http
 
 # Targets from the issue: what the gateway should add and keep.
 TARGET_ADDED_P50_MS = 2.0
 TARGET_SHARE_PCT = 90.0
 SLOW_SERVICE_MS = 20.0
 STREAM_CHUNKS = 16
-HOST = "127.0.0.1"
 WORKER_CLASSES = {
     "production": "app.gateway.server.ApiWorker",
     "gevent": "gevent",
     "gevent_pywsgi": "gevent_pywsgi",
     "gthread": "gthread",
 }
-REPO = Path(__file__).resolve().parent.parent
 
 
 @dataclass(frozen=True)
@@ -293,17 +289,9 @@ class Cell:
 
 
 def machine() -> dict[str, Any]:
-    model = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     return {
         "nproc": len(os.sched_getaffinity(0)),
-        "cpu_model": model,
+        "cpu_model": cpu_model("unknown"),
         "python": platform.python_version(),
         "platform": platform.platform(),
     }
@@ -327,31 +315,6 @@ def _own_cpu_s() -> float:
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def _wait_http(url: str, timeout_s: float, proc: subprocess.Popen[bytes] | None = None) -> bytes:
-    import httpx
-
-    deadline = time.monotonic() + timeout_s
-    last = ""
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode} (waiting for {url})")
-        try:
-            resp = httpx.get(url, timeout=2)
-            if resp.status_code == 200:
-                return resp.content
-            last = f"HTTP {resp.status_code}"
-        except httpx.HTTPError as exc:
-            last = type(exc).__name__
-        time.sleep(0.1)
-    raise RuntimeError(f"{url} did not answer 200 within {timeout_s:g}s (last: {last})")
-
-
-def _free_port() -> int:
-    from app.dev.redis_server import free_port
-
-    return free_port(HOST)
-
-
 def _register(redis_url: str, plan: BackendPlan, port: int) -> None:
     """A RUNNING engine record, as a worker would leave it once the engine is ready."""
     from app.core.models import EngineRecord, EngineState
@@ -370,16 +333,6 @@ def _register(redis_url: str, plan: BackendPlan, port: int) -> None:
             last_health_at=time.time(),
         )
     )
-
-
-def gunicorn_command(
-    bind: str, workers: int, threads: int, worker_class: str, access_log: bool
-) -> list[str]:
-    """Production's argv (``app.dev.stack.gunicorn_argv``), with the benchmark's knobs
-    (``threads`` is gthread's thread count, else the worker connections)."""
-    from app.dev.stack import gunicorn_argv
-
-    return gunicorn_argv(bind, workers, threads, worker_class, access_log)
 
 
 def _loadgen(spec: dict[str, Any]) -> dict[str, Any]:
@@ -431,49 +384,32 @@ def _body(served_name: str, stream: bool) -> str:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from app.dev.redis_server import RedisProcess
+    from app.dev.redis_server import free_port
 
     plans = QUICK_PLAN if args.quick else FULL_PLAN
-    tmp = Path(tempfile.mkdtemp(prefix="sagellm-bench-"))
-    redis: RedisProcess | None = None
-    procs: list[subprocess.Popen[bytes]] = []
     cells: list[Cell] = []
-    gw_log = tmp / "gunicorn.log"
-    try:
-        redis = RedisProcess(tmp / "redis", persist=False).start()
+    with local_stack("sagellm-bench-", args.keep_logs) as stack:
         ports: dict[str, int] = {}
         backends: dict[str, subprocess.Popen[bytes]] = {}
         for plan in plans:
-            port = _free_port()
+            port = free_port(HOST)
             argv = [sys.executable, "-m", "bench.fake_openai_backend", "--port", str(port)]
             argv += ["--service-ms", f"{plan.service_ms:g}", "--stream-chunks", str(STREAM_CHUNKS)]
             argv += ["--served-model-name", plan.served_name]
-            proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL)
-            procs.append(proc)
-            _wait_http(f"http://{HOST}:{port}/health", 15, proc)
-            _register(redis.url, plan, port)
+            proc = stack.start(argv)
+            wait_http(f"http://{HOST}:{port}/health", 15, proc)
+            _register(stack.redis_url, plan, port)
             ports[plan.served_name] = port
             backends[plan.served_name] = proc
 
-        gw_port = _free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("SAGELLM_")}
-        env.update(
-            SAGELLM_REDIS_URL=redis.url,
-            SAGELLM_HOST_NAME="bench",
-            SAGELLM_DATA_DIR=str(tmp / "data"),
-            # As `sagellm up` and docker-compose run it: metrics shared by the workers.
-            PROMETHEUS_MULTIPROC_DIR=str(tmp / "prometheus"),
+        # ``threads`` is gthread's thread count, else the worker connections.
+        api = stack.start_api(
+            stack.env("bench"), args.workers, args.threads, args.worker_class, args.access_log
         )
-        (tmp / "prometheus").mkdir()
-        gw_argv = gunicorn_command(
-            f"{HOST}:{gw_port}", args.workers, args.threads, args.worker_class, args.access_log
-        )
-        with gw_log.open("wb") as log:
-            gunicorn = subprocess.Popen(gw_argv, cwd=REPO, env=env, stdout=log, stderr=log)
-        procs.append(gunicorn)
+        gunicorn, gw_log, gw_argv, gw_port = api.proc, api.log, api.argv, api.port
         # The records are in Redis before gunicorn starts, and each worker reads the
         # registry on its first request (the warm-up): one check that routing works.
-        listed = json.loads(_wait_http(f"http://{HOST}:{gw_port}/v1/models", 60, gunicorn))
+        listed = json.loads(wait_http(f"{api.url}/v1/models", 60, gunicorn))
         missing = {p.served_name for p in plans} - {m["id"] for m in listed["data"]}
         if missing:
             raise RuntimeError(f"the gateway does not list {sorted(missing)}; see {gw_log}")
@@ -514,15 +450,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     cell.gateway = _combine(runs["gateway"])
                     cells.append(cell)
                     _progress(cell)
-    finally:
-        for proc in reversed(procs):
-            stop_process(proc)
-        if redis is not None:
-            redis.stop()
-        if args.keep_logs:
-            print(f"logs kept in {tmp}", file=sys.stderr)
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
     return {
         "config": {
             "gunicorn_argv": gw_argv[gw_argv.index("--bind") :],
@@ -713,10 +640,7 @@ def main(argv: list[str] | None = None) -> None:
     other = (_machine_busy_s() - busy0) - (_own_cpu_s() - ours0)
     result["other_cpu_cores"] = round(max(0.0, other) / wall, 2)
     result["elapsed_s"] = round(wall, 1)
-    print(render(result))
-    print(f"\n(total {result['elapsed_s']:.0f} s)")
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
+    print_report(render(result), result, args.json)
 
 
 if __name__ == "__main__":

@@ -30,24 +30,18 @@ See bench/README.md for the columns and the caveats.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.procs import stop_process
+from bench.stack import HOST, REPO, LocalStack, local_stack, print_report, progress
 
-HOST = "127.0.0.1"
-REPO = Path(__file__).resolve().parent.parent
 FAKES = REPO / "tests" / "fakes"
 MODEL = str(REPO / "tests" / "fixtures" / "models" / "Qwen2.5-1.5B-Instruct")
 SERVED = "bench-qwen"
@@ -70,10 +64,11 @@ class Row:
     note: str = ""
 
     def pct(self, q: float) -> float:
-        return _pct(sorted(self.samples), q)
+        return percentile(sorted(self.samples), q)
 
 
-def _pct(values: list[float], q: float) -> float:
+def percentile(values: list[float], q: float) -> float:
+    """The ``q`` quantile of sorted ``values``, interpolated linearly; NaN for none."""
     if not values:
         return float("nan")
     k = (len(values) - 1) * q
@@ -85,13 +80,12 @@ def _pct(values: list[float], q: float) -> float:
 # ----------------------------------------------------------------------- processes
 
 
-def _env(tmp: Path, redis_url: str, startup_delay: float) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SAGELLM_")}
+def engine_env(stack: LocalStack, startup_delay: float) -> dict[str, str]:
+    """The environment of the bench host's worker and the API: mock GPUs, the stand-in
+    ``vllm`` first on PATH, ready ``startup_delay`` seconds after it starts."""
     bindir = Path(sys.executable).parent
-    env.update(
-        SAGELLM_REDIS_URL=redis_url,
-        SAGELLM_DATA_DIR=str(tmp / "data"),
-        SAGELLM_HOST_NAME=BENCH_HOST,
+    return stack.env(
+        BENCH_HOST,
         SAGELLM_HOST_ADDRESS=HOST,
         SAGELLM_MOCK_GPUS="2x80",
         SAGELLM_PORT_RANGE=f"{PORTS[0]}-{PORTS[1]}",
@@ -101,28 +95,11 @@ def _env(tmp: Path, redis_url: str, startup_delay: float) -> dict[str, str]:
         # running, and there are as many restarts as the runs need.
         SAGELLM_RESTART_RESET_AFTER_S="1",
         SAGELLM_MAX_RESTARTS="1000",
-        PROMETHEUS_MULTIPROC_DIR=str(tmp / "prometheus"),
-        PATH=f"{FAKES}{os.pathsep}{bindir}{os.pathsep}{env.get('PATH', '')}",
+        PATH=f"{FAKES}{os.pathsep}{bindir}{os.pathsep}{os.environ.get('PATH', '')}",
         FAKE_VLLM_STARTUP_DELAY=f"{startup_delay:g}",
         HF_HUB_OFFLINE="1",
         PYTHONUNBUFFERED="1",
     )
-    return env
-
-
-def _start(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    with log.open("ab") as out:
-        return subprocess.Popen(argv, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
-
-
-def _wait(fn: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = fn()
-        if value:
-            return value
-        time.sleep(interval_s)
-    raise RuntimeError(f"timed out after {timeout_s:g}s waiting for {what}")
 
 
 # ----------------------------------------------------------------------- measurements
@@ -231,14 +208,8 @@ def kill_and_watch(registry: Any, engine_id: str) -> tuple[float, float]:
 def synthetic_cluster(redis_url: str) -> None:
     """8 hosts x 8 GPUs (80 GB) and 200 RUNNING engines with their reservations,
     written as workers and the API would write them."""
-    from app.core.models import (
-        EngineRecord,
-        EngineState,
-        GpuAssignment,
-        GpuCapacity,
-        GpuInfo,
-        HostRecord,
-    )
+    from app.core.gpus import GpuCapacity, GpuInfo
+    from app.core.models import EngineRecord, EngineState, GpuAssignment, HostRecord
     from app.core.spec import EngineSpec
     from app.state.client import connect
     from app.state.ledger import Ledger, ReserveRequest
@@ -330,44 +301,25 @@ def wait_mechanism() -> str:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import httpx
 
-    from app.dev.redis_server import RedisProcess, free_port
-    from app.dev.stack import gunicorn_argv
+    from app.dev.redis_server import free_port
+    from app.settings import Settings
     from app.state.client import connect
     from app.state.registry import Registry
 
-    tmp = Path(tempfile.mkdtemp(prefix="sagellm-bench-lifecycle-"))
-    (tmp / "prometheus").mkdir()
-    logs = tmp / "logs"
-    logs.mkdir()
-    redis: RedisProcess | None = None
-    procs: list[subprocess.Popen[bytes]] = []
     rows: dict[str, Row] = {}
-    sagellm = str(Path(sys.executable).parent / "sagellm")
-    try:
-        redis = RedisProcess(tmp / "redis", persist=False).start()
-        env = _env(tmp, redis.url, args.startup_delay)
-        api_port = free_port(HOST)
-        api = f"http://{HOST}:{api_port}"
-        procs.append(_start(gunicorn_argv(f"{HOST}:{api_port}", 2), env, logs / "api.log"))
-        procs.append(_start([sagellm, "worker", "--loglevel", "info"], env, logs / "worker.log"))
-        procs.append(_start([sagellm, "beat", "--loglevel", "info"], env, logs / "beat.log"))
-        registry = Registry(connect(redis.url))
-        _wait(
-            lambda: any(h.name == BENCH_HOST and h.up for h in registry.hosts()),
-            60,
-            "the worker's heartbeat",
-        )
+    with local_stack("sagellm-bench-lifecycle-", args.keep_logs) as stack:
+        env = engine_env(stack, args.startup_delay)
+        api = stack.start_cluster(env, beat=True).url
+        registry = Registry(connect(stack.redis_url))
         headers = {"Authorization": f"Bearer {TOKEN}"}
         client = httpx.Client(timeout=90, headers=headers, trust_env=False)
-        _wait(lambda: _ok(client, f"{api}/health"), 60, "the API")
-        from app.settings import Settings
 
         settings = Settings.from_env({k: v for k, v in env.items() if k.startswith("SAGELLM_")})
 
         # 1 + 2: the engine's own spawn -> ready, and a managed start, alternating.
         own, start = Row("engine's own spawn -> ready"), Row("POST ?wait=true -> RUNNING")
         direct_port = free_port(HOST)
-        _progress("warm-up start")
+        progress("warm-up start")
         _, eid = managed_start(client, api)  # imports, connections, model facts: warm
         stop_engine(client, api, registry, eid)
         for i in range(args.runs):
@@ -375,7 +327,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             took, eid = managed_start(client, api)
             start.samples.append(took)
             stop_engine(client, api, registry, eid)
-            _progress(f"start {i + 1}/{args.runs}: own {own.samples[-1]:.3f}s, managed {took:.3f}s")
+            progress(f"start {i + 1}/{args.runs}: own {own.samples[-1]:.3f}s, managed {took:.3f}s")
         baseline = statistics.median(own.samples)
         overhead = Row(
             "start overhead (start - own median)",
@@ -395,7 +347,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             d, r = kill_and_watch(registry, eid)
             detect.samples.append(d)
             recover.samples.append(r)
-            _progress(f"kill {i + 1}/{args.kills}: detected {d:.3f}s, running again {r:.3f}s")
+            progress(f"kill {i + 1}/{args.kills}: detected {d:.3f}s, running again {r:.3f}s")
         stop_engine(client, api, registry, eid)
         rows.update(detect=detect, recover=recover)
 
@@ -406,7 +358,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         rows["status_small"] = Row(
             "GET /status, 1 host, 0 engines", time_gets(client, f"{mgmt}/status", n, warm)
         )
-        synthetic_cluster(redis.url)
+        synthetic_cluster(stack.redis_url)
         what = f"{STATUS_ENGINES} engines, {STATUS_HOSTS} hosts x {STATUS_GPUS} GPUs"
         for path in ("status", "engines", "gpus", "backends"):
             rows[f"{path}_200"] = Row(
@@ -428,42 +380,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "kills": args.kills,
             "gets": n,
         }
-    finally:
-        for proc in reversed(procs):
-            stop_process(proc)
-        _kill_leftover_engines(tmp)
-        if redis is not None:
-            redis.stop()
-        if args.keep_logs:
-            print(f"logs kept in {tmp}", file=sys.stderr)
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _ok(client: Any, url: str) -> bool:
-    try:
-        return bool(client.get(url).status_code == 200)
-    except Exception:
-        return False
-
-
-def _kill_leftover_engines(tmp: Path) -> None:
-    """Engines outlive their worker by design: kill those this run's worker started."""
-    import psutil
-
-    owner = str(tmp / "data")
-    for proc in psutil.process_iter():
-        try:
-            env = proc.environ()
-        except (psutil.Error, OSError):
-            continue
-        if env.get("SAGELLM_ENGINE_ID") and env.get("SAGELLM_ENGINE_OWNER", "").startswith(owner):
-            with contextlib.suppress(psutil.Error):
-                proc.kill()
-
-
-def _progress(message: str) -> None:
-    print(f"  {message}", file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------- report
@@ -475,8 +391,8 @@ def render(result: dict[str, Any]) -> str:
     def line(key: str) -> str:
         s = sorted(rows[key]["samples"])
         return (
-            f"| {rows[key]['what']} | {len(s)} | {_pct(s, 0.5) * 1000:.1f} | "
-            f"{_pct(s, 0.99) * 1000:.1f} | {s[-1] * 1000:.1f} |"
+            f"| {rows[key]['what']} | {len(s)} | {percentile(s, 0.5) * 1000:.1f} | "
+            f"{percentile(s, 0.99) * 1000:.1f} | {s[-1] * 1000:.1f} |"
         )
 
     out = [
@@ -495,7 +411,7 @@ def verdict(result: dict[str, Any]) -> list[str]:
     rows = result["rows"]
 
     def pct(key: str, q: float) -> float:
-        return _pct(sorted(rows[key]["samples"]), q)
+        return percentile(sorted(rows[key]["samples"]), q)
 
     def met(ok: bool) -> str:
         return "MET" if ok else "MISSED"
@@ -542,10 +458,7 @@ def main(argv: list[str] | None = None) -> None:
     began = time.monotonic()
     result = run(args)
     result["elapsed_s"] = round(time.monotonic() - began, 1)
-    print(render(result))
-    print(f"\n(total {result['elapsed_s']:.0f} s)")
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
+    print_report(render(result), result, args.json)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from typing import Any
 
 import httpx
 
-from bench.gateway import HOST, REPO, _free_port, _stop, _wait_http
+from bench.stack import HOST, REPO, stop_process, wait_http
 
 BODY = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()
 STREAM_BODY = json.dumps(
@@ -162,6 +162,8 @@ def measure(send: Send, base: str, body: bytes, n: int, threads: int) -> dict[st
 
 
 def main(argv: list[str] | None = None) -> None:
+    from app.dev.redis_server import free_port
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=3000, help="requests per measurement")
     parser.add_argument(
@@ -174,12 +176,12 @@ def main(argv: list[str] | None = None) -> None:
     bases: dict[float, str] = {}
     try:
         for service_ms in (0.0, 20.0):
-            port = _free_port()
+            port = free_port(HOST)
             argv = [sys.executable, "-m", "bench.fake_openai_backend", "--port", str(port)]
             argv += ["--service-ms", f"{service_ms:g}", "--served-model-name", "m"]
             proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL)
             procs.append(proc)
-            _wait_http(f"http://{HOST}:{port}/health", 15, proc)
+            wait_http(f"http://{HOST}:{port}/health", 15, proc)
             bases[service_ms] = f"http://{HOST}:{port}"
         rows: list[dict[str, Any]] = []
         for scene, service_ms, threads, n in (
@@ -201,7 +203,7 @@ def main(argv: list[str] | None = None) -> None:
                     )
     finally:
         for proc in procs:
-            _stop(proc)
+            stop_process(proc)
     versions = ", ".join(
         f"{name} {importlib.metadata.version(name)}"
         for name in ("httpx", "httpcore", "httpx2", "urllib3")

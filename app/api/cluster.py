@@ -20,7 +20,8 @@ from app.api import documents
 from app.api.context import cluster
 from app.api.schemas import EngineSchema, TaskSchema
 from app.core import status as views
-from app.core.models import GpuCapacity, HostRecord
+from app.core.gpus import GpuCapacity
+from app.core.models import HostRecord
 from app.state.ledger import Reservation
 
 blp = Blueprint(

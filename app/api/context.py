@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask import current_app
 
-from app.services.engines import Cluster
+from app.services.cluster import Cluster
 
 
 def cluster() -> Cluster:

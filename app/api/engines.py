@@ -33,8 +33,14 @@ from app.core.errors import NotFoundError, SagellmError, StateLostError
 from app.core.external import probed
 from app.core.models import EngineState
 from app.core.spec import EngineKind, EngineSpec
-from app.services import engines as control
 from app.services import external
+from app.services.engines import (
+    engine_logs,
+    restart_engine,
+    start_engine,
+    stop_engine,
+    wait_until_settled,
+)
 from app.state.prune import prune_records
 from app.state.write_seq import wait_for_write
 
@@ -110,10 +116,10 @@ class Engines(MethodView):
         the reason), or the timeout passed (202, still starting)."""
         c = cluster()
         spec: EngineSpec = start["spec"]  # read by the one schema (app.core.spec)
-        rec = control.start_engine(c, spec, policy=start["policy"])  # admits it first
+        rec = start_engine(c, spec, policy=start["policy"])  # admits it first
         if wait["wait"]:
             try:
-                rec = control.wait_until_settled(c, rec.id, wait["timeout"])
+                rec = wait_until_settled(c, rec.id, wait["timeout"])
             except NotFoundError:  # only a lost state store removes a starting record
                 raise StateLostError(
                     f"engine {rec.id}: the state store lost its record while it was "
@@ -187,7 +193,7 @@ class Engine(MethodView):
         forgotten = external.forget_external(cluster(), engine_id)
         if forgotten is not None:
             return forgotten.to_dict(), 200
-        return control.stop_engine(
+        return stop_engine(
             cluster(), engine_id, drain=args["drain"], drain_timeout_s=args.get("drain_timeout")
         ).to_dict()
 
@@ -200,7 +206,7 @@ class EngineRestart(MethodView):
         """Restart in place (same id); a FAILED engine is placed again. Not an external
         engine (409)."""
         external.refuse_if_external(cluster(), engine_id, "restart")
-        return control.restart_engine(cluster(), engine_id).to_dict()
+        return restart_engine(cluster(), engine_id).to_dict()
 
 
 @blp.route("/<engine_id>/logs")
@@ -212,7 +218,7 @@ class EngineLogs(MethodView):
         """The last lines of the engine's log (read on its host)."""
         external.refuse_if_external(cluster(), engine_id, "read the log of")
         rec = cluster().registry.get(engine_id)
-        lines = control.engine_logs(cluster(), engine_id, args["tail"])
+        lines = engine_logs(cluster(), engine_id, args["tail"])
         return {"engine_id": engine_id, "host": rec.host, "lines": lines}
 
 

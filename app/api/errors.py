@@ -29,17 +29,23 @@ class ErrorSchema(ma.Schema):
     error = ma.fields.String(metadata={"description": "Error type"})
 
 
-def _flatten(errors: Any, prefix: str = "") -> list[tuple[str, str]]:
-    """{'json': {'model': ['Missing data']}} -> [('model', 'Missing data')]."""
+def field_errors(errors: Any, prefix: str = "") -> list[tuple[str, str]]:
+    """Marshmallow's nested error messages as ``(field, message)`` pairs, in order.
+
+    ``{'json': {'model': ['Missing data']}}`` -> ``[('model', 'Missing data')]``:
+    webargs' location keys (``json``, ``query``, ...) are dropped, nested fields are
+    joined with dots (``gpu_ids.0``), and a message with no field gets ``""``. The
+    API's error answers and the dashboard's start form both name fields this way.
+    """
     out: list[tuple[str, str]] = []
     if isinstance(errors, dict):
         for key, value in errors.items():
             name = str(key) if key not in ("json", "query", "form", "path", "headers") else ""
             path = f"{prefix}.{name}" if prefix and name else (name or prefix)
-            out.extend(_flatten(value, path))
+            out.extend(field_errors(value, path))
     elif isinstance(errors, list):
         for item in errors:
-            out.extend(_flatten(item, prefix))
+            out.extend(field_errors(item, prefix))
     else:
         out.append((prefix, str(errors)))
     return out
@@ -51,7 +57,7 @@ class SagellmApi(Api):
     def handle_http_exception(self, error: HTTPException) -> Any:
         payload, code, headers = super().handle_http_exception(error)
         if "errors" in payload:
-            flat = _flatten(payload["errors"])
+            flat = field_errors(payload["errors"])
             if flat:
                 payload["field"] = flat[0][0]
                 payload["message"] = "; ".join(f"{f}: {m}" if f else m for f, m in flat[:10])

@@ -155,7 +155,7 @@ def _on_demand(c: Any) -> Iterator[Any]:
     from prometheus_client.core import HistogramMetricFamily
 
     from app.core.models import EngineState
-    from app.state.request_clock import COLD_START_BUCKETS, OnDemandCounters
+    from app.state.on_demand_counters import COLD_START_BUCKETS, OnDemandCounters
 
     counts = OnDemandCounters(c.registry.r).read()
     for name, doc in (

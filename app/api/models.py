@@ -10,7 +10,7 @@ from flask.views import MethodView
 from flask_smorest import Blueprint
 
 from app.api.context import cluster
-from app.core.models import mib_to_gb
+from app.core.gpus import mib_to_gb
 from app.services.models import models_on_hosts
 
 blp = Blueprint(

@@ -89,8 +89,17 @@ def _locations() -> dict[str, str]:
     return server_locations(cluster().settings.data_dir)
 
 
-def _builtin(name: str) -> Preset:
+def read_builtin(name: str) -> Preset:
+    """A built-in preset as this API reads it: its model locations filled in from the
+    API's settings, and each engine admitted as a direct start would be (a refused
+    field names the engine, before anything is reserved). Also the dashboard's read."""
     return get_builtin(name, locations=_locations(), validate_spec=_admit)
+
+
+def read_preset_text(text: str, source: str) -> Preset:
+    """A preset given as YAML (or JSON) text, read as ``read_builtin`` reads a file;
+    ``source`` names it in errors."""
+    return parse_preset(text, source, locations=_locations(), validate_spec=_admit)
 
 
 def _apply(preset: Preset, args: dict[str, Any]) -> dict[str, Any]:
@@ -113,7 +122,7 @@ class Presets(MethodView):
         out = []
         for name, path in sorted(builtin_preset_files().items()):
             try:
-                p = _builtin(name)
+                p = read_builtin(name)
                 out.append(
                     {
                         "name": name,
@@ -142,7 +151,7 @@ class PresetOne(MethodView):
     @blp.doc(responses={"404": {"description": "Unknown preset"}})
     def get(self, name: str) -> dict[str, Any]:
         """One built-in preset, its model locations filled in."""
-        return _builtin(name).to_dict()
+        return read_builtin(name).to_dict()
 
 
 @blp.route("/<name>/apply")
@@ -159,7 +168,7 @@ class PresetApply(MethodView):
     def post(self, args: dict[str, Any], name: str) -> dict[str, Any]:
         """Apply a built-in preset: place all, start all, wait for RUNNING, roll back on
         failure. Engines of the preset that already run are left alone."""
-        return _apply(_builtin(name), args)
+        return _apply(read_builtin(name), args)
 
 
 @blp.route("/apply")
@@ -187,5 +196,4 @@ class PresetApplyBody(MethodView):
         the API's side, are filled here."""
         text = body["yaml"] if "yaml" in body else json.dumps(body["preset"])
         source = request.headers.get("X-Preset-Source", "request body")[:200]
-        preset = parse_preset(text, source, locations=_locations(), validate_spec=_admit)
-        return _apply(preset, args)
+        return _apply(read_preset_text(text, source), args)

@@ -45,7 +45,7 @@ from app.cli.render import (
 )
 from app.core.models import LIVE_STATES, TERMINAL_STATES, EngineRecord, EngineState
 from app.core.placement import POLICIES
-from app.core.spec import RUNTIMES_BY_KIND, EngineKind, EngineSpec
+from app.core.spec import KINDS, RUNTIMES_BY_KIND, EngineSpec
 
 # A live display is redrawn this often while nothing changes (no request is sent:
 # changes come from a long-poll, ``app.cli.client.Follow``).
@@ -55,7 +55,6 @@ LOG_POLL_S = 1.0
 # which lines are new, so more than this many in one poll interval cannot all be shown.
 LOG_FOLLOW_WINDOW = 1000
 
-KINDS = [k.value for k in EngineKind]
 RUNTIMES = list(dict.fromkeys(r for runtimes in RUNTIMES_BY_KIND.values() for r in runtimes))
 STATES = [s.value for s in EngineState]
 _LIVE = {s.value for s in LIVE_STATES}

@@ -20,9 +20,8 @@ from app.cli.client import ENGINES, CliError, InvalidInput, connect
 from app.cli.render import describe, emit_data, output_option, served_name
 from app.core.external import probed
 from app.core.models import EngineRecord
-from app.core.spec import EngineKind
+from app.core.spec import KINDS
 
-KINDS = [k.value for k in EngineKind]
 # Seconds the API waits for the first probe; the request may take that long and more.
 REQUEST_SLACK_S = 10.0
 

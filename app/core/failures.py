@@ -356,6 +356,21 @@ def _signal_name(sig: int) -> str:
         return f"signal {sig}"
 
 
+# The engines we ended ourselves, when the log names no root cause: what we saw (the
+# evidence when the log has no line either) and what to do.
+_ENDED_BY_US: dict[Reason, tuple[str, str]] = {
+    Reason.START_TIMEOUT: (
+        "not ready before the start timeout",
+        "the engine did not become ready in time: read its log (`sagellm engine logs`); "
+        "a large model may need a longer SAGELLM_START_TIMEOUT_S",
+    ),
+    Reason.UNRESPONSIVE: (
+        "its health checks failed",
+        "the engine stopped answering its health checks and was restarted: read its log",
+    ),
+}
+
+
 def classify(exit_code: int | None, log_tail: str, *, cause: Reason | None = None) -> Failure:
     """The reason an engine's process ended, from its exit status and its log's tail
     (the whole tail; only its latest run is read, see ``current_run``).
@@ -384,23 +399,9 @@ def classify(exit_code: int | None, log_tail: str, *, cause: Reason | None = Non
             exit_code,
             None,
         )
-    if cause is Reason.START_TIMEOUT:
-        return Failure(
-            cause.value,
-            _last_line(text) or "not ready before the start timeout",
-            "the engine did not become ready in time: read its log (`sagellm engine logs`); "
-            "a large model may need a longer SAGELLM_START_TIMEOUT_S",
-            exit_code,
-            sig,
-        )
-    if cause is Reason.UNRESPONSIVE:
-        return Failure(
-            cause.value,
-            _last_line(text) or "its health checks failed",
-            "the engine stopped answering its health checks and was restarted: read its log",
-            exit_code,
-            sig,
-        )
+    if cause is not None and cause in _ENDED_BY_US:
+        without_a_log, advice = _ENDED_BY_US[cause]
+        return Failure(cause.value, _last_line(text) or without_a_log, advice, exit_code, sig)
     if sig is not None:
         name = _signal_name(sig)
         advice = (

@@ -1,5 +1,5 @@
 """GPUs as a host's inventory reports them, and what placement and the ledger know of
-each. Plain data: no NVML, Redis or Flask here (``app.core.models`` re-exports them).
+each. Plain data: no NVML, Redis or Flask here.
 """
 
 from __future__ import annotations

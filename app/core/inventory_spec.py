@@ -19,7 +19,7 @@ import uuid as uuidlib
 from typing import Any
 
 from app.core.errors import ConfigError
-from app.core.models import GpuInfo, gb_to_mib
+from app.core.gpus import GpuInfo, gb_to_mib
 
 _VAR = "SAGELLM_MOCK_GPUS"
 _GROUP = re.compile(r"^\s*(?:(\d+)\s*[xX]\s*)?(\d+(?:\.\d+)?)\s*$")

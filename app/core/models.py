@@ -1,6 +1,7 @@
-"""Plain data of the domain: GPUs, engine records and the engine state machine.
+"""Plain data of the domain: engine and host records and the engine state machine.
 
-What a user asks for (``EngineSpec``) is in ``app.core.spec``.
+What a user asks for (``EngineSpec``) is in ``app.core.spec``; GPUs as inventories
+report them (``GpuInfo``, ``GpuCapacity``, MiB/GB conversions) in ``app.core.gpus``.
 
 No Redis, Flask or Celery here. Records serialise to and from plain dicts (JSON).
 """
@@ -13,14 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from app.core.errors import IllegalTransition
-
-# The GPU types live in ``app.core.gpus``; re-exported here, where callers look.
-from app.core.gpus import MIB_PER_GB as MIB_PER_GB
-from app.core.gpus import GpuCapacity as GpuCapacity
-from app.core.gpus import GpuInfo as GpuInfo
-from app.core.gpus import GpuProcess as GpuProcess
-from app.core.gpus import gb_to_mib as gb_to_mib
-from app.core.gpus import mib_to_gb as mib_to_gb
+from app.core.gpus import GpuInfo
 from app.core.spec import EngineSpec
 
 # ---------------------------------------------------------------------------- engines
@@ -193,6 +187,12 @@ class EngineRecord:
         """A start has an outcome: RUNNING, or nothing is held any more (STOPPED, FAILED
         with no restart pending)."""
         return self.state is EngineState.RUNNING or self.owns_nothing
+
+    @property
+    def stopped_or_stopping(self) -> bool:
+        """Stopped, or a stop is under way (DRAINING, STOPPING): nothing more to stop,
+        restart or fail; what is left is the stop's to finish."""
+        return self.state in STOPPING_STATES or self.state is EngineState.STOPPED
 
     @property
     def in_service(self) -> bool:
@@ -449,7 +449,7 @@ class EngineRecord:
         room. A process that was serving waits as UNHEALTHY, one that never became ready
         (or whose host vanished) as FAILED; both move to STARTING on restart. An engine
         being stopped (DRAINING included) is left to its stop."""
-        if self.pid != pid or self.state in STOPPING_STATES | {EngineState.STOPPED}:
+        if self.pid != pid or self.stopped_or_stopping:
             raise self._refuse(f"process {pid} is not its process any more")
         target = _waiting_state(self.state)
         if self.state is not target:
@@ -463,7 +463,7 @@ class EngineRecord:
     def request_restart(self) -> None:
         """A person asked for a restart: due at once, keeping its room (its process is
         being stopped by the caller). A PENDING engine stays PENDING."""
-        if self.state in STOPPING_STATES | {EngineState.STOPPED} or self.owns_nothing:
+        if self.stopped_or_stopping or self.owns_nothing:
             raise self._refuse("only an engine that holds its room restarts in place")
         if self.state is not EngineState.PENDING:
             target = _waiting_state(self.state)
@@ -489,7 +489,7 @@ class EngineRecord:
         stopped (DRAINING, STOPPING) is left to its stop."""
         if pid is not None and self.pid not in (pid, None):
             raise self._refuse(f"another process ({self.pid}) took over from {pid}")
-        if self.state in STOPPING_STATES | {EngineState.STOPPED}:
+        if self.stopped_or_stopping:
             raise self._refuse("it is being stopped")
         if self.state is EngineState.RUNNING:
             self.transition(EngineState.UNHEALTHY)

@@ -15,8 +15,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from app.core.errors import PlacementError, UnknownPolicyError, ValidationError
+from app.core.gpus import GpuCapacity, mib_to_gb
 from app.core.memory import ModelFacts
-from app.core.models import GpuCapacity, mib_to_gb
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,8 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from app.core.models import EngineState, GpuCapacity, HostRecord, mib_to_gb
+from app.core.gpus import GpuCapacity, mib_to_gb
+from app.core.models import EngineState, HostRecord
 from app.core.spec import EngineKind
 
 _ROUTABLE = {EngineState.RUNNING.value, EngineState.UNHEALTHY.value}

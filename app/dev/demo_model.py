@@ -10,11 +10,15 @@ files with a chat template) that ``AutoModelForCausalLM.from_pretrained`` and
 
 from __future__ import annotations
 
+import shutil
+import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+# torch and transformers are imported where a model is built: they take seconds to
+# import (and to unload at exit), which `demo_llm_is_built` must not cost.
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]
 
@@ -40,6 +44,9 @@ _CORPUS = [
 
 
 def _build_tokenizer() -> PreTrainedTokenizerFast:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
     # Word-level vocabulary, whitespace split, decoded by joining words with spaces, so
     # random generations are space-separated words and stream word by word.
     backend = Tokenizer(models.WordLevel(unk_token="<unk>"))
@@ -67,6 +74,9 @@ def build_tiny_llm(path: Path) -> Path:
     Two layers, hidden size 64, a word-level vocabulary of a few hundred tokens and a
     256-token context; builds in well under a second. Returns ``path``.
     """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     path.mkdir(parents=True, exist_ok=True)
     tokenizer = _build_tokenizer()
     config = LlamaConfig(
@@ -90,9 +100,26 @@ def build_tiny_llm(path: Path) -> Path:
     return path
 
 
+def demo_llm_is_built(path: Path) -> bool:
+    """A complete tiny model is at ``path`` (``ensure_demo_llm`` moves it there whole)."""
+    return (path / "config.json").exists() and (path / "tokenizer_config.json").exists()
+
+
 def ensure_demo_llm(path: Path) -> Path:
-    """Build the tiny model at ``path`` unless a complete one is already there."""
-    if (path / "config.json").exists() and (path / "tokenizer_config.json").exists():
+    """Build the tiny model at ``path`` unless a complete one is already there.
+
+    Built beside ``path`` and renamed into place: a build cut short (``up`` stopped
+    while it builds) leaves no half-written model that looks complete.
+    """
+    if demo_llm_is_built(path):
         return path
-    path.mkdir(parents=True, exist_ok=True)
-    return build_tiny_llm(path)
+    partial = path.with_name(path.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    build_tiny_llm(partial)
+    shutil.rmtree(path, ignore_errors=True)
+    partial.rename(path)
+    return path
+
+
+if __name__ == "__main__":  # `python -m app.dev.demo_model PATH`, as `sagellm up` runs it
+    ensure_demo_llm(Path(sys.argv[1]))

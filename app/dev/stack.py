@@ -85,8 +85,10 @@ class Child:
     log: Path
     proc: subprocess.Popen[bytes] | None = None
     restarts: int = 0
+    terminated: bool = False  # SIGTERM sent to this run of it
 
     def start(self, env: dict[str, str]) -> None:
+        self.terminated = False
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with self.log.open("ab") as out:
             # Its own session (and process group, pgid == pid): see the module docstring.
@@ -97,14 +99,21 @@ class Child:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    def terminate(self) -> None:
+        """SIGTERM to its process group (gunicorn's workers too), once: a second one
+        could cut its clean exit short (beat releasing its lock). ``stop`` waits."""
+        if self.proc is not None and self.alive() and not self.terminated:
+            self.terminated = True
+            _killpg(self.proc.pid, signal.SIGTERM)
+
     def stop(self, timeout: float = 30) -> str | None:
-        """SIGTERM to its process group (gunicorn's workers too), SIGKILL after
-        ``timeout``; None when all of it is gone, else why not."""
+        """``terminate``, then SIGKILL after ``timeout``; None when all of it is gone,
+        else why not."""
         if self.proc is None:
             return None
         pgid = self.proc.pid
         if self.alive():
-            _killpg(pgid, signal.SIGTERM)
+            self.terminate()
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -136,6 +145,7 @@ class Stack:
     admin_token: str = ""
     redis: RedisProcess | None = None
     children: list[Child] = field(default_factory=list)
+    demo_build: subprocess.Popen[bytes] | None = None
     stopping: bool = False
 
     @property
@@ -203,7 +213,7 @@ class Stack:
             self._say(f"Redis {redis_url} (embedded, data in {data / 'redis'})")
         else:
             self._say(f"Redis {redis_url} (SAGELLM_REDIS_URL)")
-        self._build_demo_model()
+        self._start_demo_model_build()
         import shutil
 
         shutil.rmtree(self.metrics_dir, ignore_errors=True)  # stale counts
@@ -221,6 +231,10 @@ class Stack:
             ),
         ]
         for child in self.children:
+            if child.name == "api":
+                # The worker and beat boot while the model builds; the API answers once
+                # the cpu-demo preset can run.
+                self._finish_demo_model_build()
             child.start(self.child_env(child.name, redis_url))
             self._say(
                 f"{child.name} started (pid {child.proc.pid if child.proc else '?'}), "
@@ -232,18 +246,34 @@ class Stack:
         cli = Path(sys.executable).parent / "sagellm"
         self._say(f"try: {cli} preset apply -n cpu-demo --yes   (Ctrl-C stops all)")
 
-    def _build_demo_model(self) -> None:
+    def _start_demo_model_build(self) -> None:
+        """Build the tiny cpu-demo chat model, unless it is built, in a process of its
+        own: torch and transformers take seconds to import and to unload at exit, and
+        ``up``, which lives as long as the stack, has no other use for them."""
+        import importlib.util
+
+        from app.dev.demo_model import demo_llm_is_built
         from app.services.preset_files import demo_llm_dir
 
         path = demo_llm_dir(self.settings.data_dir)
-        try:
-            from app.dev.demo_model import ensure_demo_llm
-        except ImportError:  # transformers not installed: cpu-demo's LLM is unavailable
+        if demo_llm_is_built(path):
+            return
+        if importlib.util.find_spec("transformers") is None:
             self._say("transformers not installed: the cpu-demo chat model is not built")
             return
-        if not (path / "config.json").exists():
-            self._say(f"building the tiny cpu-demo chat model in {path}")
-        ensure_demo_llm(path)
+        self._say(f"building the tiny cpu-demo chat model in {path}")
+        # A session of its own, as the children's: Ctrl-C reaches `up`, which stops it.
+        self.demo_build = subprocess.Popen(
+            [sys.executable, "-m", "app.dev.demo_model", str(path)], start_new_session=True
+        )
+
+    def _finish_demo_model_build(self) -> None:
+        if self.demo_build is None:
+            return
+        code = self.demo_build.wait()
+        self.demo_build = None
+        if code != 0:  # as without transformers: the stack runs, cpu-demo's LLM does not
+            self._say(f"ERROR: building the cpu-demo chat model failed (exit {code}); see above")
 
     def _wait_api(self, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
@@ -280,14 +310,26 @@ class Stack:
         self.state_file.write_text(json.dumps({"pid": os.getpid(), **extra}))
 
     def stop(self) -> list[str]:
-        """Engines (unless ``keep_engines``), then the API, beat, the worker and Redis.
+        """Engines (unless ``keep_engines``), then the API and beat, the worker, Redis.
         Returns what went wrong (also printed, and left in the state file for `down`)."""
         self.stopping = True
         self._say("stopping")
         errors: list[str] = []
-        if not self.keep_engines and self.children:
+        if self.demo_build is not None:  # stopped while it built: a rebuild starts over
+            self.demo_build.kill()
+            self.demo_build.wait()
+        # Engines are stopped through the API. Stopped before it started (while the
+        # model built), `up` started none, and leaves any as the last `up` left them.
+        api_started = any(c.name == "api" and c.proc is not None for c in self.children)
+        if not self.keep_engines and api_started:
             errors += self._stop_engines()
-        for child in reversed(self.children):  # api, beat, then the worker
+        # The API and beat, which send the worker tasks, together; then the worker.
+        senders = [c for c in reversed(self.children) if c.name != "worker"]
+        for child in senders:
+            child.terminate()
+        for child in [*senders, *(c for c in self.children if c not in senders)]:
+            if child.proc is None:  # stopped before it started (while the model built)
+                continue
             error = child.stop()
             if error:
                 errors.append(error)

@@ -11,8 +11,9 @@ each process hears every record write on ``keys.ENGINE_CHANGES`` (a subscriber t
 ``app.state.change_feed``, started on first use) and drops its view when the write
 changes what it knows, so the next request reads the registry again and a DRAINING
 engine gets nothing new within milliseconds. It is also re-read every ``refresh_s``
-(the only way while the subscription is down). ``fresh_seq`` tells the in-flight
-board how current this process's routing is, which is what lets a drain end safely.
+(the only way while the subscription is down). ``fresh_seq`` tells the process's
+report (``app.state.gateway_report``) how current its routing is, which is what lets a
+drain end safely.
 
 A backend that fails a request is taken out of rotation here at once and comes back
 when its host's health loop records a passing check after the failure

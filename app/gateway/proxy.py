@@ -171,7 +171,7 @@ class GatewayProxy:
             return _error(start, exc.status_code, exc.message, param=exc.field)
         stream = payload.get("stream") is True
         # Retry once: only after a NoAnswer or a complete 5xx answer (see below).
-        order = gw.balancer.order(candidates, gw.in_flight.snapshot())[:2]
+        order = gw.balancer.order(candidates, gw.traffic.snapshot())[:2]
         headers = _STREAM_HEADERS if stream else _JSON_HEADERS
         last_error = ""
         for attempt, backend in enumerate(order):
@@ -180,8 +180,7 @@ class GatewayProxy:
             if model != backend.served_name:
                 # The engine knows only its served name; clients may use model id or label.
                 body = json.dumps({**payload, "model": backend.served_name}).encode()
-            gw.in_flight.inc(backend.engine_id)
-            gw.clock.touch(backend.engine_id)
+            gw.traffic.inc(backend.engine_id)
             try:
                 up = gw.transport.open(backend.base_url, path, body, _with_key(headers, backend))
             except NoAnswer as exc:  # not one byte of an answer came back: fail over
@@ -194,7 +193,7 @@ class GatewayProxy:
                 self._failed(backend, "upstream_connect")
                 return _error(start, 502, f"{backend.engine_id}: {exc}", kind="upstream_error")
             except BaseException:  # a bug or a kill: still never leave the count stuck
-                gw.in_flight.dec(backend.engine_id)
+                gw.traffic.dec(backend.engine_id)
                 raise
             if up.status_code >= 500 and not final:
                 with contextlib.suppress(UpstreamError):
@@ -215,13 +214,13 @@ class GatewayProxy:
         )
 
     def _failed(self, backend: Backend, reason: str) -> None:
-        self.gw.in_flight.dec(backend.engine_id)
+        self.gw.traffic.dec(backend.engine_id)
         self.gw.directory.eject(backend.engine_id)
         GATEWAY_ERRORS.labels(model=backend.served_name, reason=reason).inc()
 
     def _done(self, backend: Backend, code: int, started: float) -> None:
-        self.gw.in_flight.dec(backend.engine_id)
-        self.gw.clock.touch(backend.engine_id)  # a long stream is activity until its end
+        self.gw.traffic.dec(backend.engine_id)
+        self.gw.traffic.touch(backend.engine_id)  # a long stream is activity until its end
         key = (backend.served_name, backend.engine_id, code)
         series = self._series.get(key)
         if series is None:
@@ -246,7 +245,7 @@ class GatewayProxy:
                 return _error(start, 502, f"{backend.engine_id}: {exc}", kind="upstream_error")
             except BaseException:
                 up.conn.close()
-                self.gw.in_flight.dec(backend.engine_id)
+                self.gw.traffic.dec(backend.engine_id)
                 raise
             self._done(backend, code, started)
             if backend.api_key is not None:  # an endpoint that echoes the key it was sent
@@ -259,7 +258,7 @@ class GatewayProxy:
             start(_status(code), headers)
         except BaseException:  # the relay below never starts: release here
             up.conn.close()
-            self.gw.in_flight.dec(backend.engine_id)
+            self.gw.traffic.dec(backend.engine_id)
             raise
         return self._relay(up, backend, code, started)
 

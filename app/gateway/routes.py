@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from flask import Blueprint, Response, current_app
@@ -16,8 +16,7 @@ from app.gateway.balancing import BalancingPolicy
 from app.gateway.cold import ColdStarter
 from app.gateway.discovery import BackendDirectory
 from app.gateway.transport import Transport
-from app.state.inflight import InFlight
-from app.state.request_clock import RequestClock
+from app.state.gateway_report import GatewayTraffic
 
 bp = Blueprint("gateway", __name__)
 RETRY_AFTER_S = 10
@@ -28,10 +27,10 @@ class Gateway:
     directory: BackendDirectory
     balancer: BalancingPolicy
     transport: Transport
-    in_flight: InFlight
-    # When each engine last got a request (idle stops); who starts STANDBY models.
-    clock: RequestClock = field(default_factory=RequestClock)
-    cold: ColdStarter | None = None
+    # Requests in flight and each engine's last request, reported for drains and idle
+    # stops (app.state.gateway_report).
+    traffic: GatewayTraffic
+    cold: ColdStarter | None = None  # who starts STANDBY models
 
 
 def _gw() -> Gateway:
@@ -113,6 +112,6 @@ def make_gateway(
         directory=directory,
         balancer=make_balancer(policy),
         transport=Transport(read_timeout_s=read_timeout_s),
-        # What the process publishes says how current its routing is (for drains).
-        in_flight=InFlight(fresh=directory.fresh_seq),
+        # What the process reports says how current its routing is (for drains).
+        traffic=GatewayTraffic(fresh=directory.fresh_seq),
     )

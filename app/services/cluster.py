@@ -14,7 +14,7 @@ from app.core.spec import EngineSpec
 from app.services.admission import admit
 from app.settings import Settings
 from app.state.client import connect
-from app.state.inflight import InFlightBoard
+from app.state.gateway_report import GatewayReports
 from app.state.ledger import Ledger
 from app.state.queues import send_to_host, sending_app
 from app.state.registry import Registry
@@ -39,9 +39,9 @@ class Cluster:
         return TaskStats.of(self.registry)
 
     @property
-    def in_flight(self) -> InFlightBoard:
-        """Gateway requests in flight, as every gateway process publishes them."""
-        return InFlightBoard.of(self.registry)
+    def gateway_reports(self) -> GatewayReports:
+        """Every gateway process's report: requests in flight, request ages."""
+        return GatewayReports.of(self.registry)
 
 
 def connect_cluster(settings: Settings, celery: Celery | None = None) -> Cluster:

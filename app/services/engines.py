@@ -13,12 +13,13 @@ from app.core.errors import IllegalTransition, NoWorkerError
 from app.core.models import STOPPING_STATES, EngineRecord, EngineState
 from app.core.spec import EngineSpec
 from app.services import on_demand
-from app.services.cluster import START_TASK_EXPIRES_S, check_engine_spec, require_worker
-
-# Where callers look for them (``app.services.cluster`` owns them).
-from app.services.cluster import Cluster as Cluster
-from app.services.cluster import connect_cluster as connect_cluster
-from app.services.cluster import launch_engine as launch_engine
+from app.services.cluster import (
+    START_TASK_EXPIRES_S,
+    Cluster,
+    check_engine_spec,
+    launch_engine,
+    require_worker,
+)
 from app.state.allocation import placement_hosts
 from app.state.events import encode_event
 from app.state.queues import send_to_host
@@ -167,7 +168,7 @@ def wait_until_settled(
 def restart_engine(cluster: Cluster, engine_id: str) -> EngineRecord:
     """Restart an engine in place (same id). A FAILED engine is placed again first."""
     rec = cluster.registry.get(engine_id)
-    if rec.state in STOPPING_STATES or rec.state is S.STOPPED:
+    if rec.stopped_or_stopping:
         raise IllegalTransition(f"engine {engine_id} is {rec.state.value}: start a new one instead")
     if rec.state is S.STANDBY:
         return on_demand.wake_engine(cluster, engine_id)  # start it now, as a request would

@@ -22,7 +22,7 @@ from app.core.external import (
 )
 from app.core.models import EngineRecord
 from app.core.spec import EngineKind
-from app.services.engines import Cluster
+from app.services.cluster import Cluster
 from app.state.events import encode_event
 from app.state.external_keys import ExternalKeys
 from app.state.queues import send_to_control

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from app.core.errors import IllegalTransition, NotFoundError
 from app.core.models import STOPPING_STATES, EngineRecord, EngineState
-from app.services.engines import Cluster
+from app.services.cluster import Cluster
 
 
 def forget_host(cluster: Cluster, name: str) -> list[str]:

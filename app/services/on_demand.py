@@ -23,8 +23,8 @@ from app.core.models import EngineRecord, EngineState
 from app.core.spec import EngineSpec
 from app.services.cluster import Cluster, check_engine_spec, launch_engine, require_worker
 from app.state.allocation import Evictable, allocate, eviction_candidates, placement_hosts
+from app.state.on_demand_counters import OnDemandCounters
 from app.state.registry import new_engine_id
-from app.state.request_clock import OnDemandCounters
 
 
 def evictable(cluster: Cluster) -> Callable[[], Evictable] | None:
@@ -32,7 +32,7 @@ def evictable(cluster: Cluster) -> Callable[[], Evictable] | None:
     if not cluster.settings.eviction:
         return None
 
-    return lambda: eviction_candidates(cluster.registry, cluster.in_flight.busy)
+    return lambda: eviction_candidates(cluster.registry, cluster.gateway_reports.busy)
 
 
 def place_and_reserve(

@@ -21,8 +21,15 @@ from typing import Any
 from app.core.errors import SagellmError
 from app.core.models import EngineRecord, EngineState
 from app.core.presets import ACTIVE_STATES, Preset, PresetPlan, plan_preset
-from app.services import engines as control
-from app.services.engines import Cluster
+from app.services.cluster import Cluster, launch_engine
+from app.services.engines import (
+    discard_engine,
+    reserve_engine,
+    start_engine,
+    stop_engine,
+    wait_for_state,
+    wait_until_settled,
+)
 from app.state.allocation import placement_hosts
 
 S = EngineState
@@ -91,7 +98,7 @@ def _wait_through_drains(
         if rec.id not in stopped:
             continue
         try:
-            rec = control.wait_for_state(
+            rec = wait_for_state(
                 cluster,
                 rec.id,
                 set(S) - {S.DRAINING},
@@ -133,11 +140,11 @@ def apply_preset(
     try:
         for pe in plan.engines:
             if pe.action == "start":
-                reserved.append((pe.name, control.reserve_engine(cluster, pe.spec, policy)))
+                reserved.append((pe.name, reserve_engine(cluster, pe.spec, policy)))
     except SagellmError as exc:
         # Someone took the room between plan and reserve: undo, start nothing.
         for _, rec in reserved:
-            control.discard_engine(cluster, rec.id)
+            discard_engine(cluster, rec.id)
         raise PresetApplyError(
             f"preset {preset.name}: placement failed: {exc.message}; nothing was started",
             status_code=409,
@@ -148,10 +155,10 @@ def apply_preset(
     try:
         for pe in plan.engines:
             if pe.action == "standby":  # on demand: recorded, nothing taken
-                standby.append((pe.name, control.start_engine(cluster, pe.spec, policy)))
+                standby.append((pe.name, start_engine(cluster, pe.spec, policy)))
     except SagellmError as exc:
         for _, rec in reserved + standby:
-            control.discard_engine(cluster, rec.id)
+            discard_engine(cluster, rec.id)
         raise PresetApplyError(
             f"preset {preset.name}: {exc.message}; nothing was started",
             status_code=exc.status_code if exc.status_code < 500 else 409,
@@ -161,12 +168,12 @@ def apply_preset(
     for name, rec in standby:
         if on_progress:
             on_progress(name, rec)
-    started = [(name, control.launch_engine(cluster, rec)) for name, rec in reserved]
+    started = [(name, launch_engine(cluster, rec)) for name, rec in reserved]
     deadline = time.monotonic() + timeout_s
     failure: tuple[str, EngineRecord] | None = None
     final: list[EngineRecord] = []
     for name, rec in started:
-        rec = control.wait_until_settled(cluster, rec.id, max(0.0, deadline - time.monotonic()))
+        rec = wait_until_settled(cluster, rec.id, max(0.0, deadline - time.monotonic()))
         if on_progress:
             on_progress(name, rec)
         final.append(rec)
@@ -185,11 +192,11 @@ def apply_preset(
     rolled_back = []
     if rollback:
         for _, other in standby:  # recorded only: forgotten at once
-            control.discard_engine(cluster, other.id)
+            discard_engine(cluster, other.id)
             rolled_back.append(other.id)
         for _, other in started:
             try:
-                control.stop_engine(cluster, other.id)
+                stop_engine(cluster, other.id)
                 rolled_back.append(other.id)
             except SagellmError:
                 pass

@@ -21,17 +21,11 @@ from typing import Any
 import redis
 
 from app.state import keys
+from app.state.lua_scripts import lua_script
 
 MAX_EVENTS = 200
 
-# KEYS[1]: the record, KEYS[2]: the timeline; ARGV[1]: the event JSON, ARGV[2]: bound.
-# Appends only while the record exists, so a late event cannot resurrect a timeline.
-_ADD = r"""
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-redis.call('RPUSH', KEYS[2], ARGV[1])
-redis.call('LTRIM', KEYS[2], -tonumber(ARGV[2]), -1)
-return 1
-"""
+_ADD = lua_script("add_event.lua")  # appends only while the record exists
 
 
 def encode_event(kind: str, message: str, **data: Any) -> str:

@@ -22,14 +22,20 @@ def capacity_published(host: str) -> str:
     return f"{PREFIX}ledger:published:{host}"
 
 
+# Lua builds the per-GPU and port keys from these prefixes (it must, to release what a
+# record names), as the two functions below do.
+GPU_RESERVATIONS_PREFIX = f"{PREFIX}ledger:gpu:"
+PORT_RESERVATIONS_PREFIX = f"{PREFIX}ledger:ports:"
+
+
 # hash engine_id -> MiB reserved on that GPU
 def gpu_reservations(host: str, uuid: str) -> str:
-    return f"{PREFIX}ledger:gpu:{host}:{uuid}"
+    return f"{GPU_RESERVATIONS_PREFIX}{host}:{uuid}"
 
 
 # hash port -> engine_id
 def port_reservations(host: str) -> str:
-    return f"{PREFIX}ledger:ports:{host}"
+    return f"{PORT_RESERVATIONS_PREFIX}{host}"
 
 
 # hash {host, port, gpus(JSON [[uuid, mib], ...])}: what to release, exactly once
@@ -39,11 +45,6 @@ def engine_reservation(engine_id: str) -> str:
 
 # set of engine ids holding a reservation
 RESERVED_ENGINES = f"{PREFIX}ledger:engines"
-
-# Lua builds the per-GPU and port keys from these (it must, to release what a record
-# names); kept here so the names have one owner.
-GPU_RESERVATIONS_PREFIX = f"{PREFIX}ledger:gpu:"
-PORT_RESERVATIONS_PREFIX = f"{PREFIX}ledger:ports:"
 
 # Registry -------------------------------------------------------------------------
 ENGINES = f"{PREFIX}engines"  # set of engine ids
@@ -92,14 +93,10 @@ def host_last_seen(name: str) -> str:
 
 
 # Gateway ---------------------------------------------------------------------------
-def gateway_in_flight(process_id: str) -> str:
-    """JSON {engine_id: requests in flight} of one gateway process, with a TTL."""
-    return f"{PREFIX}gateway:inflight:{process_id}"
-
-
-def gateway_last_request(process_id: str) -> str:
-    """JSON {engine_id: seconds since its last request} of one gateway process (TTL)."""
-    return f"{PREFIX}gateway:lastreq:{process_id}"
+def gateway_report(process_id: str) -> str:
+    """JSON report of one gateway process (in flight, write number heard, request ages:
+    app.state.gateway_report), with a TTL."""
+    return f"{PREFIX}gateway:report:{process_id}"
 
 
 # Counters of the on-demand lifecycle (HINCRBY): cold starts, idle stops, evictions,

@@ -20,7 +20,7 @@ import json
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import redis
 
@@ -39,6 +39,7 @@ from app.state.ledger import (
     StaleRecord,
 )
 from app.state.snapshot import DocumentCache, Snapshot, stored_record_matches
+from app.state.write_seq import WAIT_REREAD_S, change_notices
 
 Mutate = Callable[[EngineRecord], None]
 # A reservation to take in the same write: a request, or one made from the new record.
@@ -49,9 +50,17 @@ Events = Sequence[str] | Callable[[EngineRecord], Sequence[str]]
 # Engines whose room a reservation takes in the same write: (engine id, the change of
 # its record, events for its timeline). A change that raises aborts the whole write.
 Evict = Sequence[tuple[str, Mutate, Sequence[str]]]
-# A waiter that heard nothing re-reads the record this often (a lost message, a
-# reconnect): a safety net, not the way changes are learnt.
-WAIT_REREAD_S = 2.0
+
+
+class CommitOptions(TypedDict, total=False):
+    """The keyword options of ``Registry.commit`` (described, with their defaults,
+    there), which ``Registry.update`` passes on."""
+
+    reserve: Reserve
+    require_reserved: bool
+    retries: int
+    events: Events
+    evict: Evict
 
 
 def new_engine_id() -> str:
@@ -153,26 +162,10 @@ class Registry:
         return sorted(out, key=lambda r: (r.created_at, r.id))
 
     def update(
-        self,
-        engine_id: str,
-        mutate: Mutate,
-        *,
-        reserve: Reserve = None,
-        require_reserved: bool = False,
-        retries: int = 100,
-        events: Events = (),
-        evict: Evict = (),
+        self, engine_id: str, mutate: Mutate, **options: Unpack[CommitOptions]
     ) -> EngineRecord:
-        """Apply ``mutate`` to the current record atomically; see ``commit``."""
-        return self.commit(
-            engine_id,
-            mutate,
-            reserve=reserve,
-            require_reserved=require_reserved,
-            retries=retries,
-            events=events,
-            evict=evict,
-        )[0]
+        """Apply ``mutate`` to the current record atomically: ``commit``'s record."""
+        return self.commit(engine_id, mutate, **options)[0]
 
     def commit(
         self,
@@ -311,14 +304,7 @@ class Registry:
         was heard for that long, against a lost message.
         """
         deadline = time.monotonic() + timeout_s
-        pubsub = self.r.pubsub()
-        try:
-            pubsub.subscribe(keys.ENGINE_CHANGES)
-            # Read only once the subscription is confirmed: no write can fall between.
-            while time.monotonic() < deadline:
-                msg = pubsub.get_message(timeout=max(0.0, deadline - time.monotonic()))
-                if msg is not None and msg["type"] == "subscribe":
-                    break
+        with change_notices(self.r, deadline) as pubsub:
             rec = self.get(engine_id)
             last_read = time.monotonic()
             while not done(rec):
@@ -338,8 +324,6 @@ class Registry:
                 rec = self.get(engine_id)
                 last_read = time.monotonic()
             return rec
-        finally:
-            pubsub.close()
 
     # ------------------------------------------------------------------ hosts
     def put_host(self, record: HostRecord, ttl_s: float) -> None:

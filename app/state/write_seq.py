@@ -10,7 +10,7 @@ them and whatever their machines' clocks say. What uses them:
 
 * status views (``app.state.snapshot``) read only the records written since the number
   they last read, and the reservations only when ``LEDGER_SEQ`` moved;
-* a drain (``app.state.inflight``) compares the number of the write that made the
+* a drain (``app.state.gateway_report``) compares the number of the write that made the
   engine DRAINING with the number up to which each gateway process has heard every
   write: no clock is compared across machines.
 
@@ -22,45 +22,23 @@ different write (unless Redis' clock went back by more than the writes it saw).
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import redis
+from redis.client import PubSub
 
 from app.state import keys
+from app.state.lua_scripts import lua_script
 
-# Lua, prepended to the commit script. finish_write(K, op, mode, eid, victims,
-# released): ``victims`` is a set of ids of other records written in the same step
-# (evictions); returns the number of this write as a string ('' when it wrote nothing).
-FINISH_WRITE_LUA = r"""
-local function finish_write(K, op, mode, eid, victims, released)
-  local seq = ''
-  local ledger_changed = op.reserve ~= nil or released == 1
-  if mode ~= 'none' or ledger_changed then
-    local n = redis.call('INCR', K.seq)
-    if n == 1 then  -- absent (a new or a lost Redis): go on from its clock, never back
-      local t = redis.call('TIME')
-      redis.call('SET', K.seq, t[1] .. string.format('%06d', tonumber(t[2])))
-      n = redis.call('INCR', K.seq)
-    end
-    seq = string.format('%d', n)  -- not tostring(n): that keeps 14 digits only
-    if mode == 'delete' then
-      redis.call('ZREM', K.record_seqs, eid)
-    elseif mode ~= 'none' then
-      redis.call('ZADD', K.record_seqs, seq, eid)
-    end
-    for vid, _ in pairs(victims or {}) do redis.call('ZADD', K.record_seqs, seq, vid) end
-    if ledger_changed then redis.call('SET', K.ledger_seq, seq) end
-  end
-  if op.notify then
-    local notice = op.notify
-    if seq ~= '' then notice = string.sub(notice, 1, -2) .. ', "seq": ' .. seq .. '}' end
-    redis.call('PUBLISH', K.changes, notice)
-  end
-  return seq
-end
-"""
+# Lua, prepended to the commit script: finish_write(...) numbers and announces a write
+# (``lua/finish_write.lua``).
+FINISH_WRITE_LUA = lua_script("finish_write.lua")
 
-# A waiter that heard nothing reads the number again this often.
+# A waiter that heard nothing reads again this often (a lost message, a reconnect, a
+# write of the ledger alone, which is not announced): a safety net, not the way
+# changes are learnt.
 WAIT_REREAD_S = 2.0
 
 KEY_NAMES: dict[str, str] = {
@@ -98,20 +76,28 @@ def wait_for_write(client: redis.Redis, after: int, timeout_s: float) -> int:
     read the number, then read it again only when a write is announced (or after
     ``WAIT_REREAD_S`` of silence: a write of the ledger alone is not announced)."""
     deadline = time.monotonic() + timeout_s
-    pubsub = client.pubsub()
-    try:
-        pubsub.subscribe(keys.ENGINE_CHANGES)
-        # Read only once the subscription is confirmed: no write can fall between.
-        while time.monotonic() < deadline:
-            msg = pubsub.get_message(timeout=max(0.0, deadline - time.monotonic()))
-            if msg is not None and msg["type"] == "subscribe":
-                break
+    with change_notices(client, deadline) as pubsub:
         seq = current_seq(client)
         while seq == after and (left := deadline - time.monotonic()) > 0:
             msg = pubsub.get_message(timeout=min(left, WAIT_REREAD_S))
             if msg is None or msg["type"] == "message":
                 seq = current_seq(client)
         return seq
+
+
+@contextmanager
+def change_notices(client: redis.Redis, deadline: float) -> Iterator[PubSub]:
+    """A subscription to ``keys.ENGINE_CHANGES``, handed over once Redis confirmed it
+    (or at ``deadline``, a ``time.monotonic()`` value): what is read after that misses
+    no write, since every later one is announced on it. Closed on leaving."""
+    pubsub = client.pubsub()
+    try:
+        pubsub.subscribe(keys.ENGINE_CHANGES)
+        while time.monotonic() < deadline:
+            msg = pubsub.get_message(timeout=max(0.0, deadline - time.monotonic()))
+            if msg is not None and msg["type"] == "subscribe":
+                break
+        yield pubsub
     finally:
         pubsub.close()
 
@@ -125,6 +111,8 @@ def notice_seq(notice: dict[str, Any]) -> int | None:
 __all__ = [
     "FINISH_WRITE_LUA",
     "KEY_NAMES",
+    "WAIT_REREAD_S",
+    "change_notices",
     "current_seq",
     "notice_seq",
     "record_seq",

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from app.core import status as views
-from app.core.models import TERMINAL_STATES, EngineState, mib_to_gb
+from app.core.gpus import mib_to_gb
+from app.core.models import TERMINAL_STATES, EngineState
 from app.state.snapshot import Snapshot
 
 LOST = EngineState.LOST.value
@@ -108,8 +109,8 @@ def _segments(
     parts: list[tuple[str, int, str, str, str]] = [
         ("engine", mib, label, eid, state) for mib, label, eid, state in engines
     ]
-    parts += [("outside", outside, "", "", ""), ("margin", margin, "", "", "")]
-    parts.append(("free", free, "", "", ""))
+    unowned = (("outside", outside), ("margin", margin), ("free", free))
+    parts += [(kind, mib, "", "", "") for kind, mib in unowned]
     for kind, mib, label, eid, state in parts:
         shown = max(0, min(mib, total - at))
         out.append(Segment(kind, mib, _pct(at, total), _pct(shown, total), label, eid, state))

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from app.core.models import STOPPING_STATES, TERMINAL_STATES, EngineRecord, EngineState
+from app.core.models import TERMINAL_STATES, EngineRecord
 from app.core.spec import EngineKind
 
 # The line ``workers.host.processes.spawn`` writes before each start of an engine.
@@ -21,7 +21,6 @@ _LAUNCH_LINE = re.compile(
 )
 # Record fields the page does not show: a write that changes only these is not news.
 VOLATILE_FIELDS = frozenset({"updated_at", "last_health_at", "health_failures"})
-_UNSTOPPABLE = frozenset({EngineState.STOPPED.value}) | {s.value for s in STOPPING_STATES}
 
 
 def launch_command(lines: Sequence[str], engine_id: str) -> str | None:
@@ -49,10 +48,11 @@ class Actions:
 
 def actions(doc: dict[str, Any]) -> Actions:
     """From the record's own rules: a serving engine (``EngineRecord.drainable``) is
-    stopped with a drain or at once; anything not stopped or stopping can be stopped
-    and restarted (what ``services.engines.restart_engine`` accepts)."""
+    stopped with a drain or at once; anything not stopped or stopping
+    (``EngineRecord.stopped_or_stopping``) can be stopped and restarted (what
+    ``services.engines.restart_engine`` accepts)."""
     rec = EngineRecord.from_dict(doc)
-    live = rec.state.value not in _UNSTOPPABLE
+    live = not rec.stopped_or_stopping
     return Actions(drain=live and rec.drainable, stop=live, restart=live)
 
 

@@ -15,7 +15,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from app.core.models import EngineState, mib_to_gb
+from app.core.gpus import mib_to_gb
+from app.core.models import EngineState
 from app.core.runtimes import DEFAULT_RUNTIME
 from app.core.spec import KINDS, EngineKind
 from app.state.snapshot import EngineDocument

@@ -15,7 +15,7 @@ from flask import Blueprint, Response, render_template, request
 
 from app.api.context import cluster
 from app.core.errors import NotFoundError, PlacementError, SagellmError
-from app.services import engines as control
+from app.services.engines import engine_logs, plan_engine, restart_engine, start_engine, stop_engine
 from app.ui.access import DATA_PREFIX, same_site_only
 from app.ui.engine_detail import (
     actions,
@@ -86,7 +86,7 @@ def logs(engine_id: str) -> Response:
     of its latest start (the log's header line)."""
     c = cluster()
     try:
-        lines = control.engine_logs(c, engine_id, LOG_TAIL)
+        lines = engine_logs(c, engine_id, LOG_TAIL)
     except SagellmError as exc:
         problem = exc.message  # a host that is down cannot read its logs
         return fragment(
@@ -107,7 +107,7 @@ def stop(engine_id: str) -> Response:
     """Stop gracefully: DRAINING first unless ``drain=false`` (as ``DELETE``)."""
     drain = request.args.get("drain", "true").lower() != "false"
     try:
-        rec = control.stop_engine(cluster(), engine_id, drain=drain)
+        rec = stop_engine(cluster(), engine_id, drain=drain)
     except SagellmError as exc:
         return problem_answer(exc)
     return _acted("Stopping", rec.to_dict())
@@ -117,7 +117,7 @@ def stop(engine_id: str) -> Response:
 def restart(engine_id: str) -> Response:
     """Restart in place (a FAILED engine is placed again)."""
     try:
-        rec = control.restart_engine(cluster(), engine_id)
+        rec = restart_engine(cluster(), engine_id)
     except SagellmError as exc:
         return problem_answer(exc)
     return _acted("Restarting", rec.to_dict())
@@ -132,7 +132,7 @@ def plan() -> Response:
         return html_answer(render_template("ui/fragments/plan.html", problem=read))
     spec, policy = read
     try:
-        placed = control.plan_engine(cluster(), spec, policy).to_dict()
+        placed = plan_engine(cluster(), spec, policy).to_dict()
     except PlacementError as exc:
         head = exc.message.split(":\n", 1)[0]
         problem = FormProblem(head)
@@ -155,7 +155,7 @@ def start() -> Response:
         return html_answer(render_template("ui/fragments/plan.html", problem=read), 400)
     spec, policy = read
     try:
-        rec = control.start_engine(cluster(), spec, policy)
+        rec = start_engine(cluster(), spec, policy)
     except SagellmError as exc:
         return problem_answer(exc)
     return _acted("Starting", rec.to_dict(), 202)

@@ -16,7 +16,7 @@ from typing import Any
 
 import marshmallow as ma
 
-from app.api.errors import _flatten as flatten_errors
+from app.api.errors import field_errors
 from app.api.schemas import EngineCreateSchema
 from app.core.errors import ValidationError
 from app.core.spec import EngineSpec
@@ -91,7 +91,7 @@ def read_start_form(form: Mapping[str, str]) -> tuple[EngineSpec, str | None] | 
     try:
         loaded = EngineCreateSchema().load(start_body(form))
     except ma.ValidationError as exc:
-        pairs = tuple(flatten_errors(exc.messages))  # the API's own flattening
+        pairs = tuple(field_errors(exc.messages))  # named as the API names them
         return FormProblem("; ".join(f"{f}: {m}" for f, m in pairs), pairs)
     except ValidationError as exc:
         return FormProblem(exc.message, ((exc.field, exc.message),) if exc.field else ())

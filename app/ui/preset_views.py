@@ -1,12 +1,13 @@
 """Preset fragments and actions: ``/ui/data/presets/...``.
 
 Built-in presets and one pasted on the page are read, planned and applied by the code
-``/v1/management/presets`` uses (``app.services.preset_files``, ``app.core.presets``,
-``app.services.presets.apply_preset``, with the same admission of each engine and the
-same model locations filled in). An apply runs in the request, as the REST API's
-does; meanwhile the page polls ``progress``, which reads the preset's engine records
-(each carries its preset and engine name) from the registry: PENDING -> STARTING ->
-RUNNING or FAILED, and the rollback's DRAINING/STOPPING/STOPPED when one failed.
+``/v1/management/presets`` uses (read by ``app.api.presets.read_builtin`` and
+``read_preset_text``: the same admission of each engine and the same model locations
+filled in; applied by ``app.services.presets.apply_preset``). An apply runs in the
+request, as the REST API's does; meanwhile the page polls ``progress``, which reads
+the preset's engine records (each carries its preset and engine name) from the
+registry: PENDING -> STARTING -> RUNNING or FAILED, and the rollback's
+DRAINING/STOPPING/STOPPED when one failed.
 """
 
 from __future__ import annotations
@@ -17,11 +18,10 @@ from typing import Any
 from flask import Blueprint, Response, render_template, request
 
 from app.api.context import cluster
+from app.api.presets import read_builtin, read_preset_text
 from app.core.errors import NotFoundError, SagellmError, ValidationError
-from app.core.presets import Preset, parse_preset
-from app.core.spec import EngineSpec
-from app.services.admission import admit
-from app.services.engines import Cluster
+from app.core.presets import Preset
+from app.services.cluster import Cluster
 from app.services.preset_files import builtin_preset_files, get_builtin, server_locations
 from app.services.presets import PresetApplyError, apply_preset
 from app.ui.access import DATA_PREFIX, same_site_only
@@ -47,30 +47,10 @@ def _polling() -> dict[str, Any]:
     return {"poll": POLL_S}
 
 
-def _checker(c: Cluster) -> Any:
-    # The admission of a direct start, per engine, before anything is reserved (as
-    # app.api.presets does): a refused field names the engine.
-    def check(spec: EngineSpec) -> EngineSpec:
-        return admit(c.settings, spec, c.registry)
-
-    return check
-
-
-def _builtin(c: Cluster, name: str) -> Preset:
-    return get_builtin(
-        name, locations=server_locations(c.settings.data_dir), validate_spec=_checker(c)
-    )
-
-
-def _pasted(c: Cluster, text: str) -> Preset:
+def _pasted(text: str) -> Preset:
     if len(text) > MAX_PASTED_CHARS:
         raise ValidationError(f"the preset is over {MAX_PASTED_CHARS} characters", field="yaml")
-    return parse_preset(
-        text,
-        PASTED_SOURCE,
-        locations=server_locations(c.settings.data_dir),
-        validate_spec=_checker(c),
-    )
+    return read_preset_text(text, PASTED_SOURCE)
 
 
 @bp.get("/presets")
@@ -82,7 +62,7 @@ def presets_list() -> Response:
     for name in sorted(builtin_preset_files()):
         problem = ""
         try:
-            p = _builtin(c, name)
+            p = read_builtin(name)
         except SagellmError as exc:
             problem = exc.message  # e.g. a model no host has: say so, still describe it
             try:
@@ -122,7 +102,7 @@ def preset_detail(name: str) -> Response:
         return problem_answer(NotFoundError(f"no built-in preset {name!r}"))
     text = path.read_text(encoding="utf-8")
     try:
-        preset = _builtin(c, name)
+        preset = read_builtin(name)
         return html_answer(_plan_view(c, preset, yaml_text=text, builtin=True))
     except SagellmError as exc:
         html = render_template(
@@ -137,7 +117,7 @@ def pasted_plan() -> Response:
     c = cluster()
     text = request.form.get("yaml", "")
     try:
-        preset = _pasted(c, text)
+        preset = _pasted(text)
         return html_answer(_plan_view(c, preset, yaml_text=text, builtin=False))
     except SagellmError as exc:
         return problem_answer(exc)
@@ -161,7 +141,7 @@ def apply_builtin(name: str) -> Response:
     """Apply a built-in: place all, start all, wait for RUNNING, roll back on failure."""
     c = cluster()
     try:
-        preset = _builtin(c, name)
+        preset = read_builtin(name)
     except SagellmError as exc:
         return problem_answer(exc)
     return _apply(c, preset)
@@ -172,7 +152,7 @@ def pasted_apply() -> Response:
     """Apply the pasted preset, as ``POST /v1/management/presets/apply`` does."""
     c = cluster()
     try:
-        preset = _pasted(c, request.form.get("yaml", ""))
+        preset = _pasted(request.form.get("yaml", ""))
     except SagellmError as exc:
         return problem_answer(exc)
     return _apply(c, preset)

@@ -18,7 +18,7 @@ import psutil
 import pytest
 
 from app.core.engine_policy import ENGINE_ID_ENV
-from app.core.models import GpuInfo
+from app.core.gpus import GpuInfo
 from app.settings import Settings
 from workers.host.gpu_inventory import Inventory, our_engine_pids, read_inventory
 

@@ -14,7 +14,7 @@ from typing import TypeVar
 
 from app.core.models import EngineRecord
 from app.dev.redis_server import RedisProcess
-from app.services.engines import Cluster, connect_cluster
+from app.services.cluster import Cluster, connect_cluster
 from app.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -104,10 +104,18 @@ class Proc:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(10)
 
-    def stop(self, timeout: float = 15) -> None:
+    def terminate(self) -> None:
+        """SIGTERM, without waiting for it to exit (``stop`` waits)."""
         if self.alive():
             assert self.proc is not None
             self.proc.send_signal(signal.SIGTERM)
+
+    def stop(self, timeout: float = 15, *, terminated: bool = False) -> None:
+        """SIGTERM (unless ``terminated``: already sent), SIGKILL after ``timeout``."""
+        if self.alive():
+            assert self.proc is not None
+            if not terminated:
+                self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -206,8 +214,11 @@ class ClusterEnv:
         return cls(server, e, tmp, connect_cluster(settings))
 
     def close(self) -> None:
+        # All asked at once: their shutdowns (a second or so each) overlap.
         for p in self.procs.values():
-            p.stop(5)
+            p.terminate()
+        for p in self.procs.values():
+            p.stop(5, terminated=True)
         kill_engines(self.tmp / "data")
         for name, p in self.procs.items():
             if "Traceback" in p.output():

@@ -29,7 +29,7 @@ import redis
 
 from app.core.engine_policy import ENGINE_ID_ENV
 from app.core.models import EngineState
-from app.services.engines import Cluster
+from app.services.cluster import Cluster
 from app.settings import Settings
 from app.state import keys
 from app.state.ledger import Ledger

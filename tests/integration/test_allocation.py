@@ -21,11 +21,11 @@ from app.state.allocation import allocate, placement_hosts
 from app.state.ledger import Ledger
 from app.state.model_facts import publish_model_facts
 from app.state.registry import Registry
+from tests.model_fixtures import FIXTURES
 from workers.host.gpu_inventory import Inventory, gpu_capacities
 
 pytestmark = pytest.mark.integration
 GB = 1024
-FIXTURES = Path(__file__).parents[1] / "fixtures" / "models"
 
 
 def _allocate(

@@ -1,7 +1,7 @@
 """A drain compares write numbers, not clocks: a gateway process whose clock is a minute
 behind or ahead of the API's is counted as knowing of a drain exactly once it has heard
 the write that began it. The real gateway of a process (``make_gateway``: discovery,
-change feed, in-flight counts) and the worker's drain check, on a real redis-server;
+change feed, its traffic report) and the worker's drain check, on a real redis-server;
 only the gateway's clock is skewed."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from app.dev.redis_server import RedisProcess
 from app.gateway.routes import Gateway, make_gateway
 from app.settings import Settings
 from app.state.client import connect
-from app.state.inflight import InFlightBoard
+from app.state.gateway_report import GatewayReports
 from app.state.registry import Registry
 from tests.integration.harness import wait_until
 from workers.agent import drain
@@ -36,7 +36,7 @@ EID = "eng-drained"
 @pytest.fixture(scope="module")
 def own_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProcess]:
     """A redis-server of this module's own: the gateway processes of other tests' apps
-    (still publishing in this pytest process) are not on its in-flight board."""
+    (still reporting in this pytest process) are not among its reports."""
     server = RedisProcess(tmp_path_factory.mktemp("drain-clock"), persist=False).start()
     yield server
     server.stop()
@@ -68,7 +68,7 @@ def ctx(own_redis: RedisProcess, real_redis: redis.Redis, tmp_path: Path) -> Hos
 def skewed_gateway(
     request: pytest.FixtureRequest, real_redis: redis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[Gateway]:
-    """One gateway process's routing and in-flight counts, its clock ``request.param``
+    """One gateway process's routing and traffic report, its clock ``request.param``
     seconds off the API's and the worker's."""
     skew = float(request.param)
     clock = SimpleNamespace(
@@ -77,7 +77,7 @@ def skewed_gateway(
         sleep=time.sleep,
         perf_counter=time.perf_counter,
     )
-    for module in ("app.gateway.discovery", "app.state.inflight"):
+    for module in ("app.gateway.discovery", "app.state.gateway_report"):
         monkeypatch.setattr(f"{module}.time", clock)
     gateway = make_gateway(Registry(real_redis).engines, "round_robin", 10, 1.0, real_redis)
     yield gateway
@@ -99,35 +99,37 @@ def _serving_engine(r: redis.Redis) -> EngineRecord:
     return Registry(r).create(rec)
 
 
-def _publish(gateway: Gateway, board: InFlightBoard) -> None:
-    board.publish(gateway.in_flight.process_id, gateway.in_flight.report())
+def _report(gateway: Gateway, reports: GatewayReports) -> None:
+    reports.write(gateway.traffic.process_id, gateway.traffic.report())
 
 
 @pytest.mark.parametrize("skewed_gateway", [-60.0, 60.0], indirect=True, ids=["behind", "ahead"])
 def test_a_gateway_knows_of_a_drain_once_it_heard_it_whatever_its_clock(
     ctx: HostContext, real_redis: redis.Redis, skewed_gateway: Gateway
 ) -> None:
-    gateway, board, registry = skewed_gateway, InFlightBoard(real_redis), Registry(real_redis)
+    gateway, reports, registry = skewed_gateway, GatewayReports(real_redis), Registry(real_redis)
     _serving_engine(real_redis)
     assert [b.engine_id for b in gateway.directory.backends()] == [EID]
     wait_until(lambda: gateway.directory._feed.up, 10, what="the gateway's subscription")  # type: ignore[union-attr]
-    _publish(gateway, board)  # what it knows before the drain
+    _report(gateway, reports)  # what it knows before the drain
 
     # The API's drain: one write, stamped by Redis, not by anyone's clock.
     rec = registry.update(EID, lambda r: r.start_drain(time.time() + 30))
     assert rec.state is S.DRAINING
-    early = drain.check(ctx, rec, board, time.time())
+    early = drain.check(ctx, rec, reports, time.time())
     # Its last report was made before the drain: whatever its clock said then, it may
     # still send the engine a request. Not drained.
     assert early.outcome is None and early.behind == 1, early
 
     def counted_as_knowing() -> bool:
         gateway.directory.backends()  # it routes now and then
-        _publish(gateway, board)
-        return drain.check(ctx, registry.get(EID), board, time.time()).outcome is not None
+        _report(gateway, reports)
+        return drain.check(ctx, registry.get(EID), reports, time.time()).outcome is not None
 
     # Once it heard the write (milliseconds), it is counted as knowing, and indeed it
     # sends the engine nothing new.
     wait_until(counted_as_knowing, 3, what="the gateway counted as knowing of the drain")
-    assert drain.check(ctx, registry.get(EID), board, time.time()).outcome is drain.Outcome.DRAINED
+    assert (
+        drain.check(ctx, registry.get(EID), reports, time.time()).outcome is drain.Outcome.DRAINED
+    )
     assert EID not in [b.engine_id for b in gateway.directory.backends()]

@@ -220,7 +220,7 @@ def counting_round_trips(client: redis.Redis) -> list[str]:
     """Patch ``client``'s connections: every packet sent (one per command or pipeline:
     a round trip) is recorded."""
     sent: list[str] = []
-    me = threading.get_ident()  # not the gateway's in-flight publisher thread
+    me = threading.get_ident()  # not the gateway process's reporting thread
     pool = client.connection_pool
     make = pool.make_connection
 
@@ -230,10 +230,10 @@ def counting_round_trips(client: redis.Redis) -> list[str]:
 
         def counted(command: Any, check_health: bool = True) -> None:
             text = repr(command)
-            # only this thread's reads of the cluster (not the gateway's in-flight board,
-            # which /backends also reads, and its publisher thread)
-            board = "gateway:inflight" in text or "SCAN" in text
-            if threading.get_ident() == me and not board:
+            # only this thread's reads of the cluster (not the gateway processes' reports,
+            # which /backends also reads, and the reporting thread)
+            reports = "gateway:report" in text or "SCAN" in text
+            if threading.get_ident() == me and not reports:
                 sent.append(text[:60])
             send(command, check_health)
 

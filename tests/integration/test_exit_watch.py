@@ -24,11 +24,11 @@ from app.core.spec import EngineSpec
 from app.services.engines import start_engine, wait_for_state
 from tests.integration.harness import ClusterEnv as Env
 from tests.integration.harness import Proc, wait_until
+from tests.model_fixtures import QWEN_1_5B
 
 pytestmark = pytest.mark.integration
 S = EngineState
-FIXTURES = Path(__file__).parents[1] / "fixtures" / "models"
-QWEN = str(FIXTURES / "Qwen2.5-1.5B-Instruct")
+QWEN = str(QWEN_1_5B)
 RUNS = int(os.environ.get("RUNS", "5"))
 SEEN_WITHIN_S = 1.0
 # Restarts as many as the runs need, quickly.
@@ -114,7 +114,6 @@ def test_without_pidfds_exits_are_seen_by_pid_and_create_time(
 ) -> None:
     """Where pidfds are not available, the watch checks each process by pid + create
     time every ``POLL_S``: an in-process watch over a real engine process."""
-    from app.services import engines as control
     from app.state.client import connect
     from tests.integration.inproc import (
         InprocHost,
@@ -140,7 +139,7 @@ def test_without_pidfds_exits_are_seen_by_pid_and_create_time(
     watch = EngineWatch(host.ctx).start()
     host.ctx.watch = watch
     try:
-        rec = control.start_engine(
+        rec = start_engine(
             cluster_of(client, settings, queue),
             EngineSpec(model="org/m", required_memory_gb=4, host=name),
         )

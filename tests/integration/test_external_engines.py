@@ -29,7 +29,7 @@ from app.core.errors import IllegalTransition
 from app.core.health import HealthPolicy
 from app.core.models import EngineState, HostRecord
 from app.dev.redis_server import RedisProcess
-from app.services import engines as control
+from app.services.engines import stop_engine
 from app.settings import Settings
 from app.state import keys
 from app.state.ledger import Ledger
@@ -339,7 +339,7 @@ def test_placement_ignores_it_and_stop_prune_and_lost_paths_leave_it_alone(
     assert registry.engines(host="a") == [registry.get(started.json["engine"]["id"])]
 
     with pytest.raises(IllegalTransition, match="external"):  # never signalled
-        control.stop_engine(cluster, eid)
+        stop_engine(cluster, eid)
     assert api.post(f"{E}/{eid}/restart").status_code == 409
     assert api.get(f"{E}/{eid}/logs").status_code == 409
     assert prune_records(registry, Ledger(real_redis), 0) == []

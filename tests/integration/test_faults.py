@@ -40,7 +40,8 @@ import redis
 
 from app.core.models import EngineRecord, EngineState
 from app.core.spec import EngineSpec
-from app.services import engines as control
+from app.services.cluster import Cluster
+from app.services.engines import restart_engine, start_engine, stop_engine
 from app.state import keys
 from app.state.client import as_text, connect
 from app.state.ledger import Ledger
@@ -75,7 +76,7 @@ class FaultEnv:
     client: redis.Redis  # plain: the test's own reads and setup writes
     injector: FaultInjector
     host: InprocHost
-    cluster: control.Cluster
+    cluster: Cluster
     queue: TaskQueue
     errors: list[str] = field(default_factory=list)  # steps that failed (injected)
 
@@ -134,7 +135,7 @@ def health_until_started(env: FaultEnv, timeout_s: float = START_WAIT_S) -> None
 
 def start_running(env: FaultEnv) -> EngineRecord:
     """Setup (no faults): one RUNNING engine."""
-    rec = control.start_engine(env.cluster, env.spec())
+    rec = start_engine(env.cluster, env.spec())
     deliver_all(env)
     health_until_started(env)
     now = env.record(rec.id)
@@ -198,7 +199,7 @@ class Scenario:
 
 
 def _start_run(env: FaultEnv, _: Any) -> None:
-    step(env, "api start_engine", lambda: control.start_engine(env.cluster, env.spec()))
+    step(env, "api start_engine", lambda: start_engine(env.cluster, env.spec()))
     deliver_all(env)
     health_until_started(env)
 
@@ -208,7 +209,7 @@ def _start_expect(env: FaultEnv, _: Any) -> None:
 
 
 def _stop_run(env: FaultEnv, rec: EngineRecord) -> None:
-    step(env, "api stop_engine", lambda: control.stop_engine(env.cluster, rec.id))
+    step(env, "api stop_engine", lambda: stop_engine(env.cluster, rec.id))
     deliver_all(env)
 
 
@@ -236,7 +237,7 @@ def _running_settles(env: FaultEnv, rec: EngineRecord) -> None:
 
 
 def _restart_run(env: FaultEnv, rec: EngineRecord) -> None:
-    step(env, "api restart_engine", lambda: control.restart_engine(env.cluster, rec.id))
+    step(env, "api restart_engine", lambda: restart_engine(env.cluster, rec.id))
     deliver_all(env)
     health_until_started(env)
 
@@ -300,13 +301,13 @@ def _restart_failed_settles(env: FaultEnv, rec: EngineRecord) -> None:
 
 def _pending_setup(env: FaultEnv) -> EngineRecord:
     """A PENDING engine whose start task is still queued."""
-    rec = control.start_engine(env.cluster, env.spec())
+    rec = start_engine(env.cluster, env.spec())
     assert [t.task for t in env.queue.sent] == ["sagellm.start_engine"]
     return rec
 
 
 def _stop_pending_run(env: FaultEnv, rec: EngineRecord) -> None:
-    step(env, "api stop_engine", lambda: control.stop_engine(env.cluster, rec.id))
+    step(env, "api stop_engine", lambda: stop_engine(env.cluster, rec.id))
     deliver_all(env)  # the start (refused: STOPPING), then the stop
     health_until_started(env)
 
@@ -321,9 +322,9 @@ def _prune_setup(env: FaultEnv) -> list[str]:
     """A stopped engine that ran, one stopped before it started, and a reservation no
     record owns (left by a crash of an older version)."""
     ran = start_running(env)
-    control.stop_engine(env.cluster, ran.id)
-    never = control.start_engine(env.cluster, env.spec())
-    control.stop_engine(env.cluster, never.id)
+    stop_engine(env.cluster, ran.id)
+    never = start_engine(env.cluster, env.spec())
+    stop_engine(env.cluster, never.id)
     deliver_all(env)  # start (refused: STOPPING), stop, stop
     assert [r.state for r in env.engines()] == [S.STOPPED, S.STOPPED], env.engines()
     led = Ledger(env.client)
@@ -376,18 +377,18 @@ PATHS: dict[str, Scenario] = {
 _HEARTBEAT = "MULTI[SET sagellm:host:{host}, SET sagellm:host-last:{host}, SADD sagellm:hosts]"
 WRITES: dict[str, list[str]] = {
     "start": [
-        "commit:create PENDING +reserve",  # control.reserve_engine
-        "commit:update PENDING",  # control.launch_engine: the start task's id
+        "commit:create PENDING +reserve",  # reserve_engine
+        "commit:update PENDING",  # launch_engine: the start task's id
         "commit:update STARTING",  # spawn_engine: the process is recorded
         "commit:update RUNNING",  # check_start: ready
     ],
     "stop": [
-        "commit:update DRAINING",  # control.stop_engine (+ its "draining" event)
+        "commit:update DRAINING",  # stop_engine (+ its "draining" event)
         "commit:update STOPPING",  # lifecycle.stop_engine, once drained
         "commit:update STOPPED +release",  # finalize_stop
     ],
     "restart": [
-        "commit:update RUNNING",  # control.restart_engine: the task's id
+        "commit:update RUNNING",  # restart_engine: the task's id
         "commit:update UNHEALTHY",  # manual_restart: killed, restart pending
         "commit:update STARTING",  # spawn_engine
         "commit:update RUNNING",  # check_start: ready
@@ -407,14 +408,14 @@ WRITES: dict[str, list[str]] = {
         _HEARTBEAT,
     ],
     "restart_failed": [
-        "commit:update FAILED +reserve",  # control.restart_engine: placed again
-        "commit:update FAILED",  # control.restart_engine: the task's id
+        "commit:update FAILED +reserve",  # restart_engine: placed again
+        "commit:update FAILED",  # restart_engine: the task's id
         "commit:update FAILED",  # manual_restart: restart due now
         "commit:update STARTING",  # spawn_engine
         "commit:update RUNNING",  # check_start: ready
     ],
     "stop_pending": [
-        "commit:update STOPPING",  # control.stop_engine (nothing serves: no drain)
+        "commit:update STOPPING",  # stop_engine (nothing serves: no drain)
         "commit:update STOPPING",  # lifecycle.stop_engine (already STOPPING)
         "commit:update STOPPED +release",  # finalize_stop: no process to kill
     ],

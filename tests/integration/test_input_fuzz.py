@@ -15,6 +15,7 @@ placement, the ledger and the task queues are real while nothing consumes them.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -269,7 +270,13 @@ def yaml_bomb(depth: int, width: int) -> str:
     levels = ["&a0 [" + ", ".join(["lol"] * width) + "]"]
     for i in range(1, depth + 1):
         levels.append(f"&a{i} [" + ", ".join([f"*a{i - 1}"] * width) + "]")
-    return "[" + ", ".join(reversed(levels)) + "]"
+    return "[" + ", ".join(levels) + "]"
+
+
+def test_the_alias_bomb_is_yaml_that_expands() -> None:
+    # An alias before its anchor is only an "undefined alias" error, refused before any
+    # expansion: each level must come after the one its aliases name.
+    assert yaml.safe_load(yaml_bomb(3, 2))[-1] == [[[["lol"] * 2] * 2] * 2] * 2
 
 
 # YAML scalars that break naive loaders: huge numbers, non-finite floats, deep nesting,
@@ -447,6 +454,30 @@ def test_hostile_yaml_values_are_4xx_in_every_field(
         sent = _send(api, f"{P}/apply", {"yaml": text}, None, dry_run="true")
         _check(sent, real_redis, no_backend_ok=False, where=f"{field}: {value[:40]}")
         assert len(sent.text) < 4096, (field, sent.text[:200])
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["[" * 3000 + "]" * 3000, "[{a: " * 1500 + "1" + "}]" * 1500, "{a: " * 3000 + "1" + "}" * 3000],
+    ids=["lists", "lists-and-maps", "maps"],
+)
+def test_deeply_nested_yaml_is_refused_before_it_costs_cpu(
+    api: FlaskClient, real_redis: redis.Redis, value: str
+) -> None:
+    """PyYAML's scanner costs O(depth) per token: 3000 ``[`` cost the API a second of
+    CPU (20 s for the 20 fields of the test above) before the composer gave up with a
+    RecursionError. Now ten of each are refused, at the depth cap, in under 2 s."""
+    add_host(real_redis, "a", "2x80", ttl=3600)
+    text = _preset_with("model", value, top=False)
+    started = time.monotonic()
+    for _ in range(10):
+        sent = _send(api, f"{P}/apply", {"yaml": text}, None, dry_run="true")
+        assert sent.status == 400, sent.text[:300]
+        assert sent.body["message"].startswith(
+            "request body: line 5: invalid YAML (nested deeper than 32 levels, column"
+        ), sent.body
+    assert time.monotonic() - started < 2.0
+    _nothing_left(real_redis)
 
 
 def test_fuzz_engine_start_bodies(api: FlaskClient, real_redis: redis.Redis) -> None:

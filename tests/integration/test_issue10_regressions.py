@@ -32,9 +32,11 @@ import redis
 
 from app.core.engine_policy import ENGINE_ID_ENV
 from app.core.errors import ReservationConflict, SagellmError
-from app.core.models import EngineRecord, EngineState, GpuInfo, GpuProcess
+from app.core.gpus import GpuInfo, GpuProcess
+from app.core.models import EngineRecord, EngineState
 from app.core.spec import EngineSpec
-from app.services import engines as control
+from app.services.cluster import Cluster
+from app.services.engines import restart_engine, start_engine, stop_engine
 from app.settings import Settings
 from app.state.ledger import Ledger
 from app.state.registry import Registry
@@ -81,7 +83,7 @@ class Env:
     client: redis.Redis
     queue: TaskQueue
     host: InprocHost
-    cluster: control.Cluster
+    cluster: Cluster
     strays: list[psutil.Process] = field(default_factory=list)  # killed at teardown
 
     @property
@@ -175,7 +177,7 @@ def becomes_running(env: Env, engine_id: str) -> bool:
 
 def start_running(env: Env, gb: float) -> EngineRecord:
     """An engine started through the API and the host's worker, RUNNING."""
-    rec = control.start_engine(env.cluster, spec(gb))
+    rec = start_engine(env.cluster, spec(gb))
     deliver(env.ctx, take(env, "sagellm.start_engine", rec.id))
     assert becomes_running(env, rec.id), env.registry.get(rec.id)
     return env.registry.get(rec.id)
@@ -278,7 +280,7 @@ def test_stop_of_failed_engine_with_pending_restart_releases_once_and_never_rest
     make_env: Callable[..., Env],
 ) -> None:
     env = make_env(restart_backoff_s=30.0, restart_backoff_max_s=30.0)
-    rec = control.start_engine(env.cluster, spec(20))
+    rec = start_engine(env.cluster, spec(20))
     deliver(env.ctx, take(env, "sagellm.start_engine", rec.id))
     rec = env.registry.get(rec.id)
     assert rec.state is S.STARTING
@@ -290,7 +292,7 @@ def test_stop_of_failed_engine_with_pending_restart_releases_once_and_never_rest
     assert env.ledger.reservation(rec.id) is not None  # a pending restart keeps its room
     restart_task = take(env, "sagellm.restart_engine", rec.id)
 
-    control.stop_engine(env.cluster, rec.id)
+    stop_engine(env.cluster, rec.id)
 
     stopped = env.registry.get(rec.id)
     assert stopped.state is S.STOPPED
@@ -299,7 +301,7 @@ def test_stop_of_failed_engine_with_pending_restart_releases_once_and_never_rest
     assert rec.id not in env.ledger.ports(HOST).values()
     assert not env.ledger.release(rec.id)  # released exactly once, by the stop itself
     # The room is free again: another engine takes all of it.
-    second = control.start_engine(env.cluster, spec(20))
+    second = start_engine(env.cluster, spec(20))
     # The stale restart (its queued task, a due restart in the health loop) starts nothing.
     deliver(env.ctx, restart_task)
     lifecycle.spawn_engine(env.ctx, rec.id)
@@ -409,7 +411,7 @@ def test_stop_requested_while_host_is_down_finishes_when_the_host_returns(env: E
     env.host.down()
     assert rec.id in mark_lost_engines(env.registry)
 
-    control.stop_engine(env.cluster, rec.id)
+    stop_engine(env.cluster, rec.id)
     mark_lost_engines(env.registry)  # beat keeps ticking while the host is down
     env.queue.sent.clear()  # the stop task expired: nobody consumed the host's queue
 
@@ -439,7 +441,7 @@ def test_engine_stopped_while_its_host_was_down_and_whose_leader_died_leaves_no_
     assert wait_for(lambda: ENGINE_ID_ENV not in child.environ(), 5)
     env.host.down()
     mark_lost_engines(env.registry)
-    control.stop_engine(env.cluster, rec.id)
+    stop_engine(env.cluster, rec.id)
     env.queue.sent.clear()
     crash(rec)
 
@@ -457,7 +459,7 @@ def test_engine_stopped_while_its_host_was_down_and_whose_leader_died_leaves_no_
 def test_process_whose_starting_write_fails_is_killed_and_a_retry_starts_exactly_one(
     env: Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    rec = control.start_engine(env.cluster, spec(8))
+    rec = start_engine(env.cluster, spec(8))
     task = take(env, "sagellm.start_engine", rec.id)
     fired = fail_write_once(
         env.ctx.registry,
@@ -494,8 +496,8 @@ def _spawn_unrecorded(env: Env, rec: EngineRecord) -> processes.SpawnedProcess:
 def test_engine_spawned_by_a_worker_that_died_before_recording_it_is_relinked_never_doubled(
     env: Env,
 ) -> None:
-    first = control.start_engine(env.cluster, spec(4))
-    second = control.start_engine(env.cluster, spec(4))
+    first = start_engine(env.cluster, spec(4))
+    second = start_engine(env.cluster, spec(4))
     orphans = {r.id: _spawn_unrecorded(env, r) for r in (first, second)}
     assert wait_for(lambda: all(trees(eid) for eid in orphans), 5)
     env.host.restart_worker()  # the worker died; a new one starts
@@ -542,7 +544,7 @@ def test_start_whose_record_write_fails_leaves_neither_record_nor_reservation(
 ) -> None:
     fired = fail_write_holding_room_once(env.registry, env.ledger, monkeypatch, reply_lost=False)
     with pytest.raises(redis.ConnectionError):
-        control.start_engine(env.cluster, spec(8))
+        start_engine(env.cluster, spec(8))
     assert fired
     _no_trace(env)
     assert env.queue.sent == []
@@ -550,7 +552,7 @@ def test_start_whose_record_write_fails_leaves_neither_record_nor_reservation(
     # The write applied but its reply lost: record and reservation exist together.
     fired = fail_write_holding_room_once(env.registry, env.ledger, monkeypatch, reply_lost=True)
     with pytest.raises(redis.ConnectionError):
-        control.start_engine(env.cluster, spec(8))
+        start_engine(env.cluster, spec(8))
     [rec] = env.registry.engines()
     _reservation_matches_record(env, rec.id)
     invariants(env)
@@ -560,7 +562,7 @@ def test_restart_of_failed_engine_takes_its_room_in_the_same_write_as_its_placem
     make_env: Callable[..., Env], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     env = make_env(max_restarts=0)
-    rec = control.start_engine(env.cluster, spec(8))
+    rec = start_engine(env.cluster, spec(8))
     deliver(env.ctx, take(env, "sagellm.start_engine", rec.id))
     crash(env.registry.get(rec.id))
     supervise.check_host(env.ctx)  # no restart left: FAILED for good, room released
@@ -570,7 +572,7 @@ def test_restart_of_failed_engine_takes_its_room_in_the_same_write_as_its_placem
 
     fired = fail_write_holding_room_once(env.registry, env.ledger, monkeypatch, reply_lost=False)
     with pytest.raises(redis.ConnectionError):
-        control.restart_engine(env.cluster, rec.id)
+        restart_engine(env.cluster, rec.id)
 
     assert fired == [rec.id]
     assert env.ledger.reservation(rec.id) is None, "a reservation no record owns"
@@ -578,7 +580,7 @@ def test_restart_of_failed_engine_takes_its_room_in_the_same_write_as_its_placem
     after = env.registry.get(rec.id)
     assert after.state is S.FAILED and after.next_restart_at is None
     # A retry restarts it: placement and reservation agree.
-    control.restart_engine(env.cluster, rec.id)
+    restart_engine(env.cluster, rec.id)
     _reservation_matches_record(env, rec.id)
     deliver(env.ctx, take(env, "sagellm.restart_engine_now", rec.id))
     assert becomes_running(env, rec.id)
@@ -641,7 +643,7 @@ def test_renamed_worker_of_a_leader_that_crashed_just_before_redis_was_lost_is_s
 
 
 def test_stop_whose_kill_is_refused_keeps_the_reservation_and_says_why(env: Env) -> None:
-    rec = control.start_engine(env.cluster, spec(8))
+    rec = start_engine(env.cluster, spec(8))
     take(env, "sagellm.start_engine", rec.id)
     foreign = psutil.Popen(["sleep", "60"], start_new_session=True)  # carries no tag
     env.strays.append(foreign)
@@ -652,7 +654,7 @@ def test_stop_whose_kill_is_refused_keeps_the_reservation_and_says_why(env: Env)
 
     env.registry.update(rec.id, points_at_foreign)
 
-    control.stop_engine(env.cluster, rec.id)
+    stop_engine(env.cluster, rec.id)
     deliver(env.ctx, take(env, "sagellm.stop_engine", rec.id))
 
     assert foreign.poll() is None, "a process that is not the engine's was killed"
@@ -748,7 +750,7 @@ def test_a_drain_whose_stop_task_was_lost_is_finished_by_the_health_loop(env: En
     # Found when the drain came in (issue 13): a DRAINING engine whose stop task was
     # lost (or whose worker restarted) stayed DRAINING, holding its room, for good.
     rec = start_running(env, 8)
-    drained = control.stop_engine(env.cluster, rec.id, drain_timeout_s=30)
+    drained = stop_engine(env.cluster, rec.id, drain_timeout_s=30)
     assert drained.state is S.DRAINING
     env.queue.sent.clear()  # the stop task is lost
 
@@ -776,7 +778,7 @@ def test_start_whose_record_is_flushed_before_its_task_id_is_written_answers_503
 
     monkeypatch.setattr(env.queue, "send_task", flush_then_send)
     with pytest.raises(SagellmError) as caught:
-        control.start_engine(env.cluster, spec(8))
+        start_engine(env.cluster, spec(8))
     assert caught.value.status_code == 503
     message = caught.value.message
     assert "lost" in message and "retry" in message, message

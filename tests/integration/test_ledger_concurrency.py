@@ -19,7 +19,7 @@ import pytest
 import redis
 
 from app.core.errors import ReservationConflict
-from app.core.models import GpuCapacity
+from app.core.gpus import GpuCapacity
 from app.dev.redis_server import RedisProcess
 from app.state import keys
 from app.state.client import connect

@@ -8,7 +8,6 @@ from __future__ import annotations
 import itertools
 import json
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,12 +22,12 @@ from app.services.engines import start_engine
 from app.state.model_facts import host_model_facts
 from tests.integration.harness import ClusterEnv as Env
 from tests.integration.harness import wait_until
+from tests.model_fixtures import FIXTURES, LLAMA_8B, QWEN_1_5B
 
 pytestmark = pytest.mark.integration
 S = EngineState
-FIXTURES = Path(__file__).parents[1] / "fixtures" / "models"
-QWEN = str(FIXTURES / "Qwen2.5-1.5B-Instruct")
-LLAMA = str(FIXTURES / "Llama-3.1-8B-Instruct")  # 131072 tokens: launched at the default cap
+QWEN = str(QWEN_1_5B)
+LLAMA = str(LLAMA_8B)  # 131072 tokens: launched at the default cap
 
 
 def _calls(env: Env) -> list[dict[str, Any]]:

@@ -23,7 +23,7 @@ from app.core.inventory_spec import mock_uuid
 from app.core.models import EngineState
 from app.core.spec import EngineSpec
 from app.dev.redis_server import RedisProcess
-from app.services import engines as control
+from app.services.engines import start_engine
 from app.state.client import connect
 from tests.integration.inproc import (
     InprocHost,
@@ -111,7 +111,7 @@ def test_re_placement_sees_the_memory_the_failed_start_just_ran_into(
     host = InprocHost(settings, queue)
     host.heartbeat()  # all three GPUs free
     cluster = cluster_of(client, settings, queue)
-    rec = control.start_engine(cluster, EngineSpec(model="org/m", required_memory_gb=8, host=HOST))
+    rec = start_engine(cluster, EngineSpec(model="org/m", required_memory_gb=8, host=HOST))
     assert [g.index for g in rec.gpus] == [0]  # binpack: the first of equals
 
     # The other job starts: NVML would now show 76 GB held on GPUs 0 and 1. No
@@ -143,7 +143,7 @@ def test_the_other_gpus_of_the_host_are_measured_before_they_are_chosen(
     host = InprocHost(settings, queue)
     host.heartbeat()
     cluster = cluster_of(client, settings, queue)
-    rec = control.start_engine(cluster, EngineSpec(model="org/m", required_memory_gb=8, host=HOST))
+    rec = start_engine(cluster, EngineSpec(model="org/m", required_memory_gb=8, host=HOST))
     assert [g.index for g in rec.gpus] == [0]
     host.ctx.settings = dataclasses.replace(settings, mock_gpus=gpus(76, 0))
 

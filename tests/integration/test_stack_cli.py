@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -17,7 +18,10 @@ import httpx
 import psutil
 import pytest
 
+from app.dev import demo_model
+from app.dev.demo_model import demo_llm_is_built
 from app.dev.redis_server import free_port
+from app.services.preset_files import demo_llm_dir
 from tests.integration.harness import BIN, Proc, base_env, wait_until
 
 pytestmark = pytest.mark.integration
@@ -176,6 +180,8 @@ def test_cpu_demo_dry_run_reserves_nothing(stack: Stack) -> None:
 
 
 def test_cpu_demo_apply_runs_real_engines_and_again_starts_nothing(stack: Stack) -> None:
+    # `up` built the chat model (in a process of its own) before its API answered.
+    assert "building the tiny cpu-demo chat model" in (stack.tmp / "logs" / "up.log").read_text()
     r = stack.cli("preset", "apply", "-n", "cpu-demo", "--yes")
     assert r.returncode == 0, r.stdout + r.stderr
     engines = stack.engines("cpu-demo")
@@ -318,7 +324,12 @@ def test_logs_follow_a_real_engine_until_it_is_stopped_by_its_label(stack: Stack
     ("token", "how"),
     [("set", "ctrl-c"), ("generated", "ctrl-c"), ("set", "down")],
 )
-def test_up_stops_everything_it_started(tmp_path: Path, token: str, how: str) -> None:
+def test_up_stops_everything_it_started(
+    tmp_path: Path, tiny_llm_path: Path, token: str, how: str
+) -> None:
+    # The cpu-demo model as an earlier `up` left it (the `stack` fixture's `up` builds
+    # one): this `up` does not build it again.
+    shutil.copytree(tiny_llm_path, demo_llm_dir(tmp_path / "data"))
     url = f"http://127.0.0.1:{free_port()}"
     env = base_env(
         "redis://unused",
@@ -335,6 +346,7 @@ def test_up_stops_everything_it_started(tmp_path: Path, token: str, how: str) ->
         env["SAGELLM_ADMIN_TOKEN"] = "tok-" + os.urandom(8).hex()
     up = _start_up(env, tmp_path)
     try:
+        assert "building the tiny cpu-demo chat model" not in up.output()
         r = subprocess.run(
             [str(BIN / "sagellm"), "engine", "start", "org/Fake-1B", "--memory-gb", "8",
              "--timeout", "60"],
@@ -360,3 +372,57 @@ def test_up_stops_everything_it_started(tmp_path: Path, token: str, how: str) ->
         for p in _by_data_dir(env):
             with contextlib.suppress(psutil.Error):
                 p.kill()
+
+
+def test_ctrl_c_while_up_builds_the_demo_model_stops_all_and_leaves_no_model(
+    tmp_path: Path,
+) -> None:
+    env = base_env(
+        "redis://unused",
+        tmp_path / "data",
+        SAGELLM_API_URL=f"http://127.0.0.1:{free_port()}",
+        SAGELLM_MOCK_GPUS="1x24",
+        SAGELLM_HOST_NAME="cpu3",
+        SAGELLM_PORT_RANGE="18350-18399",
+        SAGELLM_ADMIN_TOKEN="tok-" + os.urandom(8).hex(),
+    )
+    env.pop("SAGELLM_REDIS_URL")
+    up = Proc("up", [str(BIN / "sagellm"), "up"], env, tmp_path / "logs")
+    up.log.parent.mkdir(parents=True)
+    with up.log.open("ab") as out:
+        up.proc = subprocess.Popen(
+            up.argv, env=env, stdout=out, stderr=subprocess.STDOUT, process_group=0
+        )
+    try:
+        # The model builds (torch's import alone takes seconds) while beat boots.
+        wait_until(lambda: "beat started" in up.output(), 60, what="beat started")
+        ours = set(psutil.Process(up.pid).children(recursive=True))
+        assert any("app.dev.demo_model" in " ".join(p.cmdline()) for p in ours), ours
+        os.killpg(up.pid, signal.SIGINT)
+        assert up.proc.wait(60) == 0, up.output()
+        _assert_all_gone(ours, env, up)
+        assert "api started" not in up.output()
+        assert "Traceback" not in up.output(), up.output()
+        assert not demo_llm_is_built(demo_llm_dir(tmp_path / "data"))
+    finally:
+        if up.alive():
+            os.killpg(up.pid, signal.SIGKILL)
+        for p in _by_data_dir(env):
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+
+
+def test_a_demo_model_build_cut_short_leaves_nothing_that_looks_built(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def half_build(path: Path) -> Path:
+        path.mkdir(parents=True)
+        (path / "config.json").write_text("{}")
+        (path / "tokenizer_config.json").write_text("{}")
+        raise KeyboardInterrupt  # cut short before the weights and tokenizer are written
+
+    monkeypatch.setattr(demo_model, "build_tiny_llm", half_build)
+    path = demo_llm_dir(tmp_path / "data")
+    with pytest.raises(KeyboardInterrupt):
+        demo_model.ensure_demo_llm(path)
+    assert not demo_llm_is_built(path)

@@ -13,7 +13,7 @@ import httpx
 import psutil
 import pytest
 
-from app.core.models import EngineState
+from app.core.models import EngineRecord, EngineState
 from app.core.spec import EngineSpec
 from app.services.engines import start_engine, stop_engine, wait_for_state
 from app.state.ledger import port_is_bindable
@@ -31,6 +31,16 @@ def _fake_vllm_spec(tmp: Path, model: str = QWEN) -> EngineSpec:
     # The fake's FAKE_VLLM_* settings come from the worker's environment (the harness
     # sets FAKE_VLLM_RECORD to tmp/vllm-calls.jsonl): a spec's env may not name them.
     return EngineSpec(model=model, served_model_name="qwen-mini")
+
+
+def _running(env: Env, engine_id: str, timeout_s: float = 60) -> EngineRecord:
+    """The engine once RUNNING; a start that fails instead (a port another test's engine
+    holds, the fake's exit) fails the test at once, with the reason and the worker's log."""
+    rec = wait_for_state(env.cluster, engine_id, [S.RUNNING, S.FAILED], timeout_s)
+    if rec.state is not S.RUNNING:
+        logs = "\n".join(f"--- {n} ---\n{p.output()[-3000:]}" for n, p in env.procs.items())
+        raise AssertionError(f"{engine_id} is {rec.state.value}: {rec.last_error}\n{logs}")
+    return rec
 
 
 def _calls(tmp: Path) -> list[dict[str, object]]:
@@ -80,7 +90,7 @@ def test_killed_engine_is_detected_and_restarted(env: Env) -> None:
     env.start_worker("a")
     env.start_beat()
     rec = start_engine(env.cluster, _fake_vllm_spec(env.tmp))
-    rec = wait_for_state(env.cluster, rec.id, [S.RUNNING], 60)
+    rec = _running(env, rec.id)
     old_pid = rec.pid
     assert old_pid is not None
     os.kill(old_pid, signal.SIGKILL)
@@ -122,7 +132,7 @@ def test_engine_that_crashes_at_once_ends_failed_with_nothing_reserved(env: Env)
 def test_killed_worker_leaves_engines_running_and_a_new_worker_readopts_them(env: Env) -> None:
     w = env.start_worker("a")
     rec = start_engine(env.cluster, _fake_vllm_spec(env.tmp))
-    rec = wait_for_state(env.cluster, rec.id, [S.RUNNING], 60)
+    rec = _running(env, rec.id)
     before = env.cluster.ledger.reservation(rec.id)
     w.kill9()
     assert rec.pid is not None and psutil.pid_exists(rec.pid)
@@ -151,7 +161,7 @@ def test_flushall_is_repaired_within_one_rediscovery_cycle(env: Env) -> None:
     env.start_worker("a")
     env.start_beat()
     rec = start_engine(env.cluster, _fake_vllm_spec(env.tmp))
-    rec = wait_for_state(env.cluster, rec.id, [S.RUNNING], 60)
+    rec = _running(env, rec.id)
     before = env.cluster.ledger.reservation(rec.id)
     env.cluster.registry.r.flushall()
     assert env.cluster.registry.find(rec.id) is None
@@ -173,7 +183,7 @@ def test_down_host_engines_become_lost_and_are_reconciled_when_it_returns(env: E
     w = env.start_worker("a")
     env.start_beat()
     rec = start_engine(env.cluster, _fake_vllm_spec(env.tmp))
-    rec = wait_for_state(env.cluster, rec.id, [S.RUNNING], 60)
+    rec = _running(env, rec.id)
     w.kill9()
     lost = wait_for_state(env.cluster, rec.id, [S.LOST], 10)  # TTL 3 s + a health tick
     assert lost.state is S.LOST and "host a is down" in (lost.last_error or "")
@@ -193,7 +203,7 @@ def test_untagged_process_on_an_engine_port_is_never_touched(env: Env) -> None:
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         rec = start_engine(env.cluster, _fake_vllm_spec(env.tmp))
-        wait_for_state(env.cluster, rec.id, [S.RUNNING], 60)
+        _running(env, rec.id)
         env.cluster.registry.r.flushall()
         wait_until(lambda: env.cluster.registry.find(rec.id), 6, what="rebuilt")
         assert sleeper.poll() is None

@@ -7,11 +7,13 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import redis
 from click.testing import CliRunner, Result
+from flask import Flask
 from werkzeug.serving import make_server
 
 from app import create_app
@@ -31,14 +33,8 @@ def add_host(r: redis.Redis, name: str, mock: str, ttl: float = 60) -> None:
     Registry(r).put_host(HostRecord(name, "127.0.0.1", (8100, 8199), gpus=gpus), ttl_s=ttl)
 
 
-@pytest.fixture
-def api_url(
-    redis_server: RedisProcess,
-    real_redis: redis.Redis,
-    monkeypatch: pytest.MonkeyPatch,
-    tmp_path: Path,
-) -> Iterator[str]:
-    """The API served over HTTP; SAGELLM_API_URL points at it."""
+def api_app(redis_server: RedisProcess, tmp_path: Path) -> Flask:
+    """The API on ``redis_server``, with its own data dir under ``tmp_path``."""
     settings = Settings.from_env(
         {
             "SAGELLM_REDIS_URL": redis_server.url,
@@ -47,18 +43,41 @@ def api_url(
             "SAGELLM_DATA_DIR": str(tmp_path / "api-data"),
         }
     )
-    server = make_server("127.0.0.1", 0, create_app(settings), threaded=True)
+    return create_app(settings)
+
+
+@contextmanager
+def served_to_cli(
+    app: Flask, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, host: str = "127.0.0.1"
+) -> Iterator[str]:
+    """``app`` served over HTTP on ``host`` (its URL) and the CLI pointed at it: no
+    admin token, and a data dir of its own."""
+    server = make_server(host, 0, app, threaded=True)
     # A short poll interval: shutdown() waits up to one interval.
     thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
-    url = f"http://127.0.0.1:{server.server_port}"
+    url = f"http://{host}:{server.server_port}"
     monkeypatch.setenv("SAGELLM_API_URL", url)
     monkeypatch.delenv("SAGELLM_ADMIN_TOKEN", raising=False)
     # the CLI's own data dir: presets must not take the API's paths from it
     monkeypatch.setenv("SAGELLM_DATA_DIR", str(tmp_path / "data"))
-    yield url
-    server.shutdown()
-    thread.join(5)
+    try:
+        yield url
+    finally:
+        server.shutdown()
+        thread.join(5)
+
+
+@pytest.fixture
+def api_url(
+    redis_server: RedisProcess,
+    real_redis: redis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> Iterator[str]:
+    """The API served over HTTP; SAGELLM_API_URL points at it."""
+    with served_to_cli(api_app(redis_server, tmp_path), monkeypatch, tmp_path) as url:
+        yield url
 
 
 def run(*args: str, input: str | None = None) -> Result:
@@ -109,3 +128,27 @@ def only_engine_id(r: redis.Redis) -> str:
     engines = Registry(r).engines()
     assert len(engines) == 1
     return engines[0].id
+
+
+# What ``sagellm engine start`` prints, one line per state after its first line (less
+# the elapsed time), as it follows an engine on host a that a ``FakeWorker`` starts.
+STEPS_TO_RUNNING = [
+    "PENDING on host a, GPUs 0, port 8100",
+    "STARTING (pid 4242)",
+    "RUNNING at http://127.0.0.1:8100",
+]
+
+
+def followed_steps(output: str) -> list[str]:
+    """The state lines of a followed start (``STEPS_TO_RUNNING``'s form)."""
+    return [line.split(maxsplit=1)[1] for line in output.splitlines()[1:4]]
+
+
+def start_with_worker(r: redis.Redis, worker: FakeWorker) -> tuple[Result, str]:
+    """``sagellm engine start m`` (1 GB) on a new host a with 2 GPUs, followed while
+    ``worker`` moves the engine: the CLI's result, which exited 0, and the engine's id."""
+    add_host(r, "a", "2x80")
+    with worker:
+        res = run("engine", "start", "m", "--memory-gb", "1", "--timeout", "30")
+    assert res.exit_code == 0, res.output
+    return res, only_engine_id(r)

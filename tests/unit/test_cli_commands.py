@@ -18,7 +18,16 @@ from app.cli import client as cli_client
 from app.core.models import EngineState
 from app.state.ledger import Ledger
 from app.state.registry import Registry
-from tests.unit.cli_harness import FakeWorker, add_host, api_url, only_engine_id, run
+from tests.unit.cli_harness import (
+    STEPS_TO_RUNNING,
+    FakeWorker,
+    add_host,
+    api_url,
+    followed_steps,
+    only_engine_id,
+    run,
+    start_with_worker,
+)
 
 __all__ = ["api_url"]  # a fixture, used by name
 
@@ -68,17 +77,8 @@ def test_engine_start_wait_shows_progress_then_times_out_still_starting(
 def test_engine_start_wait_follows_each_state_until_running(
     api_url: str, real_redis: redis.Redis
 ) -> None:
-    add_host(real_redis, "a", "2x80")
-    with FakeWorker(real_redis):
-        res = run("engine", "start", "m", "--memory-gb", "1", "--timeout", "30")
-    assert res.exit_code == 0, res.output
-    eid = only_engine_id(real_redis)
-    steps = [line.split(maxsplit=1)[1] for line in res.output.splitlines()[1:4]]
-    assert steps == [
-        "PENDING on host a, GPUs 0, port 8100",
-        "STARTING (pid 4242)",
-        "RUNNING at http://127.0.0.1:8100",
-    ]
+    res, eid = start_with_worker(real_redis, FakeWorker(real_redis))
+    assert followed_steps(res.output) == STEPS_TO_RUNNING
     assert f"engine {eid} is RUNNING at http://127.0.0.1:8100 as m" in res.output
 
 

@@ -15,14 +15,21 @@ from urllib.parse import parse_qs
 
 import pytest
 import redis
-from werkzeug.serving import make_server
 
-from app import create_app
 from app.core.models import EngineState
 from app.dev.redis_server import RedisProcess
-from app.settings import Settings
 from app.state.registry import Registry
-from tests.unit.cli_harness import FakeWorker, add_host, only_engine_id, run
+from tests.unit.cli_harness import (
+    STEPS_TO_RUNNING,
+    FakeWorker,
+    add_host,
+    api_app,
+    followed_steps,
+    only_engine_id,
+    run,
+    served_to_cli,
+    start_with_worker,
+)
 
 S = EngineState
 STEP_S = 1.5  # each state lasts this long: a 0.5 s poll would ask 3 times per state
@@ -66,25 +73,11 @@ def counted_api(
     monkeypatch: pytest.MonkeyPatch,
     tmp_path: Path,
 ) -> Iterator[Counted]:
-    settings = Settings.from_env(
-        {
-            "SAGELLM_REDIS_URL": redis_server.url,
-            "SAGELLM_HOST_NAME": "api",
-            "SAGELLM_DATA_DIR": str(tmp_path / "api-data"),
-        }
-    )
-    app = create_app(settings)
+    app = api_app(redis_server, tmp_path)
     counted = Counted(app.wsgi_app)
     app.wsgi_app = counted  # type: ignore[method-assign]
-    server = make_server("127.0.30.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    monkeypatch.setenv("SAGELLM_API_URL", f"http://127.0.30.1:{server.server_port}")
-    monkeypatch.delenv("SAGELLM_ADMIN_TOKEN", raising=False)
-    monkeypatch.setenv("SAGELLM_DATA_DIR", str(tmp_path / "data"))
-    yield counted
-    server.shutdown()
-    thread.join(5)
+    with served_to_cli(app, monkeypatch, tmp_path, host="127.0.30.1"):
+        yield counted
 
 
 def slow_worker(r: redis.Redis) -> FakeWorker:
@@ -96,17 +89,8 @@ def slow_worker(r: redis.Redis) -> FakeWorker:
 def test_engine_start_asks_once_per_change_and_shows_each_at_once(
     counted_api: Counted, real_redis: redis.Redis
 ) -> None:
-    add_host(real_redis, "a", "2x80")
-    with slow_worker(real_redis):
-        res = run("engine", "start", "m", "--memory-gb", "1", "--timeout", "30")
-    assert res.exit_code == 0, res.output
-    eid = only_engine_id(real_redis)
-    steps = [line.split(maxsplit=1)[1] for line in res.output.splitlines()[1:4]]
-    assert steps == [
-        "PENDING on host a, GPUs 0, port 8100",
-        "STARTING (pid 4242)",
-        "RUNNING at http://127.0.0.1:8100",
-    ]
+    res, eid = start_with_worker(real_redis, slow_worker(real_redis))
+    assert followed_steps(res.output) == STEPS_TO_RUNNING
     # Two changes took 2 x 1.5 s: one long-poll answered each, and one more may have
     # been sent before the CLI ended (polling every 0.5 s would have asked ~6 times).
     reads = counted_api.count("GET", f"/v1/management/engines/{eid}")

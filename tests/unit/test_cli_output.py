@@ -19,7 +19,14 @@ from app.cli import render
 from app.core.models import EngineState
 from app.state.ledger import Ledger
 from app.state.registry import Registry
-from tests.unit.cli_harness import FakeWorker, add_host, api_url, only_engine_id, run
+from tests.unit.cli_harness import (
+    FakeWorker,
+    add_host,
+    api_url,
+    only_engine_id,
+    run,
+    start_with_worker,
+)
 
 __all__ = ["api_url"]  # a fixture, used by name
 
@@ -86,11 +93,7 @@ def test_every_state_has_a_colour() -> None:
 def test_engine_start_on_a_terminal_shows_a_live_table_then_the_outcome(
     api_url: str, real_redis: redis.Redis, terminal: None
 ) -> None:
-    add_host(real_redis, "a", "2x80")
-    with FakeWorker(real_redis):
-        res = run("engine", "start", "m", "--memory-gb", "1", "--timeout", "30")
-    assert res.exit_code == 0, res.output
-    eid = only_engine_id(real_redis)
+    res, eid = start_with_worker(real_redis, FakeWorker(real_redis))
     plain = ANSI.sub("", res.output)
     assert "ENGINE" in plain and "DETAIL" in plain  # the live table's header
     assert f"engine {eid} is RUNNING at http://127.0.0.1:8100 as m" in plain

@@ -9,7 +9,8 @@ import pytest
 import redis
 
 from app.core.errors import ReservationConflict
-from app.core.models import EngineRecord, EngineState, GpuAssignment, GpuCapacity
+from app.core.gpus import GpuCapacity
+from app.core.models import EngineRecord, EngineState, GpuAssignment
 from app.core.spec import EngineSpec
 from app.state import keys
 from app.state.ledger import Ledger, ReserveRequest, Unreserved

@@ -332,14 +332,15 @@ def test_own_servers_refuse_abbreviated_flags() -> None:
 def test_start_refuses_before_reserving_or_queueing_anything(
     fake_redis: object, tmp_path: Path, spec: EngineSpec, field: str
 ) -> None:
-    from app.services import engines as control
+    from app.services import engines
+    from app.services.cluster import Cluster
     from app.state.ledger import Ledger
     from app.state.registry import Registry
 
     settings = Settings.from_env({"SAGELLM_DATA_DIR": str(tmp_path)})
-    cluster = control.Cluster(settings, Registry(fake_redis), Ledger(fake_redis), None)  # type: ignore[arg-type]
+    cluster = Cluster(settings, Registry(fake_redis), Ledger(fake_redis), None)  # type: ignore[arg-type]
     with pytest.raises(ValidationError) as err:
-        control.start_engine(cluster, spec)  # no worker is alive: a 503 if it got that far
+        engines.start_engine(cluster, spec)  # no worker is alive: a 503 if it got that far
     assert err.value.field == field
     assert cluster.registry.engines() == [] and cluster.ledger.is_empty()
 

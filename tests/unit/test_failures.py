@@ -192,6 +192,24 @@ def test_the_root_cause_wins_over_our_own_kill() -> None:
     assert timeout.reason == Reason.START_TIMEOUT and timeout.evidence == "INFO loading"
 
 
+@pytest.mark.parametrize(
+    ("cause", "without_a_log", "advice"),
+    [
+        (Reason.START_TIMEOUT, "not ready before the start timeout", "SAGELLM_START_TIMEOUT_S"),
+        (Reason.UNRESPONSIVE, "its health checks failed", "stopped answering its health checks"),
+    ],
+)
+def test_our_own_kill_shows_the_last_line_or_says_what_we_saw(
+    cause: Reason, without_a_log: str, advice: str
+) -> None:
+    f = classify(-15, run("INFO still loading\n"), cause=cause)
+    assert (f.reason, f.evidence, f.exit_code, f.signal) == (cause, "INFO still loading", -15, 15)
+    assert advice in f.advice
+    silent = classify(-9, run(""), cause=cause)
+    assert (silent.reason, silent.evidence, silent.signal) == (cause, without_a_log, 9)
+    assert silent.advice == f.advice
+
+
 def test_unknown_exit_shows_the_last_line() -> None:
     f = classify(3, run("fake vllm: failing at start as asked (exit 3)\n"))
     assert f.reason == Reason.UNKNOWN

@@ -16,8 +16,8 @@ import pynvml
 import pytest
 
 from app.core.errors import ConfigError
+from app.core.gpus import GpuCapacity, GpuInfo, GpuProcess
 from app.core.inventory_spec import parse_mock_gpus
-from app.core.models import GpuCapacity, GpuInfo, GpuProcess
 from app.settings import Settings
 from workers.host.gpu_inventory import (
     ENGINE_ID_ENV,

@@ -8,7 +8,7 @@ import pytest
 import redis
 
 from app.core.errors import ReservationConflict, ValidationError
-from app.core.models import GpuCapacity
+from app.core.gpus import GpuCapacity
 from app.state.ledger import Ledger
 
 GB = 1024

@@ -32,11 +32,7 @@ from app.core.memory import (
     parameter_count_from_name,
     vllm_fit_flags,
 )
-
-FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "models"
-QWEN_1_5B = FIXTURES / "Qwen2.5-1.5B-Instruct"
-LLAMA_8B = FIXTURES / "Llama-3.1-8B-Instruct"
-QWEN_7B_AWQ = FIXTURES / "Qwen2.5-7B-Instruct-AWQ"
+from tests.model_fixtures import LLAMA_8B, QWEN_1_5B, QWEN_7B_AWQ
 
 H100_MIB = 81559  # NVML total of an H100 80GB HBM3
 H200_MIB = 143771  # NVML total of an H200 141GB

@@ -35,6 +35,7 @@ from app.state.model_facts import (
     model_facts_published,
     publish_model_facts,
 )
+from tests.model_fixtures import LLAMA_8B, QWEN_1_5B, QWEN_7B_AWQ
 from workers.agent.heartbeat import ModelFactsPublisher
 from workers.host.model_facts import (
     ModelScanner,
@@ -44,10 +45,6 @@ from workers.host.model_facts import (
     resolve_model_dir,
 )
 
-FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "models"
-QWEN_1_5B = FIXTURES / "Qwen2.5-1.5B-Instruct"
-LLAMA_8B = FIXTURES / "Llama-3.1-8B-Instruct"
-QWEN_7B_AWQ = FIXTURES / "Qwen2.5-7B-Instruct-AWQ"
 QWEN_1_5B_TOTAL_MIB = 5717
 QWEN_7B_AWQ_TOTAL_MIB = 9099
 

@@ -5,13 +5,12 @@ from __future__ import annotations
 import pytest
 
 from app.core.errors import IllegalTransition, ValidationError
+from app.core.gpus import GpuInfo, GpuProcess
 from app.core.models import (
     ALLOWED_TRANSITIONS,
     EngineRecord,
     EngineState,
     GpuAssignment,
-    GpuInfo,
-    GpuProcess,
     check_transition,
 )
 from app.core.spec import EngineKind, EngineSpec, load_spec

@@ -9,8 +9,8 @@ import pytest
 
 from app.core.allocation import Allocation, plan
 from app.core.errors import PlacementError, UnknownPolicyError, ValidationError
+from app.core.gpus import GpuCapacity
 from app.core.memory import ModelFacts, model_facts
-from app.core.models import GpuCapacity
 from app.core.placement import (
     POLICIES,
     PlacementHost,

@@ -12,8 +12,9 @@ import yaml
 
 from app.core import presets
 from app.core.errors import NotFoundError, UnknownPolicyError, ValidationError
+from app.core.gpus import GpuCapacity
 from app.core.memory import estimate_embedding_memory
-from app.core.models import EngineRecord, EngineState, GpuAssignment, GpuCapacity
+from app.core.models import EngineRecord, EngineState, GpuAssignment
 from app.core.placement import PlacementHost
 from app.core.presets import Preset, parse_preset, plan_preset
 from app.core.presets.variables import SUBST_RE

@@ -9,7 +9,8 @@ import pytest
 import redis
 
 from app.core.errors import IllegalTransition, NotFoundError
-from app.core.models import EngineRecord, EngineState, GpuInfo, HostRecord
+from app.core.gpus import GpuInfo
+from app.core.models import EngineRecord, EngineState, HostRecord
 from app.core.spec import EngineKind, EngineSpec
 from app.state.registry import Registry, new_engine_id
 

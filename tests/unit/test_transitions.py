@@ -36,6 +36,17 @@ def _running(pid: int = 10) -> EngineRecord:
 # ---------------------------------------------------------------- derived rules
 
 
+@pytest.mark.parametrize("state", list(S))
+def test_stopped_or_stopping_is_what_refuses_stop_restart_and_fail(state: EngineState) -> None:
+    rec = _rec(state, pid=10, process_create_time=1.0)
+    ending = state in (S.DRAINING, S.STOPPING, S.STOPPED)
+    assert rec.stopped_or_stopping is ending
+    if ending:  # the stop's to finish: no restart, no failure, no crash bookkeeping
+        _refused(rec, lambda r: r.request_restart())
+        _refused(rec, lambda r: r.fail("x"))
+        _refused(rec, lambda r: r.pend_restart("x", pid=10, exit_code=1, restart_count=1, at=0.0))
+
+
 @pytest.mark.parametrize(
     ("state", "restart_at", "settled", "owns_nothing", "in_service"),
     [

@@ -17,7 +17,7 @@ from app.gateway.discovery import Backend
 from app.gateway.proxy import GatewayProxy
 from app.gateway.routes import Gateway
 from app.gateway.transport import MAX_HEAD_BYTES, NoAnswer, Transport, UpstreamError
-from app.state.inflight import InFlight
+from app.state.gateway_report import GatewayTraffic
 
 Handler = Callable[[socket.socket], None]
 
@@ -360,7 +360,7 @@ def _backend(engine_id: str, url: str) -> Backend:
 
 def _post_through_proxy(transport: Transport, *urls: str) -> tuple[str, bytes]:
     backends = [_backend(f"e{i}", url) for i, url in enumerate(urls)]
-    gw = Gateway(_Directory(backends), _InOrder(), transport, InFlight())  # type: ignore[arg-type]
+    gw = Gateway(_Directory(backends), _InOrder(), transport, GatewayTraffic())  # type: ignore[arg-type]
     proxy = GatewayProxy(lambda environ, start: [], gw, (), "")
     body = b'{"model": "m", "messages": []}'
     environ = {

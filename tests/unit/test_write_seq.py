@@ -7,7 +7,8 @@ import json
 
 import redis
 
-from app.core.models import EngineRecord, EngineState, GpuAssignment, GpuCapacity
+from app.core.gpus import GpuCapacity
+from app.core.models import EngineRecord, EngineState, GpuAssignment
 from app.core.spec import EngineSpec
 from app.state import keys
 from app.state.ledger import Ledger, ReserveRequest

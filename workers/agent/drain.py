@@ -8,7 +8,7 @@ stay short: no Celery task waits for a drain); a thread of the worker then check
 with the outcome:
 
 * ``drained``: every gateway process reports that it knows of the drain
-  (``InFlightBoard.drain_view``: its published ``fresh`` is at or past the write number
+  (``GatewayReports.drain_view``: its reported ``fresh`` is at or past the write number
   of the engine's DRAINING record, ``app.state.write_seq``, so it sends the engine
   nothing new) and none has a request in flight to it, and the engine itself, when it
   says so (vLLM's ``/metrics``), has none running or waiting;
@@ -31,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from app.core.models import EngineRecord, EngineState
-from app.state.inflight import InFlightBoard
+from app.state.gateway_report import GatewayReports
 from app.state.write_seq import current_seq, record_seq
 from workers.agent.context import HostContext
 from workers.host import processes
@@ -90,11 +90,11 @@ def drain_seq(ctx: HostContext, rec: EngineRecord) -> int:
     return seq if seq is not None else current_seq(r)
 
 
-def check(ctx: HostContext, rec: EngineRecord, board: InFlightBoard, now: float) -> DrainCheck:
+def check(ctx: HostContext, rec: EngineRecord, reports: GatewayReports, now: float) -> DrainCheck:
     """Whether the drain of ``rec`` (DRAINING) is over, and why."""
     if rec.pid is None or not processes.is_alive(rec.pid, rec.process_create_time):
         return DrainCheck(Outcome.GONE)
-    in_flight, behind = board.drain_view(rec.id, since=drain_seq(ctx, rec))
+    in_flight, behind = reports.drain_view(rec.id, since=drain_seq(ctx, rec))
     if in_flight == 0 and behind == 0:
         in_flight = engine_busy(ctx, rec)
         if in_flight == 0:
@@ -135,14 +135,14 @@ def watch(ctx: HostContext, engine_id: str, then: Then) -> bool:
 
 
 def _watch(ctx: HostContext, engine_id: str, then: Then) -> None:
-    board = InFlightBoard(ctx.registry.r)
+    reports = GatewayReports(ctx.registry.r)
     try:
         while not ctx.abandoned:
             try:
                 rec = ctx.registry.find(engine_id)
                 if rec is None or rec.state is not EngineState.DRAINING:
                     return  # stopped without drain, gone, or LOST: not ours to finish
-                result = check(ctx, rec, board, time.time())
+                result = check(ctx, rec, reports, time.time())
             except Exception:  # Redis away for a moment: look again
                 log.exception("drain of engine %s: check failed", engine_id)
                 time.sleep(1.0)

@@ -11,8 +11,9 @@ from collections.abc import Iterable
 
 import psutil
 
+from app.core.gpus import GpuCapacity
 from app.core.memory import ModelFacts, hub_cache_dir, is_path_like
-from app.core.models import LIVE_STATES, STOPPING_STATES, EngineState, GpuCapacity, HostRecord
+from app.core.models import LIVE_STATES, STOPPING_STATES, EngineState, HostRecord
 from app.settings import Settings
 from app.state.model_facts import model_facts_published, publish_model_facts
 from workers.agent.context import HostContext

@@ -3,9 +3,9 @@ long is drained and stopped, back to STANDBY when it is on demand (STOPPED other
 its room released. A thread of the host's worker (``IdleThread``) checks this host's
 RUNNING engines every ``SAGELLM_IDLE_CHECK_S``.
 
-When an engine last got a request comes from the gateway processes: each publishes how
-many seconds ago it last routed one to each engine (``app.state.request_clock``), and
-each publishes its requests in flight (``app.state.inflight``): an engine with a
+When an engine last got a request comes from the gateway processes' reports
+(``app.state.gateway_report``, one read per check): how many seconds ago each process
+last routed a request to each engine, and its requests in flight: an engine with a
 request in flight is busy now, however long the request has run. Ages are added to
 this worker's own clock, so clocks that disagree across machines move nothing. The
 countdown is written into the record (``last_request_at``, ``idle_stops_at``) when it
@@ -22,8 +22,8 @@ import time
 from app.core.errors import IllegalTransition, NotFoundError
 from app.core.models import EngineRecord, EngineState
 from app.state.events import encode_event
-from app.state.inflight import InFlightBoard
-from app.state.request_clock import OnDemandCounters, RequestAges
+from app.state.gateway_report import GatewayReports
+from app.state.on_demand_counters import OnDemandCounters
 from workers.agent.context import HostContext
 
 log = logging.getLogger(__name__)
@@ -42,8 +42,7 @@ def check_idle(ctx: HostContext, now: float | None = None) -> list[str]:
     ]
     if not engines:
         return []
-    ages = RequestAges(ctx.registry.r).ages(r.id for r in engines)
-    busy = InFlightBoard(ctx.registry.r).busy()
+    ages, busy = GatewayReports(ctx.registry.r).idle_view(r.id for r in engines)
     stopped = []
     for rec in engines:
         assert rec.spec.idle_timeout_s is not None

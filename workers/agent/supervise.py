@@ -20,7 +20,7 @@ from app.core.failures import Failure, Reason, classify
 from app.core.health import Verdict
 from app.core.models import EngineRecord, EngineState
 from app.state.events import encode_event
-from app.state.request_clock import OnDemandCounters
+from app.state.on_demand_counters import OnDemandCounters
 from workers.agent import remedy
 from workers.agent.context import HostContext
 from workers.agent.lifecycle import (
@@ -170,14 +170,8 @@ def handle_dead(
         signal=failure.signal,
     )
     if not failure.restartable:
-        return fail_final(
-            ctx,
-            rec.id,
-            f"{error}; not restarted ({failure.reason}): {failure.advice}",
-            pid=rec.pid,
-            failure=failure,
-            events=[crashed],
-        )
+        message = f"{error}; not restarted ({failure.reason}): {failure.advice}"
+        return _fail_after_crash(ctx, rec, message, failure, crashed)
     if remedy.applies(ctx, rec, failure):
         with contextlib.suppress(Exception):  # the timeline must not stop crash handling
             ctx.registry.events.add_encoded(rec.id, crashed)
@@ -191,14 +185,8 @@ def handle_dead(
     )
     restarts = 0 if stable else rec.restart_count
     if not ctx.policy.can_restart(restarts):
-        return fail_final(
-            ctx,
-            rec.id,
-            error + f"; gave up after {restarts} restart(s)",
-            pid=rec.pid,
-            failure=failure,
-            events=[crashed],
-        )
+        message = f"{error}; gave up after {restarts} restart(s)"
+        return _fail_after_crash(ctx, rec, message, failure, crashed)
     delay = ctx.policy.restart_delay(restarts)
 
     def pend(r: EngineRecord) -> None:
@@ -232,14 +220,8 @@ def _cold_start_failed(
     (the requests waiting for it answer 503 with it), or FAILED once the restart budget
     is spent."""
     if not ctx.policy.can_restart(rec.restart_count):
-        return fail_final(
-            ctx,
-            rec.id,
-            error + f"; gave up after {rec.restart_count} failed cold start(s)",
-            pid=rec.pid,
-            failure=failure,
-            events=[crashed],
-        )
+        message = f"{error}; gave up after {rec.restart_count} failed cold start(s)"
+        return _fail_after_crash(ctx, rec, message, failure, crashed)
 
     def apply(r: EngineRecord) -> None:
         r.cold_start_failed(error, pid=rec.pid, restart_count=rec.restart_count + 1)
@@ -252,6 +234,14 @@ def _cold_start_failed(
     ctx.manifests.remove(rec.id)
     log.warning("engine %s: cold start failed (%s); back to STANDBY", rec.id, failure.reason)
     return updated
+
+
+def _fail_after_crash(
+    ctx: HostContext, rec: EngineRecord, message: str, failure: Failure, crashed: str
+) -> EngineRecord | None:
+    """FAILED for good after its process died: the ``crashed`` event and the reason
+    written in the same step (``fail_final``)."""
+    return fail_final(ctx, rec.id, message, pid=rec.pid, failure=failure, events=[crashed])
 
 
 # Log lines read to classify a death: vLLM's root cause can sit a long traceback above

@@ -22,8 +22,8 @@ from typing import Any, Literal
 import psutil
 
 from app.core.engine_policy import ENGINE_ID_ENV
+from app.core.gpus import GpuCapacity, GpuInfo, GpuProcess
 from app.core.inventory_spec import parse_mock_gpus
-from app.core.models import GpuCapacity, GpuInfo, GpuProcess
 from app.settings import Settings
 
 InventorySource = Literal["nvml", "mock", "none"]

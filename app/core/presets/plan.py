@@ -9,7 +9,8 @@ from typing import Any, Literal
 
 from app.core.allocation import Allocation, plan
 from app.core.errors import PlacementError, ValidationError
-from app.core.models import EngineRecord, EngineState, mib_to_gb
+from app.core.gpus import mib_to_gb
+from app.core.models import EngineRecord, EngineState
 from app.core.placement import PlacementHost, PlacementPolicy, apply_placement, make_policy
 from app.core.presets.schema import Preset
 from app.core.spec import EngineSpec

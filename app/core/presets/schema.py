@@ -83,8 +83,23 @@ class Preset:
 # ---------------------------------------------------------------------------- YAML
 
 
+# Flow collections (``[`` / ``{``) nested deeper than this are refused as they are
+# scanned. A preset needs 4 (engines, an engine, its env or extra_args); PyYAML's scanner
+# costs O(depth) per token, so 3000 ``[`` cost a second of CPU before the composer's
+# RecursionError: a hostile body must be refused before that.
+MAX_FLOW_NESTING = 32
+
+
 class _StrictLoader(yaml.SafeLoader):
-    """safe_load, but a key given twice in one mapping is an error, not last-one-wins."""
+    """safe_load, but a key given twice in one mapping is an error, not last-one-wins,
+    and flow collections nest at most ``MAX_FLOW_NESTING`` deep."""
+
+    def fetch_flow_collection_start(self, TokenClass: Any) -> None:
+        if self.flow_level >= MAX_FLOW_NESTING:
+            raise yaml.scanner.ScannerError(
+                None, None, f"nested deeper than {MAX_FLOW_NESTING} levels", self.get_mark()
+            )
+        super().fetch_flow_collection_start(TokenClass)
 
 
 def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:
