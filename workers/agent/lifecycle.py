@@ -164,8 +164,9 @@ def _spawn_locked(
             _after_evictions(ctx, rec)
             return rec
     # One process tree per engine: a worker that died between spawning and recording
-    # left a live tagged process; adopt it rather than start a second one.
-    found = processes.find_tagged_processes().get(engine_id)
+    # left a live tagged process; adopt it rather than start a second one. Only a
+    # leader is an engine: workers a dead leader left behind are stopped.
+    found = processes.find_engine_leader(engine_id, ctx.settings.stop_grace_s)
     if found is not None:
         return relink(ctx, rec, found.pid, found.create_time)
     if rec.port is None:

@@ -62,6 +62,9 @@ class Found:
 
     pid: int
     create_time: float
+    # A session leader (what ``spawn`` started); False: a worker its dead leader left
+    # behind, which is stopped, never adopted.
+    leader: bool = True
 
 
 def _owner_tags(pid: int) -> tuple[str | None, str | None]:
@@ -86,7 +89,7 @@ def host_engine_processes(ctx: HostContext) -> dict[str, Found]:
         host, owner = _owner_tags(proc.pid)
         legacy = owner is None and (host == ctx.host or (host is None and eid in manifest_ids))
         if owner == me or legacy:
-            found[eid] = Found(proc.pid, proc.create_time)
+            found[eid] = Found(proc.pid, proc.create_time, proc.session_leader)
     for eid in manifest_ids - set(found):
         m = ctx.manifests.read(eid)
         if m is not None and m.pid is not None and processes.is_alive(m.pid, m.process_create_time):
@@ -132,6 +135,11 @@ def _stop_orphan(
 def _account(ctx: HostContext, eid: str, proc: Found, report: RediscoveryReport) -> None:
     """Make one live engine process accounted for (see the module docstring, step 1)."""
     rec = ctx.registry.find(eid)
+    if not proc.leader:
+        # Its leader died (while no worker watched): not an engine. The engine, if its
+        # record lives on, is dead; the health loop takes it from there.
+        _stop_orphan(ctx, eid, proc, "a worker left behind by its engine's dead leader", report)
+        return
     if rec is None:
         manifest = ctx.manifests.read(eid)
         if manifest is None or manifest.owns_nothing:

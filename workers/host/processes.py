@@ -380,6 +380,36 @@ def sweep_session(
     return _sweep(pid, create_time, engine_id, grace_s)[0]
 
 
+def stop_left_behind(found: TaggedProcess, grace_s: float) -> int:
+    """Stop a tagged process that is not a session leader: a worker whose leader (the
+    process ``spawn`` started) is dead. It is no engine: it cannot serve, and adopting
+    it would leave its engine waiting on a process that never answers. Stops it and
+    what runs below it, then the other tagged processes of its session (the dead
+    leader's session: no process joins a session it was not forked into). Returns the
+    number of processes signalled."""
+    try:
+        sid = os.getsid(found.pid)
+    except OSError:
+        return 0
+    result = stop(found.pid, found.create_time, grace_s, engine_id=found.engine_id)
+    signalled = 1 if result.exited else 0
+    if sid != found.pid:
+        signalled += sweep_session(sid, None, grace_s, engine_id=found.engine_id)
+    return signalled
+
+
+def find_engine_leader(engine_id: str, grace_s: float) -> TaggedProcess | None:
+    """The live session leader tagged ``engine_id`` (an engine ``spawn`` started), after
+    stopping what dead leaders of it left behind (``stop_left_behind``); None when
+    there is none."""
+    for _ in range(4):  # each pass stops one orphan (and its session's tagged ones)
+        found = find_tagged_processes().get(engine_id)
+        if found is None or found.session_leader:
+            return found
+        stop_left_behind(found, grace_s)
+    return None
+
+
 def _sweep(
     pid: int, create_time: float | None, engine_id: str | None, grace_s: float
 ) -> tuple[int, bool]:
