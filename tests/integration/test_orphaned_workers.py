@@ -30,12 +30,14 @@ make_env = base.make_env
 env = base.env
 
 
-def _running_with_a_worker(env: Env, monkeypatch: pytest.MonkeyPatch) -> tuple[str, list[int]]:
+def _running_with_a_worker(env: Env, monkeypatch: pytest.MonkeyPatch) -> tuple[str, int, list[int]]:
+    """A RUNNING engine whose leader has one worker: (engine id, leader pid, workers)."""
     monkeypatch.setenv("FAKE_VLLM_WORKERS", "1")  # read by the stand-in when it starts
     rec = base.start_running(env, 4)
-    assert rec.pid is not None
-    assert wait_for(lambda: len(psutil.Process(rec.pid).children()) == 1, 10)
-    return rec.id, [c.pid for c in psutil.Process(rec.pid).children()]
+    leader = rec.pid
+    assert leader is not None
+    assert wait_for(lambda: len(psutil.Process(leader).children()) == 1, 10)
+    return rec.id, leader, [c.pid for c in psutil.Process(leader).children()]
 
 
 def _kill_leader_only(pid: int) -> None:
@@ -50,9 +52,7 @@ def _gone(pids: list[int]) -> bool:
 def test_restart_of_a_failed_engine_sweeps_its_orphaned_worker_and_starts_a_leader(
     env: Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    eid, workers = _running_with_a_worker(env, monkeypatch)
-    leader = env.registry.get(eid).pid
-    assert leader is not None
+    eid, leader, workers = _running_with_a_worker(env, monkeypatch)
     _kill_leader_only(leader)
     orphan = processes.find_tagged_processes()[eid]
     assert orphan.pid in workers and not orphan.session_leader
@@ -73,9 +73,7 @@ def test_restart_of_a_failed_engine_sweeps_its_orphaned_worker_and_starts_a_lead
 def test_rediscovery_does_not_relink_an_engine_to_its_dead_leaders_worker(
     env: Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    eid, workers = _running_with_a_worker(env, monkeypatch)
-    leader = env.registry.get(eid).pid
-    assert leader is not None
+    eid, leader, workers = _running_with_a_worker(env, monkeypatch)
     env.host.restart_worker()  # the worker is gone while the leader dies
     _kill_leader_only(leader)
 

@@ -320,6 +320,15 @@ def test_logs_follow_a_real_engine_until_it_is_stopped_by_its_label(stack: Stack
     assert "STOPPED" in err.read_text()
 
 
+def _kill_what_is_left(up: Proc, env: dict[str, str]) -> None:
+    """A failed test's leftovers: `up`'s process group and anything of its data dir."""
+    if up.alive():
+        os.killpg(up.pid, signal.SIGKILL)
+    for p in _by_data_dir(env):
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+
+
 @pytest.mark.parametrize(
     ("token", "how"),
     [("set", "ctrl-c"), ("generated", "ctrl-c"), ("set", "down")],
@@ -367,11 +376,7 @@ def test_up_stops_everything_it_started(
         _assert_all_gone(ours, env, up)
         assert "Traceback" not in up.output(), up.output()[-3000:]
     finally:
-        if up.alive():
-            os.killpg(up.pid, signal.SIGKILL)
-        for p in _by_data_dir(env):
-            with contextlib.suppress(psutil.Error):
-                p.kill()
+        _kill_what_is_left(up, env)
 
 
 def test_ctrl_c_while_up_builds_the_demo_model_stops_all_and_leaves_no_model(
@@ -405,11 +410,7 @@ def test_ctrl_c_while_up_builds_the_demo_model_stops_all_and_leaves_no_model(
         assert "Traceback" not in up.output(), up.output()
         assert not demo_llm_is_built(demo_llm_dir(tmp_path / "data"))
     finally:
-        if up.alive():
-            os.killpg(up.pid, signal.SIGKILL)
-        for p in _by_data_dir(env):
-            with contextlib.suppress(psutil.Error):
-                p.kill()
+        _kill_what_is_left(up, env)
 
 
 def test_a_demo_model_build_cut_short_leaves_nothing_that_looks_built(
