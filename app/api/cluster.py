@@ -70,6 +70,9 @@ class BackendSchema(ma.Schema):
     label = ma.fields.String(allow_none=True)
     base_url = ma.fields.String()
     host = ma.fields.String(allow_none=True)
+    external = ma.fields.Boolean(
+        metadata={"description": "a registered endpoint sagellm did not start (host null)"}
+    )
     healthy = ma.fields.Boolean()
     in_flight = ma.fields.Integer()
 

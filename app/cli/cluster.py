@@ -7,7 +7,7 @@ from typing import Any
 import click
 
 from app.cli.client import connect
-from app.cli.render import emit_data, gb, output_option, print_table
+from app.cli.render import EXTERNAL_HOST, emit_data, gb, output_option, print_table
 from app.core.models import TERMINAL_STATES
 
 
@@ -118,12 +118,13 @@ def backends(output: str) -> None:
             click.echo(f"{title}\nnone")
         else:
             print_table(
-                ("ENGINE", "MODEL", "SERVED NAME", "URL", "HEALTHY", "IN-FLIGHT"),
+                ("ENGINE", "MODEL", "SERVED NAME", "HOST", "URL", "HEALTHY", "IN-FLIGHT"),
                 (
                     (
                         b["engine_id"],
                         b.get("model"),
                         b.get("served_model_name"),
+                        EXTERNAL_HOST if b.get("external") else b.get("host"),
                         b.get("base_url"),
                         b.get("healthy"),
                         b.get("in_flight", 0),

@@ -98,6 +98,7 @@ def backend_rows(
                 "label": spec.get("label"),
                 "base_url": rec["base_url"],
                 "host": rec.get("host"),
+                "external": bool(rec.get("external_url")),  # registered: no host of ours
                 "healthy": rec["state"] == EngineState.RUNNING.value,
                 "in_flight": in_flight.get(rec["id"], 0),
             }

@@ -445,6 +445,12 @@ def test_cli_register_takes_the_key_from_an_env_var_lists_it_as_external_never_p
         outputs.append(shown.output)
     assert json.loads(outputs[-1])["api_key_set"] is True
     outputs.append(run("status").output)
+    listed = run("backends")  # a backend like the others, its HOST said to be external
+    row = next(line for line in listed.output.splitlines() if "cli-ext" in line)
+    assert "external" in row.split() and backend.url in row, listed.output
+    outputs.append(listed.output)
+    data = json.loads(run("backends", "-o", "json").output)["llm_backends"]
+    assert [(b["external"], b["host"]) for b in data] == [(True, None)]
     assert all(KEY not in out for out in outputs)
 
     stopped = run("engine", "stop", "cli-ext")
