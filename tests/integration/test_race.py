@@ -44,7 +44,7 @@ from hypothesis.stateful import (
 from app.core.errors import SagellmError
 from app.core.models import EngineState
 from app.core.spec import EngineSpec
-from app.services import engines as control
+from app.services.engines import restart_engine, start_engine, stop_engine
 from app.services.hosts import forget_host
 from app.services.on_demand import wake_engine
 from app.state.prune import prune_records
@@ -184,7 +184,7 @@ class CoreRace(RuleBasedStateMachine):
             model="org/m", required_memory_gb=gb, host=self.names[host] if host else None
         )
         try:
-            rec = control.start_engine(self.cluster, spec)
+            rec = start_engine(self.cluster, spec)
             STATS["granted"] += 1
         except SagellmError as exc:
             assert exc.message  # every refusal says why
@@ -209,7 +209,7 @@ class CoreRace(RuleBasedStateMachine):
             model="org/od", required_memory_gb=gb, on_demand=True, idle_timeout_s=idle
         )
         try:
-            rec = control.start_engine(self.cluster, spec)
+            rec = start_engine(self.cluster, spec)
         except SagellmError:
             return
         if wake_now:
@@ -264,7 +264,7 @@ class CoreRace(RuleBasedStateMachine):
             gpu_ids=(pinned.index,) if pinned else None,
         )
         try:
-            rec = control.start_engine(self.cluster, spec)
+            rec = start_engine(self.cluster, spec)
         except SagellmError as exc:
             assert exc.message
             return
@@ -289,7 +289,7 @@ class CoreRace(RuleBasedStateMachine):
         eid = self._pick(i)
         if eid is not None:
             with contextlib.suppress(SagellmError):
-                control.stop_engine(self.cluster, eid)
+                stop_engine(self.cluster, eid)
 
     @rule(i=st.integers(0, 50))
     def restart(self, i: int) -> None:
@@ -297,7 +297,7 @@ class CoreRace(RuleBasedStateMachine):
         eid = self._pick(i)
         if eid is not None:
             try:
-                control.restart_engine(self.cluster, eid)
+                restart_engine(self.cluster, eid)
             except SagellmError as exc:
                 assert exc.message
 
