@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
+import httpx
+
 from app.core.models import EngineRecord
 from app.dev.redis_server import RedisProcess
+from app.dev.stack import gunicorn_argv
 from app.services.cluster import Cluster, connect_cluster
 from app.settings import Settings
 
@@ -148,6 +152,45 @@ def wait_until(
             return last
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what or fn}; last={last!r}")
+
+
+@contextlib.contextmanager
+def gunicorn_api(
+    env: dict[str, str],
+    log_path: Path,
+    address: str,
+    port: int,
+    *,
+    workers: int,
+    ready_path: str = "/health",
+) -> Iterator[str]:
+    """The API as ``sagellm up`` runs it (gunicorn, ``workers`` gateway processes) at
+    ``address:port``: its URL once ``ready_path`` answers 200. Stopped afterwards; its
+    log (``log_path``) must hold no traceback."""
+    url = f"http://{address}:{port}"
+    log = log_path.open("wb")
+    proc = subprocess.Popen(
+        gunicorn_argv(f"{address}:{port}", workers=workers),
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+
+    def answers() -> bool:
+        try:
+            return httpx.get(f"{url}{ready_path}", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_until(answers, 60, what=f"gunicorn (see {log_path})")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        log.close()
+    output = log_path.read_text()
+    assert "Traceback" not in output, output[-3000:]
 
 
 def kill_engines(data_dir: Path) -> int:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import json
-import subprocess
 import threading
 import time
 from collections import Counter
@@ -24,10 +23,9 @@ import pytest
 from app.core.models import EngineState
 from app.core.spec import EngineSpec
 from app.dev.redis_server import free_port
-from app.dev.stack import gunicorn_argv
 from app.services.engines import reserve_engine, start_engine, wait_for_state
 from app.state.events import EngineEvents
-from tests.integration.harness import ClusterEnv, wait_until
+from tests.integration.harness import ClusterEnv, gunicorn_api
 
 pytestmark = pytest.mark.integration
 S = EngineState
@@ -45,31 +43,15 @@ def api(env: ClusterEnv) -> Iterator[Api]:
     """gunicorn with two gateway processes, at the default refresh interval (1 s): a
     process learns of a drain from the record-change channel, not by re-reading."""
     env.start_worker("a")
-    port = free_port("127.0.0.1")
-    log = (env.tmp / "gunicorn.log").open("wb")
-    proc = subprocess.Popen(
-        gunicorn_argv(f"127.0.0.1:{port}", workers=2),
-        env=env.env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until(lambda: _answers(url), 60, what="gunicorn (see gunicorn.log)")
+    with gunicorn_api(
+        env.env,
+        env.tmp / "gunicorn.log",
+        "127.0.0.1",
+        free_port("127.0.0.1"),
+        workers=2,
+        ready_path="/v1/models",
+    ) as url:
         yield Api(url)
-    finally:
-        proc.terminate()
-        proc.wait(30)
-        log.close()
-    output = (env.tmp / "gunicorn.log").read_text()
-    assert "Traceback" not in output, output[-3000:]
-
-
-def _answers(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/v1/models", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def _replica(env: ClusterEnv, delay: float = STREAM_S) -> str:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import socket
 import statistics
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -21,10 +20,9 @@ import redis
 
 from app.core.models import EngineState
 from app.dev.redis_server import RedisProcess
-from app.dev.stack import gunicorn_argv
 from app.state.client import connect
 from app.state.registry import Registry
-from tests.integration.harness import base_env, wait_until
+from tests.integration.harness import base_env, gunicorn_api
 from tests.integration.test_api import add_host
 from tests.integration.test_engine_changes import new_engine
 
@@ -65,38 +63,19 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
     port = free_port()
     url = f"http://{ADDRESS}:{port}"
     environ = base_env(server.url, tmp / "data", SAGELLM_API_URL=url)
-    log = (tmp / "gunicorn.log").open("wb")
-    proc = subprocess.Popen(
-        gunicorn_argv(f"{ADDRESS}:{port}", workers=1),
-        env=environ,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
     client = connect(server.url)
     try:
-        wait_until(lambda: _answers(url), 60, what="gunicorn (see gunicorn.log)")
-        yield Api(url, client)
+        with gunicorn_api(environ, tmp / "gunicorn.log", ADDRESS, port, workers=1) as served_url:
+            yield Api(served_url, client)
     finally:
-        proc.terminate()
-        proc.wait(30)
-        log.close()
         client.close()
         server.stop()
-    output = (tmp / "gunicorn.log").read_text()
-    assert "Traceback" not in output, output[-3000:]
 
 
 @pytest.fixture
 def api(served: Api) -> Api:
     served.r.flushall()
     return served
-
-
-def _answers(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/health", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def _write_later(registry: Registry, eid: str, delay_s: float, n: int) -> dict[str, float]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import json
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,19 +28,11 @@ from app.core.errors import ValidationError
 from app.core.models import EngineState
 from app.core.spec import EngineSpec, load_spec
 from app.dev.redis_server import free_port
-from app.dev.stack import gunicorn_argv
 from app.services.engines import start_engine
-from tests.integration.harness import ClusterEnv, wait_until
+from tests.integration.harness import ClusterEnv, gunicorn_api, wait_until
 
 pytestmark = pytest.mark.integration
 S = EngineState
-
-
-def _answers(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/v1/models", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 @pytest.fixture
@@ -55,25 +46,18 @@ def stack(tmp_path: Path) -> Iterator[tuple[ClusterEnv, str]]:
         SAGELLM_DRAIN_TIMEOUT_S="10",
     )
     env.start_worker("a")
-    port = free_port("127.0.0.1")
-    log = (tmp_path / "gunicorn.log").open("wb")
-    proc = subprocess.Popen(
-        gunicorn_argv(f"127.0.0.1:{port}", workers=2),
-        env=env.env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
     try:
-        wait_until(lambda: _answers(url), 60, what="gunicorn (see gunicorn.log)")
-        yield env, url
+        with gunicorn_api(
+            env.env,
+            tmp_path / "gunicorn.log",
+            "127.0.0.1",
+            free_port("127.0.0.1"),
+            workers=2,
+            ready_path="/v1/models",
+        ) as url:
+            yield env, url
     finally:
-        proc.terminate()
-        proc.wait(30)
-        log.close()
         env.close()
-    output = (tmp_path / "gunicorn.log").read_text()
-    assert "Traceback" not in output, output[-3000:]
 
 
 def _standby(env: ClusterEnv, name: str, gb: float = 50, **kw: Any) -> str:
