@@ -42,7 +42,7 @@ from hypothesis.stateful import (
 )
 
 from app.core.errors import SagellmError
-from app.core.models import EngineState
+from app.core.models import EngineRecord, EngineState
 from app.core.spec import EngineSpec
 from app.services.engines import restart_engine, start_engine, stop_engine
 from app.services.hosts import forget_host
@@ -190,7 +190,12 @@ class CoreRace(RuleBasedStateMachine):
             assert exc.message  # every refusal says why
             STATS["refused"] += 1
             return
-        if deliver_now and rec.host is not None and self.up[rec.host]:
+        if deliver_now:
+            self._deliver_start(rec)
+
+    def _deliver_start(self, rec: EngineRecord) -> None:
+        """Deliver ``rec``'s queued start task now, when its host is up."""
+        if rec.host is not None and self.up[rec.host]:
             task = next(t for t in self.queue.sent if t.args == (rec.id,))
             self.queue.sent.remove(task)
             deliver(self.hosts[rec.host].ctx, task)
@@ -232,10 +237,8 @@ class CoreRace(RuleBasedStateMachine):
         except SagellmError as exc:
             assert exc.message
             return
-        if deliver_now and rec.host is not None and self.up[rec.host]:
-            task = next(t for t in self.queue.sent if t.args == (rec.id,))
-            self.queue.sent.remove(task)
-            deliver(self.hosts[rec.host].ctx, task)
+        if deliver_now:
+            self._deliver_start(rec)
 
     @rule(
         host=st.sampled_from(sorted(HOSTS)),
@@ -269,10 +272,9 @@ class CoreRace(RuleBasedStateMachine):
             assert exc.message
             return
         STATS["evictions"] += len(rec.waits_for)
-        if deliver_now and self.up[name]:
-            task = next(t for t in self.queue.sent if t.args == (rec.id,))
-            self.queue.sent.remove(task)
-            deliver(self.hosts[name].ctx, task)
+        assert rec.host == name
+        if deliver_now:
+            self._deliver_start(rec)
 
     @rule(host=st.sampled_from(sorted(HOSTS)))
     def idle_check(self, host: str) -> None:
