@@ -138,7 +138,11 @@ def _account(ctx: HostContext, eid: str, proc: Found, report: RediscoveryReport)
     if not proc.leader:
         # Its leader died (while no worker watched): not an engine. The engine, if its
         # record lives on, is dead; the health loop takes it from there.
-        _stop_orphan(ctx, eid, proc, "a worker left behind by its engine's dead leader", report)
+        lifecycle.note(
+            ctx, eid, f"stopping process {proc.pid}: a worker left behind by its dead leader"
+        )
+        processes.stop_left_behind(eid, proc.pid, proc.create_time, ctx.settings.stop_grace_s)
+        report.stopped_orphans.append(eid)
         return
     if rec is None:
         manifest = ctx.manifests.read(eid)

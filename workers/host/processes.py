@@ -380,22 +380,20 @@ def sweep_session(
     return _sweep(pid, create_time, engine_id, grace_s)[0]
 
 
-def stop_left_behind(found: TaggedProcess, grace_s: float) -> int:
-    """Stop a tagged process that is not a session leader: a worker whose leader (the
-    process ``spawn`` started) is dead. It is no engine: it cannot serve, and adopting
-    it would leave its engine waiting on a process that never answers. Stops it and
-    what runs below it, then the other tagged processes of its session (the dead
-    leader's session: no process joins a session it was not forked into). Returns the
-    number of processes signalled."""
+def stop_left_behind(engine_id: str, pid: int, create_time: float, grace_s: float) -> None:
+    """Stop ``pid``, a process tagged ``engine_id`` that is not a session leader: a
+    worker whose leader (the process ``spawn`` started) is dead. It is no engine: it
+    cannot serve, and adopting it would leave its engine waiting on a process that
+    never answers. Stops it and what runs below it, then the other tagged processes of
+    its session (the dead leader's session: no process joins a session it was not
+    forked into)."""
     try:
-        sid = os.getsid(found.pid)
+        sid = os.getsid(pid)
     except OSError:
-        return 0
-    result = stop(found.pid, found.create_time, grace_s, engine_id=found.engine_id)
-    signalled = 1 if result.exited else 0
-    if sid != found.pid:
-        signalled += sweep_session(sid, None, grace_s, engine_id=found.engine_id)
-    return signalled
+        return  # gone already
+    stop(pid, create_time, grace_s, engine_id=engine_id)
+    if sid != pid:
+        sweep_session(sid, None, grace_s, engine_id=engine_id)
 
 
 def find_engine_leader(engine_id: str, grace_s: float) -> TaggedProcess | None:
@@ -406,7 +404,7 @@ def find_engine_leader(engine_id: str, grace_s: float) -> TaggedProcess | None:
         found = find_tagged_processes().get(engine_id)
         if found is None or found.session_leader:
             return found
-        stop_left_behind(found, grace_s)
+        stop_left_behind(engine_id, found.pid, found.create_time, grace_s)
     return None
 
 
